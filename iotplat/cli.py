@@ -1,0 +1,206 @@
+"""The `iotplat` command: a thin argparse layer over the use-case functions in iotplat.commands.
+
+This module is the only place that maps errors to exit codes (see iotplat.errors.ExitCode) and the
+only place that prints. Heavy modules are imported inside each command, so `iotplat worker` runs on
+hosts that have only the worker's light dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from iotplat import __version__
+from iotplat.errors import ExitCode, IotplatError, SpecInvalid
+
+EPILOG = """exit codes: 0 ok, 1 failure, 2 invalid input (nothing changed), 3 drift found (plan), 130 interrupted.
+Every command accepts --json for machine-readable output on stdout."""
+
+
+class Output:
+    """Collects a command's result; prints human text or one JSON document."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.data: dict[str, Any] = {}
+
+    def line(self, text: str = "") -> None:
+        if not self.as_json:
+            print(text, flush=True)
+
+    def warn(self, text: str) -> None:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON result on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+
+
+def _add_spec(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("spec", nargs="?", help="the platform spec (default: ./platform.yaml, else the shipped default)")
+    else:
+        p.add_argument("spec", help="the platform spec (platform.yaml)")
+    p.add_argument("--env", "-e", default=os.environ.get("IOTPLAT_ENV"),
+                   help="environment overlay to use (default: $IOTPLAT_ENV)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iotplat",
+        description="Describe an IoT platform once; deploy Mosquitto, the ingestion worker, InfluxDB and Grafana "
+        "identically to AWS, Azure or bare metal; prove it works.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"iotplat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a commented starter platform.yaml", epilog=EPILOG)
+    p.add_argument("dir", nargs="?", default=".", help="folder to write into (default: .)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    _add_common(p)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("validate", help="check a spec; report every problem as FILE:LINE:COL: path: message",
+                       epilog=EPILOG)
+    _add_spec(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("render", help="write the build directory (service files, Ansible bundle, Pulumi config, manifest)",
+                       epilog=EPILOG)
+    _add_spec(p)
+    p.add_argument("--out", "-o", help="build directory (default: build/<platform>/<environment>)")
+    p.add_argument("--state-dir", help="state root (default: $IOTPLAT_STATE_DIR, the spec's state.dir, "
+                   "else ~/.local/state/iotplat)")
+    _add_common(p)
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("schema", help="print the spec's JSON Schema", epilog=EPILOG)
+    _add_common(p)
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("worker", help="run the ingestion worker (on worker hosts)", epilog=EPILOG)
+    p.set_defaults(func=cmd_worker, json=False, debug=False, _worker_parser=p)
+    _add_worker_arguments(p)
+    return parser
+
+
+def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    try:
+        from iotplat.worker.cli import add_arguments
+    except ImportError:  # the worker package is optional in trimmed installs
+        p.add_argument("--config", required=True)
+        return
+    add_arguments(p)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_init(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.commands import init
+
+    result = init(args.dir, force=args.force)
+    out.data.update(result)
+    for path in result["written"]:
+        out.line(f"wrote {path}")
+    out.line(f"next: edit {result['spec']}, then `iotplat validate {result['spec']}`")
+    return ExitCode.OK
+
+
+def cmd_validate(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.commands import validate
+
+    result = validate(args.spec, args.env)
+    out.data.update(result)
+    for env in result["environments"]:
+        out.line(f"{args.spec}: valid ({env['environment']}: {env['target']} target, {env['hosts']} host(s), "
+                 f"{env['devices']} device(s))")
+    return ExitCode.OK
+
+
+def cmd_render(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.commands import render
+
+    result = render(args.spec, args.env, out_dir=args.out, state_dir=args.state_dir, notify=out.warn)
+    out.data.update(result)
+    out.line(f"rendered {result['platform']}/{result['environment']} ({result['target']}) into {result['out']}: "
+             f"{result['files']} files, {len(result['written'])} changed, {len(result['removed'])} removed, "
+             f"{result['secret_files']} secret files kept in the state directory")
+    if result["hashes_computed"]:
+        out.line(f"computed {result['hashes_computed']} password hashes (cached for next time)")
+    return ExitCode.OK
+
+
+def cmd_schema(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.spec.schema import json_schema, json_schema_text
+
+    if args.json:
+        out.data.update(json_schema())
+    else:
+        sys.stdout.write(json_schema_text())
+    return ExitCode.OK
+
+
+def cmd_worker(args: argparse.Namespace, out: Output) -> int:
+    try:
+        from iotplat.worker.cli import run
+    except ImportError as exc:
+        raise IotplatError(f"the worker is not installed in this environment ({exc}); pip install 'iotplat[worker]'") from None
+    return int(run(args))
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return ExitCode.INVALID
+    out = Output(getattr(args, "json", False))
+    func: Callable[[argparse.Namespace, Output], int] = args.func
+    code: int
+    try:
+        code = func(args, out)
+        if out.as_json and args.command != "worker":
+            out.data.setdefault("ok", code == ExitCode.OK)
+            print(json.dumps(out.data, indent=2, sort_keys=True, default=str))
+        return code
+    except SpecInvalid as exc:
+        lines = exc.lines(limit=None if out.as_json else 50)
+        if out.as_json:
+            print(json.dumps({"ok": False, "exit_code": int(exc.exit_code),
+                              "problems": [p.as_dict() for p in exc.problems]}, indent=2, sort_keys=True))
+        for text in lines:
+            print(text, file=sys.stderr)
+        return exc.exit_code
+    except IotplatError as exc:
+        if out.as_json:
+            print(json.dumps({"ok": False, "exit_code": int(exc.exit_code), "error": str(exc)}, indent=2, sort_keys=True))
+        print(f"iotplat: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("iotplat: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        return ExitCode.FAILURE
+    except Exception as exc:  # noqa: BLE001 - the one place unexpected errors become exit 1
+        if getattr(args, "debug", False) or os.environ.get("IOTPLAT_DEBUG"):
+            traceback.print_exc()
+        print(f"iotplat: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details, "
+              "and please report it)", file=sys.stderr)
+        return ExitCode.FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Use cases behind the CLI. Each returns a plain dict (the --json result) or raises an IotplatError."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from iotplat.errors import InvalidInput, IotplatError
+from iotplat.resources import data_dir, default_spec_path
+
+Notify = Callable[[str], None]
+
+
+def _spec_path(spec: str | None) -> tuple[Path, str]:
+    if spec:
+        return Path(spec), spec
+    local = Path("platform.yaml")
+    if local.exists():
+        return local, "platform.yaml"
+    path = default_spec_path()
+    return path, str(path)
+
+
+def init(directory: str, force: bool = False) -> dict[str, Any]:
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise InvalidInput(f"{directory}: exists and is not a folder")
+    src = data_dir("platform")
+    files = {
+        "platform.yaml": (src / "platform.yaml").read_text(),
+        "devices.csv": (src / "devices.csv").read_text(),
+        "platform.schema.json": (src / "platform.schema.json").read_text(),
+    }
+    existing = [name for name in ("platform.yaml", "devices.csv") if (target / name).exists()]
+    if existing and not force:
+        raise InvalidInput(f"{target / existing[0]}: already exists; use --force to overwrite, or choose another folder")
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in files.items():
+        (target / name).write_text(text)
+        written.append(str(target / name))
+    return {"written": written, "spec": str(target / "platform.yaml")}
+
+
+def validate(spec: str, env: str | None) -> dict[str, Any]:
+    from iotplat.spec.load import validate_spec
+
+    path, display = _spec_path(spec)
+    platforms = validate_spec(path, env, display)
+    return {
+        "spec": display,
+        "environments": [
+            {"environment": p.environment, "target": p.target, "hosts": len(p.host_names), "devices": len(p.devices)}
+            for p in platforms
+        ],
+    }
+
+
+_TOKEN = re.compile(rb"[A-Za-z0-9_\-+/=]{16,}")
+
+
+def assert_no_secrets(files: dict[str, bytes], secrets: set[str]) -> None:
+    """Refuse to write a build directory that contains any secret value (defence in depth)."""
+    needles = {s.encode() for s in secrets if len(s) >= 16}
+    for name, data in files.items():
+        for token in _TOKEN.findall(data):
+            if token in needles or any(n in token for n in needles if len(token) > len(n) and len(needles) < 64):
+                raise IotplatError(f"refusing to write {name}: it would contain a secret value; this is a bug in iotplat")
+
+
+def render(spec: str | None, env: str | None, out_dir: str | None = None, state_dir: str | None = None,
+           notify: Notify | None = None) -> dict[str, Any]:
+    from iotplat.render.engine import render_platform, write_build_dir
+    from iotplat.secrets.materials import ensure_materials
+    from iotplat.secrets.state import State, resolve_state_root
+    from iotplat.spec.load import load_platform
+
+    started = time.perf_counter()
+    path, display = _spec_path(spec)
+    platform = load_platform(path, env, display)
+    root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
+    state = State.open(root, platform.name, platform.environment)
+    if state.key_created_at and notify:
+        notify(f"created a new vault password at {state.key_created_at}; keep it safe, the state directory "
+               "cannot be decrypted without it")
+    with state.lock("render"):
+        materials = ensure_materials(platform, state)
+        state.save()
+    files, entries, manifest = render_platform(platform, materials)
+    secret_values = {pw for pw, _ in materials.mqtt_users.values()} | set(materials.secrets.values())
+    secret_values |= {c.key_pem for c in materials.host_certs.values()}
+    assert_no_secrets(files, secret_values)
+    out = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
+    try:
+        written, removed = write_build_dir(out, files)
+    except OSError as exc:
+        raise IotplatError(f"{out}: cannot write the build directory: {exc.strerror}") from None
+    return {
+        "platform": platform.name,
+        "environment": platform.environment,
+        "target": platform.target,
+        "out": str(out),
+        "state": str(state.dir),
+        "files": len(files),
+        "written": written,
+        "removed": removed,
+        "secret_files": sum(1 for e in entries if e.cls == "secret"),
+        "hashes_computed": materials.hashes_computed,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -1,0 +1,502 @@
+"""Render a Platform into a build directory.
+
+    <out>/manifest.json              every file: class, service, host, destination, mode, sha256
+    <out>/hosts/<host>/<dest path>   service files (identical or per-host)
+    <out>/ansible/                   inventory.yml, group_vars/all.yml, site.yml, ansible.cfg
+    <out>/pulumi/<target>/           Pulumi stack config for stacks/<target> (aws, azure)
+
+Service files are rendered ONCE per service from templates/ and written to every host of that
+service, so "identical" is true by construction (and tested). Output is deterministic: sorted keys, no
+timestamps, no absolute paths of this machine; files whose bytes did not change are not rewritten.
+Secret files never reach <out>: the manifest lists them with class "secret" and the state key the
+deploy step reads them from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from iotplat import API_VERSION, __version__
+from iotplat.render import dashboards
+from iotplat.render.layout import CREDENTIALS_DIR, PATHS
+from iotplat.secrets.materials import Materials, server_names
+from iotplat.spec.platform_model import (
+    GRAFANA_INFLUX_USER,
+    WORKER_INFLUX_USER,
+    WORKER_USER_PREFIX,
+    Platform,
+    template_filter,
+    template_names,
+)
+from iotplat.resources import data_dir
+from iotplat.spec.units import format_duration
+
+MANAGED = "Managed by iotplat from the platform spec. Do not edit: `iotplat up` overwrites it."
+CLASSES = ("identical", "per-host", "secret")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    cls: str  # identical | per-host | secret
+    service: str  # broker | worker | influxdb | grafana | common
+    host: str
+    dest: str  # absolute path on the host
+    mode: str
+    owner: str
+    group: str
+    content: bytes | None = field(default=None, repr=False)  # None for secrets
+    secret: str | None = None  # state key of a secret file
+
+    @property
+    def path(self) -> str | None:
+        return None if self.cls == "secret" else f"hosts/{self.host}{self.dest}"
+
+    def manifest(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "class": self.cls,
+            "service": self.service,
+            "host": self.host,
+            "dest": self.dest,
+            "mode": self.mode,
+            "owner": self.owner,
+            "group": self.group,
+        }
+        if self.cls == "secret":
+            out["secret"] = self.secret
+        else:
+            out["path"] = self.path
+            out["sha256"] = hashlib.sha256(self.content or b"").hexdigest()
+        return out
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in sorted(value.items())) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["toml"] = _toml
+    return env
+
+
+def _yaml(data: Any, header: str = "") -> bytes:
+    text = yaml.safe_dump(data, sort_keys=True, default_flow_style=False, width=120, allow_unicode=True)
+    return ((f"# {header}\n" if header else "") + text).encode()
+
+
+def _mosquitto_duration(seconds: float) -> str:
+    # persistent_client_expiration takes h d w m y; round up to hours
+    hours = max(1, int(-(-seconds // 3600)))
+    return f"{hours // 24}d" if hours % 24 == 0 else f"{hours}h"
+
+
+class Renderer:
+    def __init__(self, platform: Platform, materials: Materials) -> None:
+        self.p = platform
+        self.m = materials
+        self.env = _env()
+        self.common = {"managed": MANAGED, "platform_key": platform.key, "paths": PATHS}
+
+    def _t(self, name: str, **ctx: Any) -> bytes:
+        return self.env.get_template(name).render(**self.common, **ctx).encode()
+
+    # ------------------------------------------------------------------ service files (rendered once)
+    def broker_files(self) -> list[tuple[str, bytes, str, str, str]]:
+        spec = self.p.spec
+        conf = self._t(
+            "mosquitto/mosquitto.conf.j2",
+            broker=spec.broker,
+            listeners=spec.broker.listeners,
+            limits=spec.broker.limits,
+            autosave_interval=max(1, int(spec.broker.persistence.autosave_interval)),
+            client_expiration=_mosquitto_duration(spec.broker.persistence.client_expiration),
+            inflight=self.p.inflight,
+            queue_messages=self.p.queue_messages,
+            queue_bytes=self.p.queue_bytes,
+            message_size=spec.broker.limits.message_size,
+            tls_min=spec.tls.min_version,
+        )
+        return [
+            (PATHS["mosquitto_conf"], conf, "0644", "root", "root"),
+            (PATHS["mosquitto_acl"], self.acl(), "0640", "root", "mosquitto"),
+        ]
+
+    def acl_rules(self) -> tuple[list[str], list[dict[str, Any]], list[str]]:
+        """(device patterns, per-device rules, worker read filters)."""
+        patterns: list[str] = []
+        per_device: list[dict[str, Any]] = []
+        needs_attrs = [t for t in self.p.spec.devices.topics if set(template_names(t)) - {"device"}]
+        for t in self.p.spec.devices.topics:
+            if t not in needs_attrs:
+                patterns.append(t.replace("{device}", "%u"))
+        if needs_attrs:
+            for d in sorted(self.p.all_devices, key=lambda d: d.id):
+                topics = []
+                for t in needs_attrs:
+                    values = {"device": d.id, **dict(d.attributes)}
+                    topics.append(t.format(**values))
+                per_device.append({"user": d.id, "topics": topics})
+        reads = sorted({template_filter(s.topic) for s in self.p.spec.ingestion.subscriptions})
+        return patterns, per_device, reads
+
+    def acl(self) -> bytes:
+        patterns, per_device, reads = self.acl_rules()
+        return self._t(
+            "mosquitto/acl.j2",
+            patterns=patterns,
+            device_rules=per_device,
+            workers=[r.username for r in self.p.replicas],
+            worker_reads=reads,
+            dead_letter_topic=self.p.spec.ingestion.dead_letters.topic,
+        )
+
+    def influx_url(self) -> str:
+        return f"https://{self.p.service_name('influxdb')}:{self.p.spec.influxdb.port}"
+
+    def influxdb_files(self) -> list[tuple[str, bytes, str, str, str]]:
+        ix = self.p.spec.influxdb
+        if ix.version == 1:
+            data = self._t("influxdb/influxdb.conf.j2", port=ix.port)
+            return [(PATHS["influxdb1_conf"], data, "0644", "root", "root")]
+        data = self._t("influxdb/config.toml.j2", port=ix.port, tls_min=self.p.spec.tls.min_version)
+        return [(PATHS["influxdb2_conf"], data, "0644", "root", "root")]
+
+    def grafana_files(self) -> list[tuple[str, bytes, str, str, str]]:
+        g = self.p.spec.grafana
+        ix = self.p.spec.influxdb
+        boards = dashboards.build_dashboards(self.p)
+        files = [
+            (PATHS["grafana_ini"], self._t("grafana/grafana.ini.j2", port=g.port,
+                                          domain=g.domain or self.p.service_name("grafana"),
+                                          admin_user=g.admin_user, home_dashboard="platform-health.json"),
+             "0640", "root", "grafana"),
+            (PATHS["grafana_datasource"], self._t("grafana/datasource.yaml.j2", uid=dashboards.DATASOURCE_UID,
+                                                 url=self.influx_url(), version=ix.version, user=GRAFANA_INFLUX_USER,
+                                                 database=self.p.influx_database, bucket=self.p.influx_bucket),
+             "0640", "root", "grafana"),
+            (PATHS["grafana_dashboard_provider"], self._t("grafana/dashboards.yaml.j2", folder=self.p.name),
+             "0640", "root", "grafana"),
+        ]
+        for name, board in sorted(boards.items()):
+            files.append((f"{PATHS['grafana_dashboards']}/{name}", dashboards.dashboard_bytes(board), "0644", "root", "root"))
+        return files
+
+    def worker_files(self) -> list[tuple[str, bytes, str, str, str]]:
+        spec = self.p.spec
+        ing = spec.ingestion
+        ix = spec.influxdb
+        broker_port = next(lst.port for lst in spec.broker.listeners if lst.protocol == "mqtt") if any(
+            lst.protocol == "mqtt" for lst in spec.broker.listeners) else spec.broker.listeners[0].port
+        data = self._t(
+            "worker/worker.toml.j2",
+            worker_prefix=WORKER_USER_PREFIX,
+            mqtt={
+                "host": self.p.service_name("broker"),
+                "port": broker_port,
+                "protocol": ing.protocol,
+                "inflight": ing.inflight,
+                "session_expiry": int(spec.broker.persistence.client_expiration),
+            },
+            influx={
+                "version": ix.version,
+                "url": self.influx_url(),
+                "database": self.p.influx_database,
+                "retention_policy": self.p.influx_retention_policy,
+                "username": WORKER_INFLUX_USER,
+                "org": self.p.influx_org,
+                "bucket": self.p.influx_bucket,
+            },
+            batch={"max_points": ing.batch.max_points, "max_delay": ing.batch.max_delay},
+            spool=ing.spool,
+            dead_letters={
+                "measurement": ing.dead_letters.measurement,
+                "topic": ing.dead_letters.topic,
+                "rate_per_device": ing.dead_letters.rate_per_device,
+                "excerpt": ing.dead_letters.excerpt,
+            },
+            max_payload=ing.max_payload,
+            metrics_port=ing.metrics_port,
+            subscriptions=[s.model_dump() for s in ing.subscriptions],
+        )
+        return [(PATHS["worker_conf"], data, "0644", "root", "root")]
+
+    # ------------------------------------------------------------------ secrets (listed, never written)
+    def secret_entries(self, host: str) -> list[FileEntry]:
+        out: list[FileEntry] = []
+        services = self.p.services_on(host)
+        cred = CREDENTIALS_DIR
+        v2 = self.p.spec.influxdb.version == 2
+
+        def add(service: str, dest: str, secret: str, mode: str = "0600", group: str = "root") -> None:
+            out.append(FileEntry("secret", service, host, dest, mode, "root", group, secret=secret))
+
+        if "broker" in services:
+            add("broker", PATHS["mosquitto_passwd"], "mosquitto_passwd", "0640", "mosquitto")
+            add("broker", PATHS["mosquitto_key"], f"host_key:{host}", "0640", "mosquitto")
+        if "influxdb" in services:
+            add("influxdb", f"{cred}/influxdb/server.key", f"host_key:{host}")
+            add("influxdb", f"{cred}/influxdb/admin-password", "influxdb_admin_password")
+            add("influxdb", f"{cred}/influxdb/worker-password", "influxdb_worker_password")
+            add("influxdb", f"{cred}/influxdb/grafana-password", "influxdb_grafana_password")
+            if v2:
+                add("influxdb", f"{cred}/influxdb/admin-token", "influxdb_admin_token")
+                add("influxdb", f"{cred}/influxdb/worker-token", "influxdb_worker_token")
+                add("influxdb", f"{cred}/influxdb/grafana-token", "influxdb_grafana_token")
+        if "grafana" in services:
+            add("grafana", f"{cred}/grafana/server.key", f"host_key:{host}")
+            add("grafana", f"{cred}/grafana/admin-password", "grafana_admin_password")
+            add("grafana", f"{cred}/grafana/secret-key", "grafana_secret_key")
+            add("grafana", f"{cred}/grafana/influxdb-{'token' if v2 else 'password'}",
+                "influxdb_grafana_token" if v2 else "influxdb_grafana_password")
+        for r in self.p.replicas_on(host):
+            add("worker", f"{cred}/worker-{r.number}/mqtt-password", f"mqtt_password:{r.username}")
+            add("worker", f"{cred}/worker-{r.number}/influxdb-{'token' if v2 else 'password'}",
+                "influxdb_worker_token" if v2 else "influxdb_worker_password")
+        return out
+
+    # ------------------------------------------------------------------ assemble
+    def host_files(self) -> list[FileEntry]:
+        per_service = {
+            "broker": self.broker_files() if self.p.placement["broker"] else [],
+            "influxdb": self.influxdb_files() if self.p.placement["influxdb"] else [],
+            "grafana": self.grafana_files() if self.p.placement["grafana"] else [],
+            "worker": self.worker_files() if self.p.placement["worker"] else [],
+        }
+        ca = self.m.ca_cert_pem.encode()
+        entries: list[FileEntry] = []
+        for host in self.p.host_names:
+            services = self.p.services_on(host)
+            entries.append(FileEntry("identical", "common", host, PATHS["ca_cert"], "0644", "root", "root", ca))
+            if host in self.m.host_certs:
+                entries.append(FileEntry("per-host", "common", host, PATHS["server_cert"], "0644", "root", "root",
+                                         self.m.host_certs[host].cert_pem.encode()))
+            for svc in services:
+                for dest, content, mode, owner, group in per_service[svc]:
+                    entries.append(FileEntry("identical", svc, host, dest, mode, owner, group, content))
+            entries.extend(self.secret_entries(host))
+        return entries
+
+    def host_ingress(self, host: str) -> list[dict[str, Any]]:
+        rules: list[dict[str, Any]] = []
+        services = self.p.services_on(host)
+        if "broker" in services:
+            for lst in self.p.spec.broker.listeners:
+                label = "MQTT over TLS" if lst.protocol == "mqtt" else "MQTT over secure WebSockets"
+                rules.append({"port": lst.port, "protocol": "tcp", "source": "devices", "description": label})
+                rules.append({"port": lst.port, "protocol": "tcp", "source": "internal", "description": f"{label} (worker, canary)"})
+        if "influxdb" in services:
+            rules.append({"port": self.p.spec.influxdb.port, "protocol": "tcp", "source": "internal", "description": "InfluxDB HTTPS"})
+        if "grafana" in services:
+            rules.append({"port": self.p.spec.grafana.port, "protocol": "tcp", "source": "admin", "description": "Grafana HTTPS"})
+        return rules
+
+    def ansible_files(self, entries: list[FileEntry]) -> dict[str, bytes]:
+        p = self.p
+        spec = p.spec
+        hosts: dict[str, Any] = {}
+        for host in p.host_names:
+            hv: dict[str, Any] = {
+                "iotplat_services": p.services_on(host),
+                "iotplat_ingress": self.host_ingress(host),
+                "iotplat_files": [
+                    {"src": e.path, "dest": e.dest, "mode": e.mode, "owner": e.owner, "group": e.group, "service": e.service}
+                    for e in entries if e.host == host and e.cls != "secret"
+                ],
+                "iotplat_secret_files": [
+                    {"secret": e.secret, "dest": e.dest, "mode": e.mode, "owner": e.owner, "group": e.group, "service": e.service}
+                    for e in entries if e.host == host and e.cls == "secret"
+                ],
+                "worker_replicas": [r.number for r in p.replicas_on(host)],
+            }
+            if spec.target.kind == "baremetal":
+                bm = spec.target.hosts[host]
+                hv["ansible_host"] = bm.address
+                hv["ansible_user"] = bm.ssh_user or spec.target.ssh_user
+                hv["ansible_port"] = bm.ssh_port
+                if bm.ssh_private_key:
+                    hv["ansible_ssh_private_key_file"] = bm.ssh_private_key
+            hosts[host] = hv
+        groups = {svc: {"hosts": {h: None for h in p.placement[svc]}} for svc in ("broker", "influxdb", "grafana", "worker")}
+        inventory = {"all": {"hosts": hosts, "children": groups}}
+        ix = spec.influxdb
+        group_vars = {
+            "iotplat_platform": p.name,
+            "iotplat_environment": p.environment,
+            "iotplat_target": p.target,
+            "iotplat_domain": spec.network.domain,
+            "iotplat_service_hosts": {svc: p.placement[svc] for svc in ("broker", "influxdb", "grafana", "worker")},
+            "mosquitto_package_version": spec.broker.version,
+            "influxdb_version": ix.version,
+            "influxdb_package": p.influx_package.model_dump(exclude_none=True),
+            "influxdb_port": ix.port,
+            "influxdb_database": p.influx_database,
+            "influxdb_retention_policy": p.influx_retention_policy,
+            "influxdb_org": p.influx_org,
+            "influxdb_bucket": p.influx_bucket,
+            "influxdb_retention": format_duration(ix.retention),
+            "influxdb_worker_user": WORKER_INFLUX_USER,
+            "influxdb_grafana_user": GRAFANA_INFLUX_USER,
+            "grafana_enabled": spec.grafana.enabled,
+            "grafana_required": spec.grafana.required,
+            "grafana_package": spec.grafana.package.model_dump(exclude_none=True),
+            "grafana_port": spec.grafana.port,
+            "grafana_admin_user": spec.grafana.admin_user,
+            "worker_metrics_port": spec.ingestion.metrics_port,
+            "worker_users_prefix": WORKER_USER_PREFIX,
+            "iotplat_version": __version__,
+        }
+        site = [
+            {"name": "Baseline on every host", "hosts": "all", "become": True, "roles": ["common"]},
+            {"name": "MQTT broker", "hosts": "broker", "become": True, "roles": ["mosquitto"]},
+            {"name": "InfluxDB", "hosts": "influxdb", "become": True, "roles": ["influxdb"]},
+            {"name": "Ingestion worker", "hosts": "worker", "become": True, "roles": ["worker"]},
+            {"name": "Grafana", "hosts": "grafana", "become": True, "roles": ["grafana"]},
+        ]
+        cfg = (
+            "# " + MANAGED + "\n"
+            "# roles_path is set by `iotplat up` (ANSIBLE_ROLES_PATH) to the roles shipped with iotplat.\n"
+            "[defaults]\n"
+            "inventory = inventory.yml\n"
+            "interpreter_python = /usr/bin/python3\n"
+            "host_key_checking = True\n"
+            "retry_files_enabled = False\n"
+            "stdout_callback = default\n"
+            "forks = 10\n"
+            "\n[ssh_connection]\n"
+            "pipelining = True\n"
+        ).encode()
+        return {
+            "ansible/inventory.yml": _yaml(inventory, MANAGED + " Addresses of cloud and local hosts are added by `iotplat up`."),
+            "ansible/group_vars/all.yml": _yaml(group_vars, MANAGED),
+            "ansible/site.yml": _yaml(site, MANAGED),
+            "ansible/ansible.cfg": cfg,
+        }
+
+    def pulumi_files(self) -> dict[str, bytes]:
+        p = self.p
+        t = p.spec.target
+        if t.kind not in ("aws", "azure"):
+            return {}
+        sizes = t.instance_types if t.kind == "aws" else t.vm_sizes
+        key_path = Path(t.ssh_public_key_file)
+        key_path = key_path if key_path.is_absolute() else p.spec_dir / key_path
+        try:
+            pubkey = key_path.read_text().strip()
+        except OSError as exc:
+            from iotplat.errors import InvalidInput
+
+            raise InvalidInput(f"{p.spec_file}: target.ssh_public_key_file: cannot read {key_path}: {exc.strerror}") from None
+        config: dict[str, Any] = {
+            "iotplat:platform": p.name,
+            "iotplat:environment": p.environment,
+            "iotplat:networkCidr": t.network_cidr,
+            "iotplat:adminCidrs": list(t.admin_cidrs),
+            "iotplat:deviceCidrs": list(t.device_cidrs),
+            "iotplat:sshUser": t.ssh_user,
+            "iotplat:sshPublicKey": pubkey,
+            "iotplat:image": "debian-12",
+            "iotplat:tags": {"platform": p.name, "environment": p.environment, "managed-by": "iotplat"},
+            "iotplat:hosts": [
+                {
+                    "name": h,
+                    "size": sizes.get(h, sizes.get("default")),
+                    "diskGb": max(1, p.spec.target.disk_size // (1024**3)),
+                    "services": p.services_on(h),
+                    "ingress": self.host_ingress(h),
+                }
+                for h in p.host_names
+            ],
+        }
+        if t.kind == "aws":
+            config["aws:region"] = t.region
+        else:
+            config["azure-native:location"] = t.location
+        name = f"pulumi/{t.kind}/Pulumi.{p.name}-{p.environment}.yaml"
+        return {name: _yaml({"config": config}, MANAGED + f" Stack config for stacks/{t.kind}.")}
+
+
+@dataclass
+class RenderResult:
+    out: Path
+    files: dict[str, bytes]
+    entries: list[FileEntry]
+    manifest: dict[str, Any]
+    written: list[str]
+    removed: list[str]
+
+
+def render_platform(platform: Platform, materials: Materials) -> tuple[dict[str, bytes], list[FileEntry], dict[str, Any]]:
+    r = Renderer(platform, materials)
+    entries = r.host_files()
+    files: dict[str, bytes] = {e.path: e.content for e in entries if e.path is not None and e.content is not None}
+    files.update(r.ansible_files(entries))
+    files.update(r.pulumi_files())
+    manifest = {
+        "apiVersion": API_VERSION,
+        "platform": platform.name,
+        "environment": platform.environment,
+        "target": platform.target,
+        "iotplat": __version__,
+        "hosts": {h: {"services": platform.services_on(h), "names": server_names(platform, h)} for h in platform.host_names},
+        "files": sorted((e.manifest() for e in entries), key=lambda m: (m["host"], m["dest"])),
+        "artifacts": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items()) if not name.startswith("hosts/")},
+        "devices": len(platform.devices),
+    }
+    files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    return files, entries, manifest
+
+
+def write_build_dir(out: Path, files: dict[str, bytes]) -> tuple[list[str], list[str]]:
+    """Make `out` hold exactly `files`: unchanged files are left alone, changed ones replaced atomically,
+    stale ones removed; manifest.json is written last so a crash leaves the old manifest in place."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    order = sorted(n for n in files if n != "manifest.json") + ["manifest.json"]
+    for name in order:
+        data = files[name]
+        path = out / name
+        try:
+            if path.read_bytes() == data:
+                continue
+        except OSError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        written.append(name)
+    removed: list[str] = []
+    wanted = set(files)
+    for path in sorted(out.rglob("*"), reverse=True):
+        rel = path.relative_to(out).as_posix()
+        if path.is_file() and rel not in wanted:
+            path.unlink()
+            removed.append(rel)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return written, removed

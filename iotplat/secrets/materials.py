@@ -1,0 +1,150 @@
+"""Every secret and certificate a platform needs, derived from the spec and kept in the state directory.
+
+`ensure_materials` creates what is missing and reuses what exists, so re-renders are stable and a
+second `up` rotates nothing. Secret *files* (password file, private keys, credentials) are produced by
+`secret_files` at deploy time from these materials and never written to the build directory.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as pysecrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from iotplat.errors import InvalidInput
+from iotplat.secrets import pki
+from iotplat.secrets.passwords import generate_password, hash_iterations, hash_many
+from iotplat.secrets.state import State
+from iotplat.spec.model import SecretRef
+from iotplat.spec.platform_model import Platform
+
+# Service secrets generated per platform (names are stable: they key the state file).
+SERVICE_SECRETS = (
+    "influxdb_admin_password",
+    "influxdb_worker_password",
+    "influxdb_grafana_password",
+    "influxdb_admin_token",  # InfluxDB 2 operator token (setup); used only by the deploy step
+    "influxdb_worker_token",  # InfluxDB 2 write-one-bucket token value (v2 tokens are created at deploy)
+    "influxdb_grafana_token",  # InfluxDB 2 read-one-bucket token value
+    "grafana_admin_password",
+    "grafana_secret_key",
+)
+SERVER_SERVICES = ("broker", "influxdb", "grafana")
+
+
+@dataclass(frozen=True)
+class Materials:
+    ca_cert_pem: str
+    host_certs: dict[str, pki.CertKey]  # host -> server certificate + key
+    mqtt_users: dict[str, tuple[str, str]]  # username -> (password, $7$ hash)
+    secrets: dict[str, str]
+    hashes_computed: int  # how many hashes this call had to compute (0 when warm)
+
+    def passwd_file(self) -> bytes:
+        lines = [f"{user}:{h}" for user, (_, h) in sorted(self.mqtt_users.items())]
+        return ("\n".join(lines) + "\n").encode()
+
+
+def resolve_ref(ref: SecretRef, platform: Platform, what: str) -> str:
+    if ref.env:
+        value = os.environ.get(ref.env)
+        if not value:
+            raise InvalidInput(f"{platform.spec_file}: secrets.{what}: environment variable {ref.env} is not set or empty")
+        return value
+    path = Path(ref.file or "")
+    path = path if path.is_absolute() else platform.spec_dir / path
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise InvalidInput(f"{platform.spec_file}: secrets.{what}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise InvalidInput(f"{platform.spec_file}: secrets.{what}: {path} is empty")
+    return value
+
+
+def server_names(platform: Platform, host: str) -> list[str]:
+    names = [platform.host_fqdn(host)]
+    services = platform.services_on(host)
+    for svc in SERVER_SERVICES:
+        if svc in services:
+            names.append(platform.service_name(svc))
+    if "broker" in services:
+        names.extend(platform.spec.broker.server_names)
+    if "grafana" in services and platform.spec.grafana.domain:
+        names.append(platform.spec.grafana.domain)
+    return sorted(dict.fromkeys(names))
+
+
+def mqtt_usernames(platform: Platform) -> list[str]:
+    return [d.id for d in platform.all_devices] + [r.username for r in platform.replicas]
+
+
+def ensure_materials(platform: Platform, state: State) -> Materials:
+    sec = state.doc("secrets")
+    # CA
+    if platform.spec.tls.ca == "files":
+        ca = _given_ca(platform)
+    else:
+        if "ca" not in sec:
+            ca_new = pki.create_ca(f"iotplat {platform.key} CA")
+            sec["ca"] = {"cert": ca_new.cert_pem, "key": ca_new.key_pem}
+            state.mark("secrets")
+        ca = pki.CertKey(sec["ca"]["cert"], sec["ca"]["key"])
+    # server certificates
+    certs = sec.setdefault("hosts", {})
+    host_certs: dict[str, pki.CertKey] = {}
+    for host in platform.host_names:
+        if not any(s in SERVER_SERVICES for s in platform.services_on(host)):
+            continue
+        names = server_names(platform, host)
+        cur = certs.get(host)
+        if cur is None or pki.needs_renewal(cur["cert"], names, ca.cert_pem):
+            issued = pki.issue_server_cert(ca, platform.host_fqdn(host), names, platform.spec.tls.server_cert_days)
+            certs[host] = {"cert": issued.cert_pem, "key": issued.key_pem}
+            state.mark("secrets")
+        host_certs[host] = pki.CertKey(certs[host]["cert"], certs[host]["key"])
+    # service secrets
+    values = sec.setdefault("generated", {})
+    resolved: dict[str, str] = {}
+    for name in SERVICE_SECRETS:
+        ref = getattr(platform.spec.secrets, name, None)
+        if ref is not None:
+            resolved[name] = resolve_ref(ref, platform, name)
+            continue
+        if name not in values:
+            values[name] = pysecrets.token_hex(32) if name == "grafana_secret_key" else generate_password()
+            state.mark("secrets")
+        resolved[name] = values[name]
+    # MQTT users (devices, canary, worker replicas) with cached hashes
+    users_doc = state.doc("users")
+    users = users_doc.setdefault("users", {})
+    iterations = platform.spec.broker.auth.hash_iterations
+    wanted = mqtt_usernames(platform)
+    todo: list[tuple[str, str]] = []
+    for name in wanted:
+        entry = users.get(name)
+        if entry is None:
+            entry = users[name] = {"password": generate_password()}
+            state.mark("users")
+        if hash_iterations(entry.get("hash", "")) != iterations:
+            todo.append((name, entry["password"]))
+    if todo:
+        for name, h in hash_many(todo, iterations).items():
+            users[name]["hash"] = h
+        state.mark("users")
+    mqtt_users = {n: (users[n]["password"], users[n]["hash"]) for n in wanted}
+    return Materials(ca.cert_pem, host_certs, mqtt_users, resolved, len(todo))
+
+
+def _given_ca(platform: Platform) -> pki.CertKey:
+    tls = platform.spec.tls
+    out = []
+    for field in ("ca_cert_file", "ca_key_file"):
+        p = Path(getattr(tls, field))
+        p = p if p.is_absolute() else platform.spec_dir / p
+        try:
+            out.append(p.read_text())
+        except OSError as exc:
+            raise InvalidInput(f"{platform.spec_file}: tls.{field}: cannot read {p}: {exc.strerror}") from None
+    return pki.CertKey(out[0], out[1])

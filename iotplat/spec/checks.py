@@ -1,0 +1,301 @@
+"""Cross-checks beyond the schema: rules that span sections, each reported at the line it concerns.
+
+Each check is a function (Platform, Document) -> list[Problem], registered in CHECKS. Adding a rule
+means adding a function and one line in CHECKS (and a golden case under tests/spec/cases/).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from importlib import metadata
+
+from iotplat.errors import Problem
+from iotplat.spec.errors_map import did_you_mean
+from iotplat.spec.model import AWS_REGIONS, AZURE_LOCATIONS, SERVICES
+from iotplat.spec.platform_model import (
+    Platform,
+    filter_covers,
+    template_filter,
+    template_names,
+)
+from iotplat.spec.units import format_size
+from iotplat.spec.yamlio import Document
+
+Check = Callable[[Platform, Document], list[Problem]]
+BUILTIN_DECODERS = ("json", "line", "raw")
+SENSITIVE_PORTS = (22, 3389, 8086, 3000)
+
+
+def installed_decoders() -> list[str]:
+    names = {ep.name for ep in metadata.entry_points(group="iotplat.decoders")}
+    return sorted(names | set(BUILTIN_DECODERS))
+
+
+def check_placement(p: Platform, doc: Document) -> list[Problem]:
+    out: list[Problem] = []
+    names = [h.name for h in p.spec.hosts]
+    for i, n in enumerate(names):
+        if names.index(n) != i:
+            out.append(doc.problem(("hosts", i, "name"), f"host name {n!r} is used twice"))
+    for svc in SERVICES:
+        placed = p.placement[svc]
+        if svc == "grafana" and not p.spec.grafana.enabled:
+            continue
+        if not placed:
+            out.append(doc.problem(("hosts",), f"no host runs the {svc} service",
+                                   f"add {svc!r} to the services of one host"))
+        elif svc in ("broker", "influxdb", "grafana") and len(placed) > 1:
+            out.append(doc.problem(("hosts",), f"{svc} is placed on {len(placed)} hosts ({', '.join(placed)}); "
+                                   "it runs on exactly one", "keep it on one host"))
+    return out
+
+
+def check_ports(p: Platform, doc: Document) -> list[Problem]:
+    out: list[Problem] = []
+    for hi, host in enumerate(p.spec.hosts):
+        used: dict[int, str] = {22: "ssh"}
+        wanted: list[tuple[int, str, tuple]] = []
+        services = p.services_on(host.name)
+        if "broker" in services:
+            for li, lst in enumerate(p.spec.broker.listeners):
+                wanted.append((lst.port, f"broker listener {li}", ("broker", "listeners", li, "port")))
+        if "influxdb" in services:
+            wanted.append((p.spec.influxdb.port, "influxdb", ("influxdb", "port")))
+        if "grafana" in services:
+            wanted.append((p.spec.grafana.port, "grafana", ("grafana", "port")))
+        for r in p.replicas_on(host.name):
+            wanted.append((p.spec.ingestion.metrics_port + r.number - 1, f"worker replica {r.number} metrics",
+                           ("ingestion", "metrics_port")))
+        for port, what, path in wanted:
+            if port in used:
+                out.append(doc.problem(path, f"port {port} on host {host.name!r} is already used by {used[port]}",
+                                       "give each service on a host its own port"))
+            else:
+                used[port] = what
+        del hi
+    return out
+
+
+def check_topics(p: Platform, doc: Document) -> list[Problem]:
+    out: list[Problem] = []
+    subs = p.spec.ingestion.subscriptions
+    sub_filters = [template_filter(s.topic) for s in subs]
+    columns: set[str] = set()
+    for d in p.devices:
+        columns.update(k for k, _ in d.attributes)
+    have_registry = bool(p.spec.devices.registry)
+    for ti, tmpl in enumerate(p.spec.devices.topics):
+        names = template_names(tmpl)
+        if "device" not in names:
+            out.append(doc.problem(("devices", "topics", ti), f"topic {tmpl!r} has no {{device}} level",
+                                   "each device publishes under its own id, e.g. devices/{device}/telemetry"))
+        if len(names) != len(set(names)):
+            out.append(doc.problem(("devices", "topics", ti), "a {name} appears twice in the topic"))
+        for n in names:
+            if n != "device" and have_registry and n not in columns and p.devices:
+                out.append(doc.problem(("devices", "topics", ti), f"{{{n}}} is not a column of the device registry",
+                                       did_you_mean(n, sorted(columns)) or "add the column to the registry"))
+        f = template_filter(tmpl)
+        if not any(filter_covers(sf, f) for sf in sub_filters):
+            out.append(doc.problem(("devices", "topics", ti),
+                                   f"devices publish to {tmpl!r} but no ingestion subscription covers it",
+                                   "add a subscription with this topic, or the data would never be stored"))
+        if filter_covers(f, template_filter(p.spec.ingestion.dead_letters.topic)) or filter_covers(
+            template_filter(p.spec.ingestion.dead_letters.topic), f
+        ):
+            out.append(doc.problem(("devices", "topics", ti), "device topics overlap the dead-letter topic",
+                                   "devices must not write or read dead letters; change ingestion.dead_letters.topic"))
+    for d in p.devices:
+        for ti, tmpl in enumerate(p.spec.devices.topics):
+            for n in template_names(tmpl):
+                if n != "device" and not d.attr(n):
+                    out.append(doc.problem(("devices", "registry"),
+                                           f"device {d.id!r} has no value for {{{n}}} used in {tmpl!r}"))
+                    break
+            else:
+                continue
+            break
+    decoders = installed_decoders()
+    names_seen: dict[str, int] = {}
+    for si, sub in enumerate(subs):
+        if sub.name in names_seen:
+            out.append(doc.problem(("ingestion", "subscriptions", si, "name"), f"subscription name {sub.name!r} is used twice"))
+        names_seen[sub.name] = si
+        if sub.format not in decoders:
+            out.append(doc.problem(("ingestion", "subscriptions", si, "format"), f"unknown payload format {sub.format!r}",
+                                   did_you_mean(sub.format, decoders)
+                                   or f"installed decoders: {', '.join(decoders)}; plugins register in 'iotplat.decoders'"))
+        names = template_names(sub.topic)
+        if len(names) != len(set(names)):
+            out.append(doc.problem(("ingestion", "subscriptions", si, "topic"), "a {name} appears twice in the topic"))
+        sf = sub_filters[si]
+        if filter_covers(sf, template_filter(p.spec.ingestion.dead_letters.topic)):
+            out.append(doc.problem(("ingestion", "subscriptions", si, "topic"),
+                                   "the subscription would read the worker's own dead letters (a loop)",
+                                   "change the topic or ingestion.dead_letters.topic"))
+        if not any(filter_covers(sf, template_filter(t)) or filter_covers(template_filter(t), sf)
+                   for t in p.spec.devices.topics):
+            out.append(doc.problem(("ingestion", "subscriptions", si, "topic"),
+                                   f"no device may publish to {sub.topic!r}, so this subscription never receives data",
+                                   "add the topic to devices.topics"))
+        for tag in sub.tags:
+            if tag in sub.fields:
+                out.append(doc.problem(("ingestion", "subscriptions", si, "tags", tag),
+                                       f"{tag!r} is both a tag and a field", "rename one of them", key=True))
+        for n in names:
+            if n in sub.fields:
+                out.append(doc.problem(("ingestion", "subscriptions", si, "fields", n),
+                                       f"{n!r} is a topic level (a tag) and a field", "rename the field", key=True))
+        if sub.format in ("json", "raw") and not sub.fields:
+            out.append(doc.problem(("ingestion", "subscriptions", si), f"format {sub.format} needs at least one entry in `fields`",
+                                   "declare the fields and their types, e.g. temperature: float"))
+        if sub.format == "raw" and len(sub.fields) > 1:
+            out.append(doc.problem(("ingestion", "subscriptions", si, "fields"), "format raw carries one value: declare exactly one field"))
+    return out
+
+
+def check_flow_control(p: Platform, doc: Document) -> list[Problem]:
+    out: list[Problem] = []
+    ing = p.spec.ingestion
+    lim = p.spec.broker.limits
+    if ing.batch.max_points > ing.inflight:
+        out.append(doc.problem(("ingestion", "batch", "max_points"),
+                               f"a batch of {ing.batch.max_points} points needs the worker's in-flight window "
+                               f"(ingestion.inflight = {ing.inflight}) to hold at least as many unacknowledged messages",
+                               "raise ingestion.inflight or lower batch.max_points"))
+    if lim.inflight_messages is not None and lim.inflight_messages < ing.inflight:
+        out.append(doc.problem(("broker", "limits", "inflight_messages"),
+                               f"the broker's in-flight window ({lim.inflight_messages}) is smaller than the worker's "
+                               f"({ing.inflight}); the broker would stall the worker's batches",
+                               "remove it (it defaults to ingestion.inflight) or raise it"))
+    needed = int(p.per_replica_rate * ing.outage_budget)
+    if lim.queue_messages is not None and lim.queue_messages < needed:
+        out.append(doc.problem(("broker", "limits", "queue_messages"),
+                               f"{lim.queue_messages} queued messages per replica last {lim.queue_messages / p.per_replica_rate:.0f}s "
+                               f"at peak rate, less than outage_budget ({ing.outage_budget:.0f}s = {needed} messages); "
+                               "the broker would silently drop the rest",
+                               "remove it to derive it, or raise it"))
+    if lim.queue_bytes is not None and lim.queue_bytes < needed * ing.typical_message:
+        out.append(doc.problem(("broker", "limits", "queue_bytes"),
+                               f"{format_size(lim.queue_bytes)} cannot queue {needed} messages of ~{format_size(ing.typical_message)}",
+                               "remove it to derive it, or raise it"))
+    if ing.spool.max_size < p.spool_needed:
+        out.append(doc.problem(("ingestion", "spool", "max_size"),
+                               f"the spool ({format_size(ing.spool.max_size)}) holds less than outage_budget "
+                               f"({ing.outage_budget:.0f}s) of peak traffic per replica (~{format_size(p.spool_needed)})",
+                               "raise spool.max_size, or lower peak_rate/outage_budget/typical_message"))
+    if ing.spool.segment_size > ing.spool.max_size:
+        out.append(doc.problem(("ingestion", "spool", "segment_size"), "a spool segment cannot be larger than spool.max_size"))
+    if ing.max_payload > p.spec.broker.limits.message_size:
+        out.append(doc.problem(("ingestion", "max_payload"),
+                               "ingestion.max_payload is larger than broker.limits.message_size; the broker refuses such "
+                               "messages before the worker sees them", "keep max_payload <= message_size"))
+    if p.spec.broker.persistence.autosave_interval > 300:
+        out.append(doc.problem(("broker", "persistence", "autosave_interval"),
+                               "a broker crash loses up to autosave_interval of queued messages; more than 5m is refused",
+                               "use 10s (the default) to 60s"))
+    if p.spec.broker.persistence.client_expiration < ing.outage_budget:
+        out.append(doc.problem(("broker", "persistence", "client_expiration"),
+                               "sessions would expire before the outage budget is over, losing the worker's queue",
+                               "make client_expiration longer than ingestion.outage_budget"))
+    return out
+
+
+def check_influxdb(p: Platform, doc: Document) -> list[Problem]:
+    out: list[Problem] = []
+    ix = p.spec.influxdb
+    if ix.version == 1:
+        for key in ("org", "bucket"):
+            if getattr(ix, key) is not None:
+                out.append(doc.problem(("influxdb", key), f"{key} applies to InfluxDB 2; version 1 uses database and "
+                                       "retention_policy", key=True))
+        if ix.package and ix.package.source == "upstream":
+            pass  # InfluxData's repository also carries 1.x; allowed.
+    else:
+        for key in ("database", "retention_policy"):
+            if getattr(ix, key) is not None:
+                out.append(doc.problem(("influxdb", key), f"{key} applies to InfluxDB 1; version 2 uses org and bucket",
+                                       key=True))
+        if ix.package and ix.package.source == "distro":
+            out.append(doc.problem(("influxdb", "package", "source"), "Debian does not package InfluxDB 2",
+                                   "use source: upstream (InfluxData's repository) or local"))
+    if ix.retention < 3600:
+        out.append(doc.problem(("influxdb", "retention"), "retention shorter than 1h is refused by InfluxDB"))
+    if p.spec.grafana.enabled and p.spec.grafana.package.source == "distro":
+        out.append(doc.problem(("grafana", "package", "source"), "Debian does not package Grafana",
+                               "use source: upstream (Grafana's repository) or local"))
+    return out
+
+
+def check_target(p: Platform, doc: Document) -> list[Problem]:
+    out: list[Problem] = []
+    t = p.spec.target
+    names = set(p.host_names)
+    if t.kind == "local":
+        net = ipaddress.ip_network(t.network)
+        if net.version != 4 or not net.is_private or net.prefixlen > 26:
+            out.append(doc.problem(("target", "network"), f"{t.network} must be a private IPv4 network of /26 or larger",
+                                   "e.g. 10.213.0.0/24"))
+        elif len(p.host_names) > net.num_addresses - 20:
+            out.append(doc.problem(("target", "network"), "the network is too small for the hosts"))
+    elif t.kind == "baremetal":
+        for n in sorted(names - set(t.hosts)):
+            out.append(doc.problem(("target", "hosts"), f"host {n!r} has no address", f"add target.hosts.{n}.address"))
+        for n in sorted(set(t.hosts) - names):
+            out.append(doc.problem(("target", "hosts", n), f"{n!r} is not one of the spec's hosts",
+                                   did_you_mean(n, sorted(names)), key=True))
+    else:
+        if t.kind == "aws" and t.region not in AWS_REGIONS:
+            out.append(doc.problem(("target", "region"), f"unknown AWS region {t.region!r}",
+                                   did_you_mean(t.region, AWS_REGIONS) or "e.g. eu-west-1"))
+        if t.kind == "azure" and t.location not in AZURE_LOCATIONS:
+            out.append(doc.problem(("target", "location"), f"unknown Azure location {t.location!r}",
+                                   did_you_mean(t.location, AZURE_LOCATIONS) or "e.g. westeurope"))
+        sizes = t.instance_types if t.kind == "aws" else t.vm_sizes
+        key = "instance_types" if t.kind == "aws" else "vm_sizes"
+        for n in sorted(set(sizes) - names - {"default"}):
+            out.append(doc.problem(("target", key, n), f"{n!r} is not one of the spec's hosts",
+                                   did_you_mean(n, sorted(names)), key=True))
+        if "default" not in sizes and names - set(sizes):
+            out.append(doc.problem(("target", key), f"no size for host(s) {', '.join(sorted(names - set(sizes)))}",
+                                   "add a `default` entry"))
+        for i, cidr in enumerate(t.admin_cidrs):
+            if ipaddress.ip_network(cidr).prefixlen == 0:
+                out.append(doc.problem(("target", "admin_cidrs", i),
+                                       f"{cidr} opens SSH and Grafana to the whole internet",
+                                       "list your operators' networks instead"))
+        net = ipaddress.ip_network(t.network_cidr)
+        if not net.is_private or net.version != 4:
+            out.append(doc.problem(("target", "network_cidr"), "must be a private IPv4 network, e.g. 10.42.0.0/16"))
+    return out
+
+
+def check_names(p: Platform, doc: Document) -> list[Problem]:
+    out: list[Problem] = []
+    ids = {d.id for d in p.devices}
+    if p.canary.id in ids:
+        out.append(doc.problem(("devices", "canary", "id"), f"the canary id {p.canary.id!r} is also a registry device"))
+    for i, name in enumerate(p.spec.broker.server_names):
+        labels = name.split(".")
+        if not all(lbl and len(lbl) <= 63 and lbl.replace("-", "").isalnum() for lbl in labels) or len(name) > 253:
+            out.append(doc.problem(("broker", "server_names", i), f"{name!r} is not a DNS name"))
+    return out
+
+
+CHECKS: tuple[Check, ...] = (
+    check_placement,
+    check_ports,
+    check_topics,
+    check_flow_control,
+    check_influxdb,
+    check_target,
+    check_names,
+)
+
+
+def run_checks(p: Platform, doc: Document) -> list[Problem]:
+    out: list[Problem] = []
+    for check in CHECKS:
+        out.extend(check(p, doc))
+    return out

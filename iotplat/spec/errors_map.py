@@ -1,0 +1,217 @@
+"""Turn pydantic's validation errors into one-line Problems at the right YAML position.
+
+pydantic reports `loc` tuples and robotic messages; users need `file:line:col: dotted.path: what is
+wrong (how to fix it)`. Allowed keys for "did you mean" come from the published JSON Schema, so the
+hint and the editor's completion always agree.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from typing import Any
+
+from pydantic import ValidationError
+
+from iotplat.errors import Problem
+from iotplat.spec.model import DNS_LABEL_RE, MEASUREMENT_RE, TOPIC_TEMPLATE_RE, PlatformSpec
+from iotplat.spec.yamlio import Document, PathT
+
+_PATTERN_TEXT = {
+    DNS_LABEL_RE: "must be a DNS label: lowercase letters, digits and '-', starting with a letter, at most 32 characters",
+    TOPIC_TEMPLATE_RE: "must be an MQTT topic without wildcards (+ #), not starting with $, "
+    "with optional {name} levels, e.g. devices/{device}/telemetry",
+    MEASUREMENT_RE: "must start with a letter or _ and hold only letters, digits, _ . -",
+    r"^[A-Za-z0-9_-]{1,64}$": "use 1-64 letters, digits, _ or -",
+    r"^[A-Z_][A-Z0-9_]*$": "must be an environment variable name (A-Z, 0-9, _)",
+    r"^[a-z][a-z0-9_-]{0,31}$": "use lowercase letters, digits, _ or -, starting with a letter",
+    r"^[a-z][a-z0-9_-]{2,31}$": "use 3-32 lowercase letters, digits, _ or -, starting with a letter",
+}
+
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    return PlatformSpec.model_json_schema()
+
+
+def _resolve(node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = _schema()["$defs"][node["$ref"].split("/")[-1]]
+    return node
+
+
+def _variants(node: dict[str, Any]) -> list[dict[str, Any]]:
+    node = _resolve(node)
+    for key in ("anyOf", "oneOf"):
+        if key in node:
+            out: list[dict[str, Any]] = []
+            for v in node[key]:
+                out.extend(_variants(v))
+            return out
+    return [node]
+
+
+def allowed_keys(path: PathT, data: Any) -> list[str]:
+    """Keys the schema allows in the mapping at `path` (data picks discriminated variants)."""
+    nodes = [_schema()]
+    cur = data
+    for part in path:
+        nxt: list[dict[str, Any]] = []
+        for node in nodes:
+            for v in _variants(node):
+                if isinstance(part, int) and "items" in v:
+                    nxt.append(v["items"])
+                elif isinstance(part, str):
+                    props = v.get("properties", {})
+                    if part in props:
+                        nxt.append(props[part])
+                    elif isinstance(v.get("additionalProperties"), dict):
+                        nxt.append(v["additionalProperties"])
+        cur = cur[part] if isinstance(cur, (dict, list)) and _has(cur, part) else None
+        nodes = nxt
+    keys: set[str] = set()
+    for node in nodes:
+        for v in _variants(node):
+            props = v.get("properties")
+            if not props:
+                continue
+            kind = props.get("kind", {}).get("const")
+            if kind is not None and isinstance(cur, dict) and cur.get("kind") not in (None, kind):
+                continue
+            keys.update(props)
+    return sorted(keys)
+
+
+def _has(container: Any, part: Any) -> bool:
+    if isinstance(container, dict):
+        return part in container
+    return isinstance(part, int) and 0 <= part < len(container)
+
+
+def did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    if options and len(options) <= 16:
+        return "allowed: " + ", ".join(options)
+    return ""
+
+
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[PathT, bool]:
+    """Drop pydantic's discriminator/function tags from a loc; return (path, is_key_error)."""
+    path: list[str | int] = []
+    cur = data
+    is_key = False
+    for part in loc:
+        if part == "[key]":
+            is_key = True
+            continue
+        if isinstance(part, str) and (part.startswith("function-") or part in ("union", "json-or-python")):
+            continue
+        if isinstance(cur, dict) and isinstance(part, str) and part not in cur and path and path[-1] == "target":
+            # discriminated union tag (target.<kind>.*): not a real key in the document
+            if cur.get("kind") == part:
+                continue
+        path.append(part)
+        cur = cur[part] if isinstance(cur, (dict, list)) and _has(cur, part) else None
+    return tuple(path), is_key
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
+    out: list[Problem] = []
+    for err in exc.errors(include_url=False):
+        path, is_key = _clean_loc(tuple(err["loc"]), doc.data)
+        etype = err["type"]
+        ctx = err.get("ctx") or {}
+        value = err.get("input")
+        hint = ""
+        key_pos = False
+        if etype == "extra_forbidden":
+            key = str(path[-1])
+            message = f"unknown key {key!r}"
+            hint = did_you_mean(key, allowed_keys(path[:-1], doc.data))
+            key_pos = True
+        elif etype == "missing":
+            message = f"missing required key {str(path[-1])!r}"
+            out.append(Problem(doc.file, *doc.where(path[:-1]), _dotted(path), message, hint))
+            continue
+        elif etype in _TYPE_NAMES:
+            message = f"expected {_TYPE_NAMES[etype]}, got {_typename(value)} {_describe(value)}"
+            if isinstance(value, str) and etype in ("int_type", "float_type") and value.strip().lstrip("-").replace(".", "", 1).isdigit():
+                hint = "remove the quotes"
+            elif isinstance(value, str) and etype == "bool_type" and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+                hint = "write true or false"
+        elif etype == "literal_error":
+            expected = ctx.get("expected", "")
+            message = f"must be one of {expected} (got {_describe(value)})"
+            options = [o.strip().strip("'") for o in str(expected).replace(" or ", ", ").split(",")]
+            if isinstance(value, str):
+                hint = did_you_mean(value, [o for o in options if o])
+                if hint.startswith("allowed"):
+                    hint = ""
+        elif etype == "union_tag_invalid":
+            message = f"kind must be one of {ctx.get('expected_tags', '')} (got {_describe(ctx.get('tag'))})"
+            path = path + ("kind",)
+            hint = did_you_mean(str(ctx.get("tag")), [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")])
+            if hint.startswith("allowed"):
+                hint = ""
+        elif etype == "union_tag_not_found":
+            message = "missing required key 'kind'"
+            out.append(Problem(doc.file, *doc.where(path), _dotted(path + ("kind",)), message,
+                               "one of local, baremetal, aws, azure"))
+            continue
+        elif etype == "string_pattern_mismatch":
+            pattern = ctx.get("pattern", "")
+            message = f"{_describe(value)} " + _PATTERN_TEXT.get(pattern, f"must match {pattern}")
+        elif etype in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[etype]
+            bound = next(iter(ctx.values()), "")
+            message = f"must be {op} {bound} (got {_describe(value)})"
+        elif etype in ("too_short", "too_long"):
+            if isinstance(value, str):
+                message = f"{_describe(value)} is too {'short' if etype == 'too_short' else 'long'}"
+            elif etype == "too_short":
+                message = f"needs at least {ctx.get('min_length')} item(s)"
+            else:
+                message = f"allows at most {ctx.get('max_length')} item(s)"
+        elif etype == "string_too_short":
+            message = "must not be empty"
+        elif etype == "string_too_long":
+            message = f"is longer than {ctx.get('max_length')} characters"
+        elif etype == "finite_number":
+            message = "must be a finite number (not .nan or .inf)"
+        elif etype == "value_error":
+            message = str(ctx.get("error") or err["msg"]).removeprefix("Value error, ")
+        else:
+            message = err["msg"]
+        line, col = doc.where(path, key=key_pos or is_key)
+        out.append(Problem(doc.file, line, col, _dotted(path), message, hint))
+    return out
+
+
+def _typename(value: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _dotted(path: PathT) -> str:
+    from iotplat.spec.yamlio import dotted
+
+    return dotted(path)
