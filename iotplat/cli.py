@@ -70,13 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a spec; report every problem as FILE:LINE:COL: path: message",
                        epilog=EPILOG)
-    _add_spec(p)
+    _add_spec(p, optional=True)
     _add_common(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("render", help="write the build directory (service files, Ansible bundle, Pulumi config, manifest)",
                        epilog=EPILOG)
-    _add_spec(p)
+    _add_spec(p, optional=True)
     p.add_argument("--out", "-o", help="build directory (default: build/<platform>/<environment>)")
     p.add_argument("--state-dir", help="state root (default: $IOTPLAT_STATE_DIR, the spec's state.dir, "
                    "else ~/.local/state/iotplat)")
@@ -122,7 +122,7 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
     result = validate(args.spec, args.env)
     out.data.update(result)
     for env in result["environments"]:
-        out.line(f"{args.spec}: valid ({env['environment']}: {env['target']} target, {env['hosts']} host(s), "
+        out.line(f"{result['spec']}: valid ({env['environment']}: {env['target']} target, {env['hosts']} host(s), "
                  f"{env['devices']} device(s))")
     return ExitCode.OK
 

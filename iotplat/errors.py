@@ -32,6 +32,13 @@ class StateError(IotplatError):
     """The state directory is missing, locked, corrupt or cannot be decrypted."""
 
 
+def _one_line(text: str) -> str:
+    """Escape control characters so a problem is always exactly one line (no log/terminal injection)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
 @dataclass(frozen=True, order=True)
 class Problem:
     """One problem found in a user's file, reported as FILE:LINE:COL: path: message."""
@@ -48,7 +55,7 @@ class Problem:
         text = f"{self.file}:{self.line}:{self.column}: {where}: {self.message}"
         if self.hint:
             text += f" ({self.hint})"
-        return text
+        return _one_line(text)
 
     def as_dict(self) -> dict[str, object]:
         return {

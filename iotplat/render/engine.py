@@ -105,7 +105,8 @@ def _env() -> jinja2.Environment:
 
 
 def _yaml(data: Any, header: str = "") -> bytes:
-    text = yaml.safe_dump(data, sort_keys=True, default_flow_style=False, width=120, allow_unicode=True)
+    text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=True,
+                     default_flow_style=False, width=120, allow_unicode=True)
     return ((f"# {header}\n" if header else "") + text).encode()
 
 

@@ -148,3 +148,17 @@ def _given_ca(platform: Platform) -> pki.CertKey:
         except OSError as exc:
             raise InvalidInput(f"{platform.spec_file}: tls.{field}: cannot read {p}: {exc.strerror}") from None
     return pki.CertKey(out[0], out[1])
+
+
+def secret_content(key: str, materials: Materials) -> bytes:
+    """The bytes of a secret file named in the manifest (`secret` field), for the deploy step."""
+    if key == "mosquitto_passwd":
+        return materials.passwd_file()
+    kind, _, arg = key.partition(":")
+    if kind == "host_key":
+        return materials.host_certs[arg].key_pem.encode()
+    if kind == "mqtt_password":
+        return materials.mqtt_users[arg][0].encode()
+    if key in materials.secrets:
+        return materials.secrets[key].encode()
+    raise KeyError(f"unknown secret {key!r}")

@@ -32,6 +32,13 @@ def installed_decoders() -> list[str]:
     return sorted(names | set(BUILTIN_DECODERS))
 
 
+def _column_hint(name: str, columns: set[str]) -> str:
+    hint = did_you_mean(name, sorted(columns))
+    if hint.startswith("did you mean"):
+        return hint
+    return f"add a {name} column to the registry; columns now: {', '.join(sorted(columns)) or 'id only'}"
+
+
 def check_placement(p: Platform, doc: Document) -> list[Problem]:
     out: list[Problem] = []
     names = [h.name for h in p.spec.hosts]
@@ -95,7 +102,7 @@ def check_topics(p: Platform, doc: Document) -> list[Problem]:
         for n in names:
             if n != "device" and have_registry and n not in columns and p.devices:
                 out.append(doc.problem(("devices", "topics", ti), f"{{{n}}} is not a column of the device registry",
-                                       did_you_mean(n, sorted(columns)) or "add the column to the registry"))
+                                       _column_hint(n, columns)))
         f = template_filter(tmpl)
         if not any(filter_covers(sf, f) for sf in sub_filters):
             out.append(doc.problem(("devices", "topics", ti),
@@ -219,12 +226,12 @@ def check_influxdb(p: Platform, doc: Document) -> list[Problem]:
                                        key=True))
         if ix.package and ix.package.source == "distro":
             out.append(doc.problem(("influxdb", "package", "source"), "Debian does not package InfluxDB 2",
-                                   "use source: upstream (InfluxData's repository) or local"))
+                                   "use source: upstream for InfluxData's repository, or local"))
     if ix.retention < 3600:
         out.append(doc.problem(("influxdb", "retention"), "retention shorter than 1h is refused by InfluxDB"))
     if p.spec.grafana.enabled and p.spec.grafana.package.source == "distro":
         out.append(doc.problem(("grafana", "package", "source"), "Debian does not package Grafana",
-                               "use source: upstream (Grafana's repository) or local"))
+                               "use source: upstream for Grafana's repository, or local"))
     return out
 
 

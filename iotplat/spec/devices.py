@@ -56,6 +56,7 @@ def _load_csv(text: str, display: str) -> tuple[list[Device], list[Problem]]:
     rows = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
     seen: dict[str, int] = {}
+    index = -1
     try:
         for row in rows:
             line = rows.line_num
@@ -77,7 +78,7 @@ def _load_csv(text: str, display: str) -> tuple[list[Device], list[Problem]]:
                 if dup:
                     problems.append(Problem(display, line, 1, "devices.columns", f"column {dup[0]!r} appears twice"))
                 continue
-            index = len(devices)
+            index += 1
             if len(cells) != len(header):
                 problems.append(Problem(display, line, 1, f"devices[{index}]",
                                         f"row has {len(cells)} cells, the header has {len(header)}"))
@@ -144,7 +145,7 @@ def _check_device(record: dict[str, str], display: str, line: int, index: int, s
     if not DEVICE_ID_RE.match(dev_id):
         problems.append(Problem(display, line, col_of("id") if "id" in record else 1, f"{path}.id",
                                 f"device id {dev_id!r} is not valid",
-                                "use 1-64 letters, digits, _ or - (it becomes an MQTT username and a topic level)"))
+                                "use 1-64 letters, digits, _ or -; it becomes an MQTT username and a topic level"))
         return None
     if dev_id.startswith(RESERVED_PREFIX):
         problems.append(Problem(display, line, col_of("id"), f"{path}.id",
@@ -161,7 +162,7 @@ def _check_device(record: dict[str, str], display: str, line: int, index: int, s
             continue
         if v and not ATTRIBUTE_VALUE_RE.match(v):
             problems.append(Problem(display, line, col_of(k), f"{path}.{k}", f"value {v!r} is not valid",
-                                    "use 1-64 letters, digits, _ . : or - (it becomes a topic level and a tag)"))
+                                    "use 1-64 letters, digits, _ . : or -; it becomes a topic level and a tag"))
             return None
         attrs.append((k, v))
     return Device(dev_id, tuple(sorted(attrs)))

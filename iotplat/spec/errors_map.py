@@ -166,6 +166,8 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
                 hint = did_you_mean(value, [o for o in options if o])
                 if hint.startswith("allowed"):
                     hint = ""
+            if path[-2:] == ("auth", "method") and value == "x509":
+                hint = "X.509 client certificates are planned; use password, one random credential per device"
         elif etype == "union_tag_invalid":
             message = f"kind must be one of {ctx.get('expected_tags', '')} (got {_describe(ctx.get('tag'))})"
             path = path + ("kind",)

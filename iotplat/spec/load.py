@@ -20,7 +20,7 @@ from iotplat.spec.devices import load_registry
 from iotplat.spec.errors_map import problems_from
 from iotplat.spec.model import DNS_LABEL_RE, PlatformSpec
 from iotplat.spec.platform_model import Platform
-from iotplat.spec.yamlio import Document, PathT, load_yaml_file
+from iotplat.spec.yamlio import Document, PathT, dotted, load_yaml_file
 
 MAX_SPEC_BYTES = 1024 * 1024
 DEFAULT_ENVIRONMENT = "default"
@@ -77,7 +77,21 @@ def merge_environment(doc: Document, env: str) -> Document:
     ov_pos = {p[n:]: v for p, v in doc.positions.items() if p[:n] == base_path}
     ov_key = {p[n:]: v for p, v in doc.key_positions.items() if p[:n] == base_path}
     _merge(data, overlay, (), positions, key_positions, ov_pos, ov_key)
-    return Document(doc.file, data, positions, key_positions)
+    return Document(doc.file, data, positions, key_positions, base_path,
+                    frozenset(ov_pos.values()) | frozenset(ov_key.values()))
+
+
+def _in_overlay(problems: list[Problem], doc: Document) -> list[Problem]:
+    """Problems located in an environment's overlay name the path where they are written."""
+    if not doc.overlay:
+        return problems
+    prefix = dotted(doc.overlay)
+    out = []
+    for p in problems:
+        if (p.line, p.column) in doc.overlay_positions and p.file == doc.file:
+            p = Problem(p.file, p.line, p.column, f"{prefix}.{p.path}" if p.path else prefix, p.message, p.hint)
+        out.append(p)
+    return out
 
 
 def _drop(table: dict[PathT, tuple[int, int]], prefix: PathT) -> None:
@@ -141,7 +155,7 @@ def build_platform(doc: Document, env: str, spec_path: Path) -> Platform:
     try:
         spec = PlatformSpec.model_validate(doc.data)
     except ValidationError as exc:
-        raise SpecInvalid(problems_from(exc, doc)) from None
+        raise SpecInvalid(_in_overlay(problems_from(exc, doc), doc)) from None
     spec_dir = spec_path.parent
     devices = []
     problems: list[Problem] = []
@@ -160,7 +174,7 @@ def build_platform(doc: Document, env: str, spec_path: Path) -> Platform:
         raise SpecInvalid(problems)
     problems = run_checks(platform, doc)
     if problems:
-        raise SpecInvalid(problems)
+        raise SpecInvalid(_in_overlay(problems, doc))
     return platform
 
 

@@ -497,18 +497,19 @@ class PlatformSpec(Base):
 
     apiVersion: Literal["iotplat/v1"] = Field(description="Spec format version.")  # noqa: N815
     name: DnsLabel = Field(description="Platform name (DNS label); keys the state directory and cloud resources.")
-    description: str = ""
-    target: Target
-    network: Network = Network()
-    tls: Tls = Tls()
-    hosts: list[HostSpec] = Field(default_factory=_default_hosts, min_length=1, description="Hosts and the services placed on each.")
-    broker: Broker = Broker()
-    devices: Devices = Devices()
-    ingestion: Ingestion
-    influxdb: InfluxDB
-    grafana: Grafana = Grafana()
-    secrets: Secrets = Secrets()
-    state: StateSettings = StateSettings()
+    description: str = Field("", description="Free text for humans.")
+    target: Target = Field(description="Where the hosts are: local, baremetal, aws or azure (see the target tables).")
+    network: Network = Field(Network(), description="Logical names used by service files and certificates.")
+    tls: Tls = Field(Tls(), description="The platform CA and TLS policy; every service port uses TLS.")
+    hosts: list[HostSpec] = Field(default_factory=_default_hosts, min_length=1,
+                                  description="Hosts and the services placed on each; default: one host `core` with all four.")
+    broker: Broker = Field(Broker(), description="Mosquitto: listeners, device authentication, limits, persistence.")
+    devices: Devices = Field(Devices(), description="The device registry and each device's topic namespace (ACLs derive from it).")
+    ingestion: Ingestion = Field(description="The worker: subscriptions, decoding, batching, spool, dead letters, replicas.")
+    influxdb: InfluxDB = Field(description="The time-series database: version, names, retention, package.")
+    grafana: Grafana = Field(Grafana(), description="Dashboards generated from the measurements; admin settings.")
+    secrets: Secrets = Field(Secrets(), description="Secrets are generated into the state directory unless referenced here.")
+    state: StateSettings = Field(StateSettings(), description="Where iotplat keeps state for this platform.")
     environments: dict[str, dict[str, Any]] = Field(
         {},
         description="Named overlays (e.g. staging, production) merged onto this spec with JSON merge-patch rules: "

@@ -115,6 +115,8 @@ class Platform:
     @cached_property
     def replicas(self) -> tuple[Replica, ...]:
         hosts = self.placement["worker"]
+        if not hosts:
+            return ()
         return tuple(Replica(n, hosts[(n - 1) % len(hosts)]) for n in range(1, self.spec.ingestion.replicas + 1))
 
     def replicas_on(self, host: str) -> list[Replica]:

@@ -64,7 +64,9 @@ def format_duration(seconds: float) -> str:
 
 
 def format_size(n: int) -> str:
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= factor and n % factor == 0:
-            return f"{n // factor}{unit}"
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor:
+            if n % factor == 0:
+                return f"{n // factor}{unit}"
+            return f"{n / factor:.1f}{unit}"
     return f"{n}B"

@@ -15,6 +15,7 @@ build plain Python values ourselves:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,9 @@ class Document:
     data: Any
     positions: dict[PathT, tuple[int, int]] = field(default_factory=dict)
     key_positions: dict[PathT, tuple[int, int]] = field(default_factory=dict)
+    # For an environment's merged document: the overlay's path prefix and the positions it supplied.
+    overlay: PathT = ()
+    overlay_positions: frozenset[tuple[int, int]] = frozenset()
 
     def where(self, path: PathT, *, key: bool = False) -> tuple[int, int]:
         """Best position for `path`: the key or value itself, else the closest parent."""
@@ -103,13 +107,19 @@ class Document:
         return Problem(self.file, line, col, dotted(tuple(base) + tuple(path)), message, hint)
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_$-]+$")
+
+
 def dotted(path: PathT) -> str:
+    """broker.listeners[0].port; keys that are not plain words are quoted: fields["a.b"]."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif _PLAIN_KEY.match(str(part)):
             out += ("." if out else "") + str(part)
+        else:
+            out += "[" + json.dumps(str(part)) + "]"
     return out
 
 
@@ -178,7 +188,10 @@ def load_yaml_text(text: str, display: str, *, max_nodes: int = 1_000_000, requi
         raise SpecInvalid([Problem(display, 1, 1, "", f"nested more than {MAX_DEPTH} levels deep")]) from None
     if node is None:
         raise SpecInvalid([Problem(display, 1, 1, "", "the file is empty", "start from `iotplat init`")])
-    builder = _Builder(display, max_nodes)
+    # Aliases may re-use nodes; allow a generous 10x re-use, which stops alias bombs after a few
+    # thousand values instead of after max_nodes.
+    budget = min(max_nodes, 10 * _distinct_nodes(node) + 10_000)
+    builder = _Builder(display, budget)
     data = builder.build(node)
     if builder.problems:
         raise SpecInvalid(builder.problems)
@@ -311,6 +324,23 @@ class _Builder:
         for k, v in merged.items():
             out.setdefault(k, v)
         return out
+
+
+def _distinct_nodes(root: Node) -> int:
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, SequenceNode):
+            stack.extend(n.value)
+        elif isinstance(n, MappingNode):
+            for k, v in n.value:
+                stack.append(k)
+                stack.append(v)
+    return len(seen)
 
 
 def _merge_sources(node: Node) -> list[Node]:
