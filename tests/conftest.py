@@ -1,0 +1,41 @@
+"""Shared fixtures: an isolated state root + vault key per test, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from iotplat.cli import main
+
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own state root and vault key; nothing touches ~/.local or ~/.config."""
+    base = tmp_path_factory.mktemp("iotplat-state")
+    key = base / "vault-password"
+    key.write_text("test-vault-password-0123456789abcdef\n")
+    key.chmod(0o600)
+    monkeypatch.setenv("IOTPLAT_STATE_DIR", str(base / "state"))
+    monkeypatch.setenv("IOTPLAT_VAULT_PASSWORD_FILE", str(key))
+    monkeypatch.delenv("IOTPLAT_ENV", raising=False)
+    return base / "state"
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    def run(*args: str) -> CliResult:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return CliResult(int(code), captured.out, captured.err)
+
+    return run
