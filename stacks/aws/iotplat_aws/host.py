@@ -1,0 +1,129 @@
+"""One EC2 instance with its encrypted data volume and, if it is public, an Elastic IP."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from .tags import tagged
+
+# The default user of Debian's official AMIs; the key pair's key is installed for it.
+AMI_DEFAULT_USER = "admin"
+DATA_DEVICE_NAME = "/dev/sdf"
+
+
+def user_data(ssh_user: str, ssh_public_key: str) -> str | None:
+    """Cloud-init user data, or None when the AMI's default user is the wanted SSH user.
+
+    Only a user name and a public key go in: user data is readable by anything on the host
+    through IMDS and is stored in Pulumi state, so it must never carry a secret.
+    """
+    if ssh_user == AMI_DEFAULT_USER:
+        return None
+    return (
+        "#cloud-config\n"
+        "users:\n"
+        f"  - name: {ssh_user}\n"
+        "    groups: [sudo]\n"
+        "    shell: /bin/bash\n"
+        "    lock_passwd: true\n"
+        "    sudo: 'ALL=(ALL) NOPASSWD:ALL'\n"
+        "    ssh_authorized_keys:\n"
+        f"      - {ssh_public_key}\n"
+    )
+
+
+def data_device_path(volume_id: str) -> str:
+    """Where the data volume appears on Nitro instances (every current type, t3 included)."""
+    return f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{volume_id.replace('-', '')}"
+
+
+@dataclass
+class HostArgs:
+    ami_id: pulumi.Input[str]
+    instance_type: str
+    subnet_id: pulumi.Input[str]
+    availability_zone: pulumi.Input[str]
+    private_ip: str
+    security_group_id: pulumi.Input[str]
+    key_name: pulumi.Input[str]
+    public: bool
+    disk_gb: int
+    ssh_user: str
+    ssh_public_key: str
+    tags: Mapping[str, str]
+
+
+class Host(pulumi.ComponentResource):
+    private_ip: pulumi.Output[str]
+    public_ip: pulumi.Output[str] | None
+    data_device: pulumi.Output[str]
+
+    def __init__(self, name: str, args: HostArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("iotplat:aws:Host", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+
+        instance = aws.ec2.Instance(
+            f"{name}-vm",
+            ami=args.ami_id,
+            instance_type=args.instance_type,
+            subnet_id=args.subnet_id,
+            private_ip=args.private_ip,
+            vpc_security_group_ids=[args.security_group_id],
+            associate_public_ip_address=False,
+            key_name=args.key_name,
+            user_data=user_data(args.ssh_user, args.ssh_public_key),
+            metadata_options={
+                "http_endpoint": "enabled",
+                "http_tokens": "required",  # IMDSv2 only
+                "http_put_response_hop_limit": 1,  # tokens do not reach containers
+            },
+            root_block_device={
+                "encrypted": True,
+                "volume_type": "gp3",
+                "delete_on_termination": True,
+                "tags": tagged(args.tags, f"{name}-root"),
+            },
+            tags=tagged(args.tags, name),
+            # A newer Debian AMI must not replace running hosts on the next `up`: new hosts start
+            # from the latest image, existing ones are upgraded in place by Ansible.
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["ami"]),
+        )
+        volume = aws.ebs.Volume(
+            f"{name}-data",
+            availability_zone=args.availability_zone,
+            size=args.disk_gb,
+            type="gp3",
+            encrypted=True,
+            tags=tagged(args.tags, f"{name}-data"),
+            opts=child,
+        )
+        aws.ec2.VolumeAttachment(
+            f"{name}-data-attachment",
+            device_name=DATA_DEVICE_NAME,
+            volume_id=volume.id,
+            instance_id=instance.id,
+            # Stop the instance rather than yank a mounted filesystem when the attachment goes.
+            stop_instance_before_detaching=True,
+            opts=child,
+        )
+
+        self.public_ip = None
+        if args.public:
+            address = aws.ec2.Eip(
+                f"{name}-ip",
+                domain="vpc",
+                instance=instance.id,
+                tags=tagged(args.tags, f"{name}-ip"),
+                opts=child,
+            )
+            self.public_ip = address.public_ip
+
+        self.private_ip = instance.private_ip
+        self.data_device = volume.id.apply(data_device_path)
+        self.register_outputs(
+            {"privateIp": self.private_ip, "publicIp": self.public_ip, "dataDevice": self.data_device}
+        )

@@ -1,0 +1,1 @@
+"""Pulumi components for the iotplat Azure stack: Network, Firewall, Host, and Platform wiring them."""

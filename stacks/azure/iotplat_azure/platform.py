@@ -1,0 +1,97 @@
+"""The whole Azure platform: a resource group, one Network, and a Firewall plus a Host per planned host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+from iotplat_stack.config import StackConfig
+from iotplat_stack.plan import Plan
+from pulumi_azure_native import resources
+
+from .firewall import Firewall, FirewallArgs
+from .host import Host, HostArgs
+from .network import Network, NetworkArgs
+
+
+@dataclass
+class PlatformArgs:
+    config: StackConfig
+    plan: Plan
+
+
+class Platform(pulumi.ComponentResource):
+    """Azure resources are named inside the platform's own resource group (``iotplat-<name>``),
+    so their names need no platform prefix; Pulumi's logical names carry it instead."""
+
+    hosts: pulumi.Output[dict[str, Any]]
+
+    def __init__(self, name: str, args: PlatformArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("iotplat:azure:Platform", name, None, opts)
+        cfg, plan = args.config, args.plan
+        child = pulumi.ResourceOptions(parent=self)
+
+        group = resources.ResourceGroup(
+            f"{name}-rg",
+            resource_group_name=f"iotplat-{name}",
+            location=cfg.location,
+            tags=dict(cfg.tags),
+            opts=child,
+        )
+        network = Network(
+            name,
+            NetworkArgs(
+                resource_group_name=group.name,
+                location=cfg.location,
+                cidr=str(cfg.network_cidr),
+                subnet_cidr=plan.public_subnet,
+                nat_gateway=plan.needs_nat,
+                tags=cfg.tags,
+            ),
+            opts=child,
+        )
+
+        exported: dict[str, Any] = {}
+        for spec, placed in zip(cfg.hosts, plan.hosts, strict=True):
+            host_name = f"{name}-{spec.name}"
+            host_tags = {**cfg.tags, "iotplat-host": spec.name}
+            firewall = Firewall(
+                host_name,
+                FirewallArgs(
+                    host=spec.name,
+                    resource_group_name=group.name,
+                    location=cfg.location,
+                    rules=placed.rules,
+                    tags=host_tags,
+                ),
+                opts=child,
+            )
+            host = Host(
+                host_name,
+                HostArgs(
+                    resource_group_name=group.name,
+                    location=cfg.location,
+                    hostname=spec.name,
+                    vm_size=spec.size,
+                    image=cfg.image,
+                    subnet_id=network.subnet_id,
+                    private_ip=placed.private_ip,
+                    security_group_id=firewall.security_group_id,
+                    public=placed.public,
+                    disk_gb=spec.disk_gb,
+                    ssh_user=cfg.ssh_user,
+                    ssh_public_key=cfg.ssh_public_key,
+                    tags=host_tags,
+                ),
+                # Outbound (NAT gateway) must exist before a VM without a public IP boots.
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[network]),
+            )
+            exported[spec.name] = {
+                "publicIp": host.public_ip,
+                "privateIp": host.private_ip,
+                "dataDevice": host.data_device,
+            }
+
+        self.hosts = pulumi.Output.from_input(exported)
+        self.register_outputs({"hosts": self.hosts, "resourceGroup": group.name})

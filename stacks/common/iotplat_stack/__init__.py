@@ -1,0 +1,8 @@
+"""Pure code shared by the iotplat Pulumi programs in stacks/aws and stacks/azure.
+
+Nothing in this package creates resources. ``config`` turns the stack config written by
+``iotplat render`` into a validated, frozen ``StackConfig``; ``plan`` decides subnets,
+addresses, public exposure and firewall rules from it. Both stacks import it by putting
+``stacks/common`` on ``sys.path`` (see their ``__main__.py``), which works from a checkout
+and from the copy shipped inside the wheel alike.
+"""
