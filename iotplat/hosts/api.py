@@ -1,0 +1,63 @@
+"""The host-provider contract: what the deploy code may rely on, whatever creates the hosts."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from iotplat.errors import IotplatError
+
+HostState = str  # "running" | "stopped" | "absent"
+
+
+class HostProviderError(IotplatError):
+    """Creating, inspecting or removing hosts failed; the message says what failed and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """A provisioned host, as the Ansible inventory needs it."""
+
+    name: str  # logical host name (a DNS label) from the spec
+    address: str  # IPv4 address the controller reaches it at
+    ssh_user: str  # a sudo-capable user (root cannot log in)
+    ssh_port: int
+    ssh_private_key: str  # path to the private key file (mode 0600)
+    ssh_extra_args: str  # extra ssh options, e.g. for throw-away host keys
+
+    def ssh_argv(self, *command: str) -> list[str]:
+        """`ssh` argv that runs `command` on this host (handy for tests and operators)."""
+        return [
+            "ssh",
+            "-i",
+            self.ssh_private_key,
+            "-p",
+            str(self.ssh_port),
+            *self.ssh_extra_args.split(),
+            f"{self.ssh_user}@{self.address}",
+            *command,
+        ]
+
+
+class HostProvider(Protocol):
+    def up(self, names: Sequence[str]) -> list[Host]:
+        """Create (or start) the named hosts and return them in the given order; running hosts are kept."""
+        ...
+
+    def status(self) -> dict[str, HostState]:
+        """Every host this provider knows: name -> "running" | "stopped" | "absent"."""
+        ...
+
+    def restart(self, name: str) -> None:
+        """Restart one host (stands in for a reboot) and wait until it accepts SSH again."""
+        ...
+
+    def down(self) -> None:
+        """Remove every host and everything created for them."""
+        ...
+
+    def exec(self, name: str, argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run argv inside the host as root (text output captured)."""
+        ...

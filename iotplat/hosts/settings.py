@@ -1,0 +1,159 @@
+"""Settings of the `local` target: everything machine-specific is a setting, not a constant."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .api import HostProviderError
+
+SUITE = "bookworm"  # the guests are Debian 12, like the bare-metal hosts they stand in for
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_STATE_DIR = Path("/var/lib/iotplat/local")
+DEFAULT_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+DEFAULT_PACKAGES: tuple[str, ...] = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "libpam-systemd",
+    "openssh-server",
+    "sudo",
+    "python3",
+    "python3-apt",  # Ansible's apt module
+    "iproute2",  # ansible_default_ipv4 and friends
+    "procps",
+    "ca-certificates",
+)
+SSH_USER = "deploy"
+FIRST_HOST_OFFSET = 11  # hosts get <network>+11, +12, ...; +1 is the bridge, the last usable is the dead gateway
+
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """Where and how the local provider builds its hosts."""
+
+    instance: str  # unique key, e.g. "<platform>-<env>"; names the netns, bridge and directories
+    network: str = "10.213.0.0/24"  # private IPv4 network of the bridge
+    state_dir: Path = DEFAULT_STATE_DIR  # base image, hosts, keys, pid files
+    mirror: str | None = None  # Debian mirror URL; None: the one this machine's apt uses
+    proxy_port: int = 13142  # apt-cacher-ng, bound to the bridge address only
+    ca_bundle: Path | None = DEFAULT_CA_BUNDLE  # extra CAs in it are trusted by the guests (None: none)
+    packages: tuple[str, ...] = field(default=DEFAULT_PACKAGES)  # base image packages
+
+    def __post_init__(self) -> None:
+        if not _INSTANCE_RE.match(self.instance):
+            raise HostProviderError(
+                f"invalid instance name {self.instance!r}: use letters, digits, '.', '_' and '-' (max 63)"
+            )
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if self.ca_bundle is not None:
+            object.__setattr__(self, "ca_bundle", Path(self.ca_bundle))
+        object.__setattr__(self, "packages", tuple(self.packages))
+        net = self.net  # validates
+        if net.prefixlen > 26:
+            raise HostProviderError(f"network {self.network} is too small: use a /26 or larger (e.g. a /24)")
+        if not net.is_private:
+            raise HostProviderError(f"network {self.network} is not a private range: use e.g. 10.213.0.0/24")
+        if not 1 <= self.proxy_port <= 65535:
+            raise HostProviderError(f"proxy_port {self.proxy_port} is not a TCP port")
+
+    # --- derived names -------------------------------------------------------------------------------
+    @property
+    def net(self) -> ipaddress.IPv4Network:
+        try:
+            return ipaddress.IPv4Network(self.network, strict=True)
+        except ValueError as exc:
+            raise HostProviderError(f"invalid network {self.network!r} ({exc}): use e.g. 10.213.0.0/24") from exc
+
+    @property
+    def key(self) -> str:
+        """8 hex digits naming this instance's interfaces (Linux keeps interface names <= 15 chars)."""
+        return hashlib.sha256(self.instance.encode()).hexdigest()[:8]
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.state_dir / "instances" / self.instance
+
+    @property
+    def bridge(self) -> str:
+        return f"ipb{self.key}"
+
+    @property
+    def bridge_address(self) -> str:
+        return str(self.net.network_address + 1)
+
+    @property
+    def gateway(self) -> str:
+        """The default route of the guests: an address nobody owns (see docs/local-target.md)."""
+        return str(self.net.broadcast_address - 1)
+
+    @property
+    def netns_prefix(self) -> str:
+        return f"iotplat-{self.key}-"
+
+    @property
+    def max_hosts(self) -> int:
+        return self.net.num_addresses - FIRST_HOST_OFFSET - 2
+
+    def address_of(self, index: int) -> str:
+        return str(self.net.network_address + FIRST_HOST_OFFSET + index)
+
+    def veth_of(self, index: int) -> str:
+        return f"ipv{self.key}{index:03x}"
+
+
+def check_hostname(name: str) -> None:
+    if not _HOSTNAME_RE.match(name):
+        raise HostProviderError(
+            f"invalid host name {name!r}: use a DNS label (lower-case letters, digits and '-', max 63)"
+        )
+
+
+def apt_mirrors(sources_dir: Path = Path("/etc/apt")) -> tuple[str, str]:
+    """(debian mirror, debian-security mirror) as this machine's apt sources name them."""
+    entries: list[tuple[str, list[str]]] = []  # (uri, suites)
+    one_line = [sources_dir / "sources.list", *sorted((sources_dir / "sources.list.d").glob("*.list"))]
+    for path in one_line:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0])  # drop "[signed-by=...]" options
+            words = line.split()
+            if len(words) >= 3 and words[0] == "deb":
+                entries.append((words[1], [words[2]]))
+    for path in sorted((sources_dir / "sources.list.d").glob("*.sources")):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for stanza in re.split(r"\n\s*\n", text):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if line.startswith("#") or ":" not in line or line[:1].isspace():
+                    continue
+                k, v = line.split(":", 1)
+                fields[k.strip().lower()] = v.strip()
+            if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
+                continue
+            for uri in fields.get("uris", "").split():
+                entries.append((uri, fields.get("suites", "").split()))
+    mirror = security = None
+    for uri, suites in entries:
+        if mirror is None and SUITE in suites:
+            mirror = uri
+        if security is None and f"{SUITE}-security" in suites:
+            security = uri
+    mirror = (mirror or DEFAULT_MIRROR).rstrip("/")
+    if security is None:
+        security = mirror[: -len("/debian")] + "/debian-security" if mirror.endswith("/debian") else (
+            "http://deb.debian.org/debian-security"
+        )
+    return mirror, security.rstrip("/")

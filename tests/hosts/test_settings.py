@@ -1,0 +1,88 @@
+"""Pure parts of the local provider: settings, names, apt sources, proxy config (no root needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from iotplat.hosts import HostProviderError, LocalSettings
+from iotplat.hosts.image import base_key, sources_list
+from iotplat.hosts.proxy import config
+from iotplat.hosts.settings import apt_mirrors, check_hostname
+
+
+def test_names_fit_linux_interface_limits_and_differ_per_instance():
+    a, b = LocalSettings("shop-prod"), LocalSettings("shop-staging", network="10.213.1.0/24")
+    for s in (a, b):
+        assert len(s.bridge) <= 15 and len(s.veth_of(s.max_hosts - 1)) <= 15
+    assert a.bridge != b.bridge and a.netns_prefix != b.netns_prefix
+    assert a.instance_dir != b.instance_dir
+
+
+def test_addresses_of_a_24_and_a_25():
+    s = LocalSettings("x")
+    assert (s.bridge_address, s.gateway, s.address_of(0), s.address_of(1)) == (
+        "10.213.0.1", "10.213.0.254", "10.213.0.11", "10.213.0.12")
+    half = LocalSettings("x", network="10.213.0.128/25")
+    assert (half.bridge_address, half.gateway, half.address_of(0)) == ("10.213.0.129", "10.213.0.254", "10.213.0.139")
+    assert half.max_hosts == 128 - 11 - 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"instance": "bad name"}, "invalid instance name"),
+        ({"instance": "x", "network": "8.8.8.0/24"}, "not a private range"),
+        ({"instance": "x", "network": "10.213.0.0/29"}, "too small"),
+        ({"instance": "x", "network": "10.213.0.1/24"}, "invalid network"),
+        ({"instance": "x", "proxy_port": 0}, "not a TCP port"),
+    ],
+)
+def test_invalid_settings_fail_with_a_fix(kwargs, message):
+    with pytest.raises(HostProviderError, match=message):
+        LocalSettings(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["h1", "broker", "worker-2", "a" * 63])
+def test_dns_labels_are_host_names(name):
+    check_hostname(name)
+
+
+@pytest.mark.parametrize("name", ["", "H1", "-x", "x-", "a_b", "a.b", "a" * 64])
+def test_other_host_names_are_refused(name):
+    with pytest.raises(HostProviderError, match="DNS label"):
+        check_hostname(name)
+
+
+def test_apt_mirrors_from_deb822_and_one_line_sources(tmp_path: Path):
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\n# comment\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security/\n"
+        "Suites: bookworm-security\nComponents: main\n"
+    )
+    assert apt_mirrors(tmp_path) == ("http://mirror.example/debian", "http://mirror.example/debian-security")
+    (tmp_path / "sources.list.d" / "debian.sources").unlink()
+    (tmp_path / "sources.list").write_text("deb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main\n")
+    assert apt_mirrors(tmp_path) == ("http://m.example/debian", "http://m.example/debian-security")
+    (tmp_path / "sources.list").unlink()
+    assert apt_mirrors(tmp_path) == ("http://deb.debian.org/debian", "http://deb.debian.org/debian-security")
+
+
+def test_base_key_changes_with_its_inputs_only():
+    s = LocalSettings("x")
+    key = base_key(s, "http://m/debian", "http://m/debian-security")
+    assert key == base_key(LocalSettings("other", network="10.1.0.0/24"), "http://m/debian", "http://m/debian-security")
+    assert key != base_key(LocalSettings("x", packages=(*s.packages, "curl")), "http://m/debian", "http://m/debian-security")
+    assert key != base_key(s, "http://other/debian", "http://m/debian-security")
+
+
+def test_guests_use_http_sources_and_the_proxy_remaps_them():
+    assert "deb http://m.example/debian bookworm main" in sources_list("https://m.example/debian", "http://s/x")
+    s = LocalSettings("x")
+    text = config(s, "http://m.example/debian", "http://m.example/debian-security", Path("/c"), Path("/cache"))
+    assert "BindAddress: 10.213.0.1\n" in text and "Port: 13142\n" in text
+    assert "Remap-debrep: m.example/debian deb.debian.org/debian" in text
+    assert text.count("; http://m.example/debian/") == 1
+    assert "PassThroughPattern: ^(pypi\\.org|files\\.pythonhosted\\.org):443$" in text
