@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from iotplat import __version__
-from iotplat.errors import ExitCode, IotplatError, SpecInvalid
+from iotplat.errors import ExitCode, InvalidInput, IotplatError, SpecInvalid
 
 EPILOG = """exit codes: 0 ok, 1 failure, 2 invalid input (nothing changed), 3 drift found (plan), 130 interrupted.
 Every command accepts --json for machine-readable output on stdout."""
@@ -83,6 +83,56 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_render)
 
+    p = sub.add_parser("up", help="render, create/configure the hosts, then verify (progress per host and step)",
+                       epilog=EPILOG)
+    _add_spec(p, optional=True)
+    _add_deploy_flags(p)
+    p.add_argument("--no-verify", action="store_true", help="skip the health checks and the canary at the end")
+    _add_common(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("plan", help="show what would change on each host (check mode, secrets masked); exit 3 on drift",
+                       epilog=EPILOG)
+    _add_spec(p, optional=True)
+    _add_deploy_flags(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("status", help="health of every service, certificate expiry and an end-to-end canary",
+                       epilog=EPILOG)
+    _add_spec(p, optional=True)
+    _add_deploy_flags(p)
+    p.add_argument("--no-canary", action="store_true", help="skip the end-to-end canary message")
+    _add_common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("destroy", help="stop and remove the services (data only with --data); local hosts are removed",
+                       epilog=EPILOG)
+    _add_spec(p, optional=True)
+    _add_deploy_flags(p)
+    p.add_argument("--data", action="store_true", help="also delete stored data (InfluxDB, broker queue, dashboards)")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    _add_common(p)
+    p.set_defaults(func=cmd_destroy)
+
+    p = sub.add_parser("device", help="manage the device registry: add, list, revoke, kit", epilog=EPILOG)
+    dsub = p.add_subparsers(dest="device_command", metavar="ACTION")
+    for action, text in (("add", "add a device to the registry and create its credential"),
+                         ("list", "list the registry's devices"),
+                         ("revoke", "remove a device and invalidate its credential"),
+                         ("kit", "print a device's onboarding kit (shows its secret)")):
+        dp = dsub.add_parser(action, help=text, epilog=EPILOG)
+        if action != "list":
+            dp.add_argument("id", help="device id")
+        _add_spec(dp, optional=True)
+        dp.add_argument("--state-dir", help="state root")
+        if action == "add":
+            dp.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
+                            help="registry column value (repeat), e.g. --attr site=north")
+        _add_common(dp)
+        dp.set_defaults(func=cmd_device)
+    p.set_defaults(func=cmd_device, device_command=None, json=False, debug=False)
+
     p = sub.add_parser("schema", help="print the spec's JSON Schema", epilog=EPILOG)
     _add_common(p)
     p.set_defaults(func=cmd_schema)
@@ -91,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker, json=False, debug=False, _worker_parser=p)
     _add_worker_arguments(p)
     return parser
+
+
+def _add_deploy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", "-o", help="build directory (default: build/<platform>/<environment>)")
+    p.add_argument("--state-dir", help="state root (default: $IOTPLAT_STATE_DIR, the spec's state.dir, "
+                   "else ~/.local/state/iotplat)")
 
 
 def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
@@ -137,6 +193,83 @@ def cmd_render(args: argparse.Namespace, out: Output) -> int:
              f"{result['secret_files']} secret files kept in the state directory")
     if result["hashes_computed"]:
         out.line(f"computed {result['hashes_computed']} password hashes (cached for next time)")
+    return ExitCode.OK
+
+
+def _progress(out: Output) -> Callable[[str], None]:
+    if out.as_json:
+        return lambda line: print(line, file=sys.stderr, flush=True)
+    return lambda line: print(line, flush=True)
+
+
+def cmd_up(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.deploy.ops import up
+
+    result = up(args.spec, args.env, state_dir=args.state_dir, out_dir=args.out, progress=_progress(out),
+                verify=not args.no_verify)
+    out.data.update(result)
+    recap = ", ".join(f"{h}: {r['changed']} changed" for h, r in result["recap"].items())
+    ok = result.get("ok", True)
+    out.line(f"{'up' if ok else 'up, but verification FAILED'}: {result['platform']}/{result['environment']} on "
+             f"{len(result['hosts'])} host(s) in {result['seconds']}s ({recap})")
+    return ExitCode.OK if ok else ExitCode.FAILURE
+
+
+def cmd_plan(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.deploy.ops import plan
+
+    result, code = plan(args.spec, args.env, state_dir=args.state_dir, out_dir=args.out, progress=_progress(out))
+    out.data.update(result)
+    for block in result["diff"]:
+        out.line(block)
+    if result["drift"]:
+        out.line(f"drift: {result['changed']} change(s) would be made; `iotplat up` applies them")
+    else:
+        out.line("no changes: the hosts match the spec")
+    return code
+
+
+def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.deploy.ops import status_cmd
+
+    result, code = status_cmd(args.spec, args.env, state_dir=args.state_dir, out_dir=args.out,
+                              canary=not args.no_canary)
+    out.data.update(result)
+    for c in result["checks"]:
+        mark = "skip" if c["skipped"] else ("ok  " if c["ok"] else "FAIL")
+        out.line(f"{mark} {c['host']:<10} {c['name']}: {c['detail']}")
+    out.line("healthy" if result["ok"] else "UNHEALTHY")
+    return code
+
+
+def cmd_destroy(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.deploy.ops import destroy
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("destroy needs confirmation: pass --yes (nothing was changed)")
+        what = "services AND DATA" if args.data else "services (data kept)"
+        answer = input(f"destroy the {what} of {args.spec or 'the default spec'}? type 'yes': ")
+        if answer.strip() != "yes":
+            out.line("nothing changed")
+            return ExitCode.FAILURE
+    result = destroy(args.spec, args.env, data=args.data, state_dir=args.state_dir, out_dir=args.out,
+                     progress=_progress(out))
+    out.data.update(result)
+    for line in result["removed"]:
+        out.line(line)
+    return ExitCode.OK
+
+
+def cmd_device(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.deploy import devices
+
+    if not args.device_command:
+        raise InvalidInput("choose an action: iotplat device add|list|revoke|kit (see --help)")
+    result = devices.run(args.device_command, args)
+    out.data.update(result)
+    for line in result.get("lines", []):
+        out.line(line)
     return ExitCode.OK
 
 

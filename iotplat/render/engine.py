@@ -104,8 +104,8 @@ def _env() -> jinja2.Environment:
     return env
 
 
-def _yaml(data: Any, header: str = "") -> bytes:
-    text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=True,
+def _yaml(data: Any, header: str = "", sort_keys: bool = True) -> bytes:
+    text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=sort_keys,
                      default_flow_style=False, width=120, allow_unicode=True)
     return ((f"# {header}\n" if header else "") + text).encode()
 
@@ -378,6 +378,29 @@ class Renderer:
             {"name": "Ingestion worker", "hosts": "worker", "become": True, "roles": ["worker"]},
             {"name": "Grafana", "hosts": "grafana", "become": True, "roles": ["grafana"]},
         ]
+        destroy = [{
+            "name": "Stop and remove the platform's services (data only with iotplat_destroy_data)",
+            "hosts": "all",
+            "become": True,
+            "vars": {"iotplat_destroy_data": False},
+            "tasks": [
+                {"name": "Stop and disable services",
+                 "ansible.builtin.systemd_service": {"name": "{{ item }}", "state": "stopped", "enabled": False},
+                 "loop": "{{ (['mosquitto'] if 'broker' in iotplat_services else []) + "
+                         "(['influxdb'] if 'influxdb' in iotplat_services else []) + "
+                         "(['grafana-server'] if 'grafana' in iotplat_services else []) + "
+                         "(worker_replicas | map('regex_replace', '^(.*)$', 'iotplat-worker@\\1') | list) }}",
+                 "failed_when": False},
+                {"name": "Remove configuration and credentials",
+                 "ansible.builtin.file": {"path": "{{ item }}", "state": "absent"},
+                 "loop": ["/etc/iotplat", "/etc/mosquitto/iotplat", "/opt/iotplat"]},
+                {"name": "Remove data (iotplat destroy --data)",
+                 "ansible.builtin.file": {"path": "{{ item }}", "state": "absent"},
+                 "loop": ["/var/lib/mosquitto/mosquitto.db", "/var/lib/influxdb", "/var/lib/influxdb2",
+                          "/var/lib/grafana", "/var/lib/iotplat-worker"],
+                 "when": "iotplat_destroy_data | bool"},
+            ],
+        }]
         cfg = (
             "# " + MANAGED + "\n"
             "# roles_path is set by `iotplat up` (ANSIBLE_ROLES_PATH) to the roles shipped with iotplat.\n"
@@ -394,7 +417,8 @@ class Renderer:
         return {
             "ansible/inventory.yml": _yaml(inventory, MANAGED + " Addresses of cloud and local hosts are added by `iotplat up`."),
             "ansible/group_vars/all.yml": _yaml(group_vars, MANAGED),
-            "ansible/site.yml": _yaml(site, MANAGED),
+            "ansible/site.yml": _yaml(site, MANAGED, sort_keys=False),
+            "ansible/destroy.yml": _yaml(destroy, MANAGED, sort_keys=False),
             "ansible/ansible.cfg": cfg,
         }
 

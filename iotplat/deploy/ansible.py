@@ -1,0 +1,219 @@
+"""Run the rendered Ansible bundle against provisioned hosts.
+
+The invocation (docs/roles.md): the build dir's inventory plus an addresses inventory, the secrets as an
+ansible-vault encrypted extra-vars file, both written to a private run folder inside the state
+directory (never the build dir) and removed afterwards. Output is streamed as one progress line per task
+and host, with every known secret value masked, and the PLAY RECAP is parsed into per-host counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from iotplat.errors import IotplatError
+from iotplat.hosts import Host
+from iotplat.resources import data_dir
+from iotplat.secrets.materials import Materials, secret_content
+from iotplat.secrets.vault import Vault, key_file_path
+
+_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
+                    r"(?:\s+rescued=(\d+))?(?:\s+ignored=(\d+))?")
+_TASK = re.compile(r"^(TASK|RUNNING HANDLER) \[(.+?)\]")
+_RESULT = re.compile(r"^(ok|changed|fatal|failed|skipping|unreachable): \[([^\]]+)\]")
+_TOKEN = re.compile(r"[A-Za-z0-9_\-+/=]{16,}")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class HostRecap:
+    ok: int = 0
+    changed: int = 0
+    unreachable: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class PlaybookResult:
+    returncode: int
+    recap: dict[str, HostRecap] = field(default_factory=dict)
+    changed_tasks: list[tuple[str, str]] = field(default_factory=list)  # (host, task)
+    failures: list[str] = field(default_factory=list)
+    output: str = ""
+
+    @property
+    def changed(self) -> int:
+        return sum(r.changed for r in self.recap.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(r.failed + r.unreachable for r in self.recap.values())
+
+
+class Masker:
+    """Replaces every known secret value in text with ********."""
+
+    def __init__(self, secrets: set[str]) -> None:
+        self.secrets = {s for s in secrets if len(s) >= 8}
+        self.lines = {line for s in self.secrets for line in s.splitlines() if len(line) >= 16 and "-----" not in line}
+
+    def __call__(self, text: str) -> str:
+        def sub(m: re.Match[str]) -> str:
+            tok = m.group(0)
+            return "********" if tok in self.secrets or tok in self.lines else tok
+
+        text = _TOKEN.sub(sub, text)
+        for s in self.secrets:
+            if len(s) < 16 and s in text:
+                text = text.replace(s, "********")
+        return text
+
+
+def masker_for(materials: Materials) -> Masker:
+    values = {pw for pw, _ in materials.mqtt_users.values()} | set(materials.secrets.values())
+    values |= {c.key_pem for c in materials.host_certs.values()}
+    return Masker(values)
+
+
+def addresses_inventory(hosts: list[Host], private: dict[str, str] | None = None) -> dict:
+    out: dict = {}
+    for h in hosts:
+        out[h.name] = {
+            "ansible_host": h.address,
+            "ansible_user": h.ssh_user,
+            "ansible_port": h.ssh_port,
+            "ansible_ssh_private_key_file": h.ssh_private_key,
+            "ansible_ssh_common_args": h.ssh_extra_args,
+            "ansible_become": True,
+            "iotplat_private_address": (private or {}).get(h.name, h.address),
+        }
+    return {"all": {"hosts": out}}
+
+
+@contextlib.contextmanager
+def run_folder(state_dir: Path) -> Iterator[Path]:
+    base = state_dir / "run"
+    base.mkdir(mode=0o700, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=base))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ansible_playbook() -> str:
+    exe = Path(sys.executable).with_name("ansible-playbook")
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("ansible-playbook")
+    if not found:
+        raise IotplatError("ansible-playbook not found; reinstall iotplat (ansible-core is one of its dependencies)")
+    return found
+
+
+def run_playbook(build: Path, hosts: list[Host], materials: Materials, state_dir: Path, wheelhouse: Path | None,
+                 *, check: bool = False, limit: str | None = None, extra_vars: dict | None = None,
+                 progress: Progress | None = None, playbook: str = "site.yml", timeout: float = 3600) -> PlaybookResult:
+    manifest_secrets = _manifest_secrets(build)
+    mask = masker_for(materials)
+    with run_folder(state_dir) as run:
+        addresses = run / "addresses.yml"
+        addresses.write_text(yaml.safe_dump(addresses_inventory(hosts), sort_keys=True))
+        secrets = {name: secret_content(name, materials).decode() for name in sorted(manifest_secrets)}
+        key = key_file_path()
+        vault = Vault(key.read_bytes().strip())
+        secrets_file = run / "secrets.yml"
+        fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(vault.encrypt(yaml.safe_dump({"iotplat_secrets": secrets}).encode()))
+        vars_file = run / "vars.yml"
+        vars_file.write_text(yaml.safe_dump({
+            "iotplat_build_dir": str(build.resolve()),
+            "iotplat_worker_wheelhouse": str(wheelhouse.resolve()) if wheelhouse else "",
+            **(extra_vars or {}),
+        }))
+        argv = [ansible_playbook(), "-i", str(build / "ansible" / "inventory.yml"), "-i", str(addresses),
+                "-e", f"@{secrets_file}", "-e", f"@{vars_file}", "--vault-password-file", str(key)]
+        if check:
+            argv += ["--check", "--diff"]
+        if limit:
+            argv += ["--limit", limit]
+        argv.append(str(build / "ansible" / playbook))
+        env = {
+            **os.environ,
+            "ANSIBLE_ROLES_PATH": str(data_dir("roles")),
+            "ANSIBLE_CONFIG": str(build / "ansible" / "ansible.cfg"),
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0",
+            "ANSIBLE_RETRY_FILES_ENABLED": "0",
+            "ANSIBLE_HOST_KEY_CHECKING": "False",
+            "ANSIBLE_LOCAL_TEMP": str(run / "tmp"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        return _stream(argv, env, mask, progress, timeout)
+
+
+def _manifest_secrets(build: Path) -> set[str]:
+    import json
+
+    manifest = json.loads((build / "manifest.json").read_text())
+    return {f["secret"] for f in manifest["files"] if f["class"] == "secret"}
+
+
+def _stream(argv: list[str], env: dict[str, str], mask: Masker, progress: Progress | None,
+            timeout: float) -> PlaybookResult:
+    result = PlaybookResult(returncode=1)
+    lines: list[str] = []
+    task = ""
+    in_recap = False
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = mask(raw.rstrip("\n"))
+            lines.append(line)
+            m = _TASK.match(line)
+            if m:
+                task = m.group(2)
+                continue
+            if line.startswith("PLAY RECAP"):
+                in_recap = True
+                continue
+            if in_recap:
+                r = _RECAP.match(line.strip())
+                if r:
+                    result.recap[r.group(1)] = HostRecap(int(r.group(2)), int(r.group(3)), int(r.group(4)),
+                                                         int(r.group(5)), int(r.group(6)))
+                continue
+            m = _RESULT.match(line)
+            if m:
+                status, host = m.group(1), m.group(2).split(" ")[0]
+                if status == "changed":
+                    result.changed_tasks.append((host, task))
+                if status in ("fatal", "failed", "unreachable"):
+                    result.failures.append(f"{host}: {task}: {line.split('=>', 1)[-1].strip()[:400]}")
+                if progress and status in ("changed", "fatal", "failed", "unreachable"):
+                    progress(f"  {host:<12} {status:<9} {task}")
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise IotplatError(f"ansible-playbook did not finish within {timeout:.0f}s") from None
+    except KeyboardInterrupt:
+        proc.terminate()
+        raise
+    result.returncode = proc.returncode
+    result.output = "\n".join(lines)
+    return result

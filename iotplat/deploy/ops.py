@@ -1,0 +1,196 @@
+"""Use cases that touch hosts: up, plan, status, destroy. Each returns a dict (the --json result)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from iotplat.errors import ExitCode, IotplatError
+from iotplat.secrets.materials import Materials, ensure_materials
+from iotplat.secrets.state import State, resolve_state_root
+from iotplat.spec.platform_model import Platform
+
+Progress = Callable[[str], None]
+DEPLOYED = "deployed.json"
+
+
+@dataclass
+class Context:
+    platform: Platform
+    state: State
+    materials: Materials
+    build: Path
+
+
+def _cache_dir() -> Path:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "iotplat"
+
+
+def open_context(spec: str | None, env: str | None, state_dir: str | None, out_dir: str | None,
+                 progress: Progress) -> Context:
+    from iotplat.commands import _spec_path, assert_no_secrets
+    from iotplat.render.engine import render_platform, write_build_dir
+    from iotplat.spec.load import load_platform
+
+    path, display = _spec_path(spec)
+    platform = load_platform(path, env, display)
+    root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
+    state = State.open(root, platform.name, platform.environment)
+    if state.key_created_at:
+        progress(f"created a new vault password at {state.key_created_at}; keep it safe")
+    materials = ensure_materials(platform, state)
+    state.save()
+    files, _, _ = render_platform(platform, materials)
+    secret_values = {pw for pw, _ in materials.mqtt_users.values()} | set(materials.secrets.values())
+    assert_no_secrets(files, secret_values)
+    build = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
+    write_build_dir(build, files)
+    return Context(platform, state, materials, build)
+
+
+def _grafana_outcome(output: str) -> tuple[bool, str]:
+    for line in output.splitlines():
+        if "Grafana skipped:" in line:
+            reason = line.split("Grafana skipped:", 1)[1].strip().strip('"').strip()
+            return False, reason
+    return True, ""
+
+
+def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,
+       progress: Progress = print, verify: bool = True) -> dict[str, Any]:
+    from iotplat.deploy.ansible import run_playbook
+    from iotplat.deploy.targets import acquire_hosts
+    from iotplat.deploy.wheelhouse import build_wheelhouse
+
+    started = time.monotonic()
+    ctx = open_context(spec, env, state_dir, out_dir, progress)
+    p = ctx.platform
+    with ctx.state.lock("up"):
+        progress(f"[1/4] rendered {p.key} into {ctx.build}")
+        hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=True)
+        progress(f"[2/4] hosts ready: " + ", ".join(f"{h.name} ({h.address})" for h in hosts))
+        wheelhouse = build_wheelhouse(_cache_dir() / "wheelhouse")
+        progress(f"[3/4] configuring {len(hosts)} host(s) with Ansible")
+        result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, wheelhouse, progress=progress)
+        grafana_deployed, grafana_reason = _grafana_outcome(result.output)
+        summary = {h: vars(r) for h, r in sorted(result.recap.items())}
+        if result.returncode != 0 or result.failed:
+            detail = "; ".join(result.failures[:3]) or result.output.strip().splitlines()[-1:] or ["see output"]
+            raise DeployFailed(f"deploy failed on {result.failed} host(s): {detail}", summary)
+        manifest = json.loads((ctx.build / "manifest.json").read_text())
+        ctx.state.write_json("manifest.json", manifest)
+        ctx.state.write_json(DEPLOYED, {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "grafana": {"deployed": grafana_deployed and bool(p.placement["grafana"]), "reason": grafana_reason},
+            "hosts": {h.name: h.address for h in hosts},
+        })
+    out: dict[str, Any] = {
+        "platform": p.name, "environment": p.environment, "target": p.target, "build": str(ctx.build),
+        "hosts": {h.name: h.address for h in hosts}, "recap": summary, "changed": result.changed,
+        "grafana": {"deployed": grafana_deployed, "reason": grafana_reason},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    if grafana_reason:
+        progress(f"      grafana skipped: {grafana_reason}")
+    if verify:
+        progress("[4/4] verifying")
+        report = status_of(ctx, hosts, grafana_deployed)
+        out["status"] = [c.as_dict() for c in report.checks]
+        out["ok"] = report.ok
+        for c in report.checks:
+            progress(f"      {'ok  ' if c.ok else 'FAIL'} {c.host:<10} {c.name}: {c.detail}" if not c.skipped
+                     else f"      skip {c.host:<10} {c.name}: {c.detail}")
+    out["seconds"] = round(time.monotonic() - started, 1)
+    return out
+
+
+class DeployFailed(IotplatError):
+    def __init__(self, message: str, recap: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.recap = recap
+
+
+def status_of(ctx: Context, hosts: list, grafana_deployed: bool | None = None, canary: bool = True):
+    from iotplat.verify.status import status
+
+    if grafana_deployed is None:
+        deployed = ctx.state.read_json(DEPLOYED) or {}
+        grafana_deployed = bool(deployed.get("grafana", {}).get("deployed", False))
+    return status(ctx.platform, ctx.materials, hosts, grafana_deployed, canary=canary)
+
+
+def status_cmd(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,
+               progress: Progress = print, canary: bool = True) -> tuple[dict[str, Any], int]:
+    from iotplat.deploy.targets import acquire_hosts
+
+    ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
+    if ctx.state.read_json(DEPLOYED) is None:
+        raise IotplatError(f"{ctx.platform.key} has not been deployed from this state directory; run `iotplat up`")
+    hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+    report = status_of(ctx, hosts, canary=canary)
+    return ({"platform": ctx.platform.name, "environment": ctx.platform.environment, "ok": report.ok,
+             "checks": [c.as_dict() for c in report.checks]}, ExitCode.OK if report.ok else ExitCode.FAILURE)
+
+
+def plan(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,
+         progress: Progress = print) -> tuple[dict[str, Any], int]:
+    from iotplat.deploy.ansible import run_playbook
+    from iotplat.deploy.targets import acquire_hosts
+    from iotplat.deploy.wheelhouse import build_wheelhouse
+
+    ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
+    with ctx.state.lock("plan"):
+        hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+        wheelhouse = build_wheelhouse(_cache_dir() / "wheelhouse")
+        result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, wheelhouse, check=True, progress=progress)
+    if result.returncode != 0 and not result.recap:
+        raise IotplatError("plan could not run: " + "; ".join(result.failures[:3] or result.output.splitlines()[-1:]))
+    changes = [{"host": h, "task": t} for h, t in result.changed_tasks]
+    diffs = _diff_blocks(result.output)
+    code = ExitCode.DRIFT if result.changed else ExitCode.OK
+    if result.failed:
+        code = ExitCode.FAILURE
+    return ({"platform": ctx.platform.name, "environment": ctx.platform.environment, "changes": changes,
+             "changed": result.changed, "drift": result.changed > 0, "diff": diffs}, code)
+
+
+def _diff_blocks(output: str) -> list[str]:
+    blocks, cur = [], []
+    for line in output.splitlines():
+        if line.startswith("--- before"):
+            cur = [line]
+        elif cur:
+            cur.append(line)
+            if not line.strip():
+                blocks.append("\n".join(cur))
+                cur = []
+    return blocks
+
+
+def destroy(spec: str | None, env: str | None, *, data: bool = False, state_dir: str | None = None,
+            out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
+    from iotplat.deploy.ansible import run_playbook
+    from iotplat.deploy.targets import acquire_hosts, release_hosts
+
+    ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
+    p = ctx.platform
+    with ctx.state.lock("destroy"):
+        removed = []
+        if p.target != "local":
+            hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=False)
+            result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, progress=progress,
+                                  playbook="destroy.yml", extra_vars={"iotplat_destroy_data": data})
+            if result.returncode != 0:
+                raise IotplatError("destroy failed: " + "; ".join(result.failures[:3]))
+            removed.append("services stopped and removed" + (" with their data" if data else " (data kept)"))
+        removed.append(release_hosts(p, ctx.state.dir))
+        for name in ("manifest.json", DEPLOYED):
+            (ctx.state.dir / name).unlink(missing_ok=True)
+    return {"platform": p.name, "environment": p.environment, "removed": removed}

@@ -1,0 +1,101 @@
+"""The worker's wheelhouse: what worker hosts install, offline, into /opt/iotplat/venv.
+
+    <dir>/iotplat_worker-<version>-py3-none-any.whl   the worker (iotplat/__init__.py + iotplat/worker/)
+    <dir>/<dependency wheels>                          downloaded once on the controller (pip download)
+    <dir>/requirements-worker.txt                      the pinned dependencies, versions = this controller's
+
+Why a hand-built wheel: the worker must go to hosts without the CLI's dependencies (pydantic, ansible, ...)
+and byte-for-byte reproducibly, whether iotplat runs from a checkout or from an installed wheel; no build
+backend packages a sub-tree of an installed package. A wheel is a zip with a dist-info folder (PEP 427),
+so this is ~60 lines: sorted entries, fixed timestamps, RECORD with sha256.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import subprocess
+import sys
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+from iotplat import __version__
+from iotplat.errors import IotplatError
+
+WORKER_REQUIREMENTS = ("paho-mqtt",)
+DIST = "iotplat_worker"
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _pinned() -> list[str]:
+    out = []
+    for name in WORKER_REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            raise IotplatError(f"{name} is not installed on the controller; reinstall iotplat") from None
+    return out
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def build_worker_wheel(dest: Path) -> Path:
+    """Write the worker wheel into dest; identical bytes for identical sources."""
+    pkg = Path(__file__).resolve().parents[1]
+    files: dict[str, bytes] = {"iotplat/__init__.py": (pkg / "__init__.py").read_bytes()}
+    for path in sorted((pkg / "worker").rglob("*.py")):
+        files[f"iotplat/worker/{path.relative_to(pkg / 'worker').as_posix()}"] = path.read_bytes()
+    info = f"{DIST}-{__version__}.dist-info"
+    requires = "".join(f"Requires-Dist: {r}\n" for r in _pinned())
+    files[f"{info}/METADATA"] = (
+        f"Metadata-Version: 2.1\nName: iotplat-worker\nVersion: {__version__}\n"
+        "Summary: The iotplat ingestion worker (MQTT -> InfluxDB), built by iotplat for worker hosts\n"
+        f"Requires-Python: >=3.11\n{requires}"
+    ).encode()
+    files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: iotplat\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    eps = ["[console_scripts]", "iotplat-worker = iotplat.worker.cli:main", "", "[iotplat.decoders]"]
+    for ep in sorted(metadata.entry_points(group="iotplat.decoders"), key=lambda e: e.name):
+        if ep.value.startswith("iotplat.worker."):
+            eps.append(f"{ep.name} = {ep.value}")
+    files[f"{info}/entry_points.txt"] = ("\n".join(eps) + "\n").encode()
+    record = [f"{name},{_record_hash(data)},{len(data)}" for name, data in sorted(files.items())]
+    record.append(f"{info}/RECORD,,")
+    files[f"{info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in sorted(files.items()):
+            zi = zipfile.ZipInfo(name, _EPOCH)
+            zi.external_attr = 0o644 << 16
+            zi.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(zi, data)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / f"{DIST}-{__version__}-py3-none-any.whl"
+    data = buf.getvalue()
+    if not target.exists() or target.read_bytes() != data:
+        target.write_bytes(data)
+    return target
+
+
+def build_wheelhouse(dest: Path) -> Path:
+    """Worker wheel + dependency wheels + requirements-worker.txt in dest (dependencies downloaded once)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    build_worker_wheel(dest)
+    pins = _pinned()
+    req = dest / "requirements-worker.txt"
+    wanted = "\n".join(pins) + "\n"
+    have = req.read_text() if req.exists() else ""
+    if have != wanted or not all(any(dest.glob(f"{p.split('==')[0].replace('-', '_')}-{p.split('==')[1]}-*.whl")) for p in pins):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(dest), *pins],
+            capture_output=True, text=True, timeout=600,
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise IotplatError(f"cannot download the worker's dependencies ({', '.join(pins)}): {last}; "
+                               f"on an air-gapped controller put their wheels into {dest}")
+        req.write_text(wanted)
+    return dest

@@ -1,0 +1,312 @@
+"""Prove a deployed platform works: service health, certificates, and an end-to-end canary.
+
+Every probe runs from the controller, the way devices and operators reach the platform:
+- TLS on every service port: the chain verifies against the platform CA for the service's logical name,
+  and the certificate's expiry is reported (a warning 30 days ahead);
+- systemd units and each worker replica's /healthz, read on the host over SSH;
+- InfluxDB answers over HTTPS;
+- the canary: device `iotplat-canary` publishes one message over MQTT/TLS with its own credential to its
+  own topic; the point must be readable from InfluxDB (with Grafana's read-only user) within the timeout;
+- Grafana's datasource health, when Grafana runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import http.client
+import json
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iotplat.hosts import Host
+from iotplat.secrets.materials import Materials
+from iotplat.spec.platform_model import GRAFANA_INFLUX_USER, Platform, template_names
+
+WARN_DAYS = 30
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+    host: str = ""
+    skipped: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "host": self.host, "ok": self.ok, "skipped": self.skipped, "detail": self.detail}
+
+
+@dataclass
+class StatusReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok or c.skipped for c in self.checks)
+
+    def add(self, *args: Any, **kwargs: Any) -> Check:
+        c = Check(*args, **kwargs)
+        self.checks.append(c)
+        return c
+
+
+class _Ctx:
+    def __init__(self, ca_pem: str) -> None:
+        self.tmp = tempfile.NamedTemporaryFile("w", suffix=".crt", delete=False)
+        self.tmp.write(ca_pem)
+        self.tmp.close()
+        self.ca_file = self.tmp.name
+
+    def context(self, check_hostname: bool = True) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        ctx.check_hostname = check_hostname
+        return ctx
+
+    def close(self) -> None:
+        Path(self.ca_file).unlink(missing_ok=True)
+
+
+class _HTTPS(http.client.HTTPSConnection):
+    """HTTPS to an address, verifying the certificate for a logical name (SNI + hostname check)."""
+
+    def __init__(self, address: str, port: int, ctx: ssl.SSLContext, name: str, timeout: float = 10) -> None:
+        super().__init__(address, port, context=ctx, timeout=timeout)
+        self._name = name
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self._name)
+
+
+def tls_probe(address: str, port: int, name: str, ctx: ssl.SSLContext) -> tuple[bool, str, float | None]:
+    try:
+        with socket.create_connection((address, port), timeout=10) as s, ctx.wrap_socket(s, server_hostname=name) as t:
+            cert = t.getpeercert()
+            version = t.version()
+    except (OSError, ssl.SSLError) as exc:
+        return False, f"TLS to {address}:{port} as {name} failed: {exc}", None
+    expires = dt.datetime.strptime(cert["notAfter"], "%b %d %H:%M:%S %Y %Z").replace(tzinfo=dt.timezone.utc)
+    days = (expires - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
+    note = f"{version}, certificate for {name} valid {days:.0f} more days"
+    if days < WARN_DAYS:
+        note += " (renew soon: `iotplat up` reissues certificates expiring within 30 days)"
+    return True, note, days
+
+
+def _ssh_json(host: Host, script: str, timeout: float = 30) -> dict[str, Any]:
+    argv = host.ssh_argv("sudo", "python3", "-c", _quote(script)) if host.ssh_private_key else [
+        "ssh", "-p", str(host.ssh_port), *host.ssh_extra_args.split(), f"{host.ssh_user}@{host.address}",
+        "sudo", "python3", "-c", _quote(script)]
+    if host.ssh_private_key:
+        argv[1:1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["ssh failed"])[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _quote(script: str) -> str:
+    import shlex
+
+    return shlex.quote(script)
+
+
+_HOST_SCRIPT = r"""
+import json, subprocess, urllib.error, urllib.request
+units = %s
+ports = %s
+out = {"units": {}, "workers": {}}
+for u in units:
+    r = subprocess.run(["systemctl", "is-active", u], capture_output=True, text=True)
+    out["units"][u] = r.stdout.strip() or r.stderr.strip()
+for n, port in ports.items():
+    try:
+        out["workers"][n] = json.loads(urllib.request.urlopen("http://127.0.0.1:%%d/healthz" %% port, timeout=5).read())
+    except urllib.error.HTTPError as e:
+        out["workers"][n] = json.loads(e.read() or b"{}")
+    except Exception as e:
+        out["workers"][n] = {"status": "unreachable", "error": str(e)}
+print(json.dumps(out))
+"""
+
+
+def _units(platform: Platform, host: str, grafana_deployed: bool) -> list[str]:
+    units = []
+    services = platform.services_on(host)
+    if "broker" in services:
+        units.append("mosquitto")
+    if "influxdb" in services:
+        units.append("influxdb")
+    if "grafana" in services and grafana_deployed:
+        units.append("grafana-server")
+    units += [f"iotplat-worker@{r.number}" for r in platform.replicas_on(host)]
+    return units
+
+
+def canary_payload(platform: Platform, ts_ms: int) -> tuple[str, bytes] | None:
+    """(topic, payload) for the canary on the first subscription, or None for plugin formats."""
+    canary = platform.canary
+    attrs = {"device": canary.id, **dict(canary.attributes)}
+    for sub in platform.spec.ingestion.subscriptions:
+        for tmpl in platform.spec.devices.topics:
+            names = template_names(tmpl)
+            topic = tmpl.format(**{n: attrs.get(n, "canary") for n in names})
+            from iotplat.spec.platform_model import filter_covers, template_filter
+
+            if not filter_covers(template_filter(sub.topic), topic):
+                continue
+            if sub.format == "json":
+                body: dict[str, Any] = {}
+                for fname, f in sub.fields.items():
+                    value: Any = {"float": 1.5, "int": 1, "bool": True, "string": "canary"}[f.type]
+                    _set_path(body, (f.path or fname).split("."), value)
+                if sub.timestamp:
+                    _set_path(body, sub.timestamp.field.split("."), _ts(ts_ms, sub.timestamp.unit))
+                return topic, json.dumps(body).encode()
+            if sub.format == "line":
+                return topic, f"{sub.measurement} canary=1.5 {ts_ms * 1_000_000}".encode()
+            if sub.format == "raw":
+                return topic, b"1.5"
+            return None
+    return None
+
+
+def _ts(ts_ms: int, unit: str) -> Any:
+    if unit == "rfc3339":
+        return dt.datetime.fromtimestamp(ts_ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds")
+    return {"s": ts_ms // 1000, "ms": ts_ms, "us": ts_ms * 1000, "ns": ts_ms * 1_000_000}[unit]
+
+
+def _set_path(body: dict[str, Any], parts: list[str], value: Any) -> None:
+    for p in parts[:-1]:
+        body = body.setdefault(p, {})
+    body[parts[-1]] = value
+
+
+def influx_query(platform: Platform, address: str, ctx: ssl.SSLContext, user: str, password: str, q: str) -> dict:
+    ix = platform.spec.influxdb
+    conn = _HTTPS(address, ix.port, ctx, platform.service_name("influxdb"))
+    try:
+        params = {"db": platform.influx_database if ix.version == 1 else platform.influx_bucket, "q": q, "epoch": "ms"}
+        headers = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+        conn.request("GET", "/query?" + urllib.parse.urlencode(params), headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"InfluxDB answered {resp.status}: {body[:200]!r}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], ctx_factory: _Ctx,
+               timeout: float = 20) -> Check:
+    import paho.mqtt.client as mqtt
+
+    ts_ms = int(time.time() * 1000)
+    made = canary_payload(platform, ts_ms)
+    if made is None:
+        return Check("canary", True, "skipped: the first subscription's format is a plugin", skipped=True)
+    topic, payload = made
+    broker = platform.host_of("broker")
+    listener = next((lst for lst in platform.spec.broker.listeners if lst.protocol == "mqtt"), None)
+    if listener is None:
+        return Check("canary", True, "skipped: no MQTT (non-WebSocket) listener", skipped=True)
+    password = materials.mqtt_users[platform.canary.id][0]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=platform.canary.id, protocol=mqtt.MQTTv5)
+    ctx = ctx_factory.context(check_hostname=False)  # the name was verified by the TLS probe of this port
+    client.tls_set_context(ctx)
+    client.username_pw_set(platform.canary.id, password)
+    started = time.monotonic()
+    try:
+        client.connect(addr[broker], listener.port, keepalive=30)
+        client.loop_start()
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout=10)
+        if not info.is_published():
+            return Check("canary", False, f"publish to {topic} was not acknowledged within 10s", host=broker)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return Check("canary", False, f"cannot publish as {platform.canary.id}: {exc}", host=broker)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    sub = platform.spec.ingestion.subscriptions[0]
+    influx = addr[platform.host_of("influxdb")]
+    reader_pw = materials.secrets["influxdb_grafana_password"]
+    where = f"time = {ts_ms}ms" if sub.timestamp else f"time > {ts_ms - 5000}ms"
+    q = f'SELECT * FROM "{sub.measurement}" WHERE "device" = \'{platform.canary.id}\' AND {where}'
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            res = influx_query(platform, influx, ctx_factory.context(), GRAFANA_INFLUX_USER, reader_pw, q)
+            series = res.get("results", [{}])[0].get("series")
+            if series:
+                return Check("canary", True, f"published to {topic}; stored and readable after "
+                                             f"{time.monotonic() - started:.1f}s", host=broker)
+        except (OSError, RuntimeError, ValueError) as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    return Check("canary", False, f"published to {topic} but the point was not in InfluxDB after {timeout:.0f}s"
+                                  + (f" ({last})" if last else ""), host=broker)
+
+
+def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_deployed: bool,
+           canary: bool = True) -> StatusReport:
+    report = StatusReport()
+    addr = {h.name: h.address for h in hosts}
+    by_name = {h.name: h for h in hosts}
+    ca = _Ctx(materials.ca_cert_pem)
+    try:
+        # TLS on every service port
+        b = platform.host_of("broker")
+        for lst in platform.spec.broker.listeners:
+            ok, note, _ = tls_probe(addr[b], lst.port, platform.service_name("broker"), ca.context())
+            report.add(f"broker {lst.protocol} :{lst.port}", ok, note, host=b)
+        i = platform.host_of("influxdb")
+        ok, note, _ = tls_probe(addr[i], platform.spec.influxdb.port, platform.service_name("influxdb"), ca.context())
+        report.add(f"influxdb :{platform.spec.influxdb.port}", ok, note, host=i)
+        if platform.placement["grafana"]:
+            g = platform.host_of("grafana")
+            if grafana_deployed:
+                ok, note, _ = tls_probe(addr[g], platform.spec.grafana.port, platform.service_name("grafana"), ca.context())
+                report.add(f"grafana :{platform.spec.grafana.port}", ok, note, host=g)
+            else:
+                report.add("grafana", True, "skipped at deploy (see `iotplat up` output for the reason)", host=g,
+                           skipped=True)
+        # units and worker health on each host
+        for host in platform.host_names:
+            units = _units(platform, host, grafana_deployed)
+            ports = {r.number: platform.spec.ingestion.metrics_port + r.number - 1 for r in platform.replicas_on(host)}
+            try:
+                data = _ssh_json(by_name[host], _HOST_SCRIPT % (json.dumps(units), json.dumps(ports)))
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                report.add("ssh", False, f"cannot read service state: {exc}", host=host)
+                continue
+            for unit, state in data["units"].items():
+                report.add(f"unit {unit}", state == "active", state, host=host)
+            for n, health in data["workers"].items():
+                ok = health.get("status") == "ok"
+                detail = ", ".join(f"{k}={v}" for k, v in sorted(health.items()) if k != "status" and not isinstance(v, dict))
+                report.add(f"worker {n} /healthz", ok, f"{health.get('status')}: {detail}"[:300], host=host)
+        # InfluxDB answers, with least-privilege users
+        try:
+            influx_query(platform, addr[i], ca.context(), GRAFANA_INFLUX_USER,
+                         materials.secrets["influxdb_grafana_password"], "SHOW MEASUREMENTS")
+            report.add("influxdb query (read-only user)", True, "ok", host=i)
+        except (OSError, RuntimeError, ValueError) as exc:
+            report.add("influxdb query (read-only user)", False, str(exc), host=i)
+        if canary:
+            report.checks.append(run_canary(platform, materials, addr, ca))
+    finally:
+        ca.close()
+    return report
