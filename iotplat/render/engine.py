@@ -436,6 +436,11 @@ class Renderer:
             from iotplat.errors import InvalidInput
 
             raise InvalidInput(f"{p.spec_file}: target.ssh_public_key_file: cannot read {key_path}: {exc.strerror}") from None
+        if not pubkey.startswith(("ssh-ed25519 ", "ssh-rsa ")):
+            from iotplat.errors import InvalidInput
+
+            raise InvalidInput(f"{p.spec_file}: target.ssh_public_key_file: {key_path} is not an ssh-ed25519 or ssh-rsa "
+                               "public key (the .pub file)")
         config: dict[str, Any] = {
             "iotplat:platform": p.name,
             "iotplat:environment": p.environment,

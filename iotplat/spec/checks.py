@@ -273,8 +273,21 @@ def check_target(p: Platform, doc: Document) -> list[Problem]:
                                        f"{cidr} opens SSH and Grafana to the whole internet",
                                        "list your operators' networks instead"))
         net = ipaddress.ip_network(t.network_cidr)
-        if not net.is_private or net.version != 4:
-            out.append(doc.problem(("target", "network_cidr"), "must be a private IPv4 network, e.g. 10.42.0.0/16"))
+        if not net.is_private or net.version != 4 or not 16 <= net.prefixlen <= 23:
+            out.append(doc.problem(("target", "network_cidr"), "must be a private IPv4 network from /16 to /23, "
+                                   "e.g. 10.42.0.0/16 (the stacks carve /24 subnets from it)"))
+        for key in ("admin_cidrs", "device_cidrs"):
+            for i, cidr in enumerate(getattr(t, key)):
+                if ipaddress.ip_network(cidr).version != 4:
+                    out.append(doc.problem(("target", key, i), f"{cidr}: the cloud stacks support IPv4 networks only"))
+        if t.disk_size < 4 * 1024**3:
+            out.append(doc.problem(("target", "disk_size"), "a data disk must be at least 4GiB"))
+        if len(p.name) + len(p.environment) + 1 > 60:
+            out.append(doc.problem(("name",), f"the stack name {p.name}-{p.environment} is longer than 60 characters",
+                                   "shorten the platform or environment name"))
+        if t.kind == "azure" and t.ssh_user in ("admin", "administrator", "root", "user", "guest", "test"):
+            out.append(doc.problem(("target", "ssh_user"), f"Azure refuses the admin user name {t.ssh_user!r}",
+                                   "use e.g. iotplat"))
     return out
 
 

@@ -271,6 +271,9 @@ class _Builder:
             self._problem(node, path, f"unsupported YAML tag {_short(tag)!r}",
                           "iotplat specs use plain YAML values only; remove the tag")
             return None
+        if "\x00" in value:
+            self._problem(node, path, "contains a NUL character", "remove the \\0 escape")
+            return None
         if tag == _T + "str":
             return value
         if tag == _T + "null":
@@ -313,6 +316,9 @@ class _Builder:
                 self._problem(key_node, path, f"unsupported YAML tag {_short(key_node.tag)!r} on a key")
                 continue
             key = key_node.value
+            if "\x00" in key:
+                self._problem(key_node, path, "a key contains a NUL character")
+                continue
             line = key_node.start_mark.line + 1
             if key in first_seen:
                 self._problem(key_node, path + (key,), f"duplicate key {key!r} (first defined on line {first_seen[key]})",

@@ -18,7 +18,8 @@ from tests.helpers import EXAMPLES, PLATFORM_DIR
 BASES = [yaml.safe_load((PLATFORM_DIR / "platform.yaml").read_text()),
          yaml.safe_load((EXAMPLES / "aws" / "platform.yaml").read_text()),
          yaml.safe_load((EXAMPLES / "local" / "platform.yaml").read_text())]
-LINE = re.compile(r"^[^:]+:\d+:\d+: [^:]+: .+$")
+# FILE:LINE:COL: path: message -- path segments may be quoted keys such as fields[":"]
+LINE = re.compile(r'^[^:]+:\d+:\d+: (?:[^:"]|"(?:[^"\\]|\\.)*")+: .+$')
 
 
 def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
