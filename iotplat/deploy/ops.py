@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,11 +56,15 @@ def open_context(spec: str | None, env: str | None, state_dir: str | None, out_d
     return Context(platform, state, materials, build)
 
 
+_GRAFANA_SKIPPED = re.compile(r"Grafana skipped(?: on [^:]+)?: (.+?)\"?\s*$")
+
+
 def _grafana_outcome(output: str) -> tuple[bool, str]:
+    """The grafana role prints `Grafana skipped on HOST: REASON` when it skips (grafana.required false)."""
     for line in output.splitlines():
-        if "Grafana skipped:" in line:
-            reason = line.split("Grafana skipped:", 1)[1].strip().strip('"').strip()
-            return False, reason
+        m = _GRAFANA_SKIPPED.search(line)
+        if m:
+            return False, m.group(1).strip().rstrip(".").replace("\\n", " ")
     return True, ""
 
 
@@ -101,7 +106,7 @@ def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_d
         progress(f"      grafana skipped: {grafana_reason}")
     if verify:
         progress("[4/4] verifying")
-        report = status_of(ctx, hosts, grafana_deployed)
+        report = status_of(ctx, hosts, grafana_deployed, grafana_reason=grafana_reason)
         out["status"] = [c.as_dict() for c in report.checks]
         out["ok"] = report.ok
         for c in report.checks:
@@ -117,13 +122,15 @@ class DeployFailed(IotplatError):
         self.recap = recap
 
 
-def status_of(ctx: Context, hosts: list, grafana_deployed: bool | None = None, canary: bool = True):
+def status_of(ctx: Context, hosts: list, grafana_deployed: bool | None = None, canary: bool = True,
+              grafana_reason: str = ""):
     from iotplat.verify.status import status
 
     if grafana_deployed is None:
         deployed = ctx.state.read_json(DEPLOYED) or {}
         grafana_deployed = bool(deployed.get("grafana", {}).get("deployed", False))
-    return status(ctx.platform, ctx.materials, hosts, grafana_deployed, canary=canary)
+        grafana_reason = deployed.get("grafana", {}).get("reason", "")
+    return status(ctx.platform, ctx.materials, hosts, grafana_deployed, canary=canary, grafana_reason=grafana_reason)
 
 
 def status_cmd(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,

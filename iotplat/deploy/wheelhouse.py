@@ -1,6 +1,6 @@
 """The worker's wheelhouse: what worker hosts install, offline, into /opt/iotplat/venv.
 
-    <dir>/iotplat_worker-<version>-py3-none-any.whl   the worker (iotplat/__init__.py + iotplat/worker/)
+    <dir>/iotplat-<version>-py3-none-any.whl          the worker (iotplat/__init__.py + iotplat/worker/ only)
     <dir>/<dependency wheels>                          downloaded once on the controller (pip download)
     <dir>/requirements-worker.txt                      the pinned dependencies, versions = this controller's
 
@@ -25,7 +25,7 @@ from iotplat import __version__
 from iotplat.errors import IotplatError
 
 WORKER_REQUIREMENTS = ("paho-mqtt",)
-DIST = "iotplat_worker"
+DIST = "iotplat"  # the worker subset of the iotplat distribution: hosts never have the full one
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -52,7 +52,7 @@ def build_worker_wheel(dest: Path) -> Path:
     info = f"{DIST}-{__version__}.dist-info"
     requires = "".join(f"Requires-Dist: {r}\n" for r in _pinned())
     files[f"{info}/METADATA"] = (
-        f"Metadata-Version: 2.1\nName: iotplat-worker\nVersion: {__version__}\n"
+        f"Metadata-Version: 2.1\nName: iotplat\nVersion: {__version__}\n"
         "Summary: The iotplat ingestion worker (MQTT -> InfluxDB), built by iotplat for worker hosts\n"
         f"Requires-Python: >=3.11\n{requires}"
     ).encode()
@@ -74,6 +74,9 @@ def build_worker_wheel(dest: Path) -> Path:
             zf.writestr(zi, data)
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / f"{DIST}-{__version__}-py3-none-any.whl"
+    for stale in dest.glob(f"{DIST}-*.whl"):
+        if stale != target:
+            stale.unlink()
     data = buf.getvalue()
     if not target.exists() or target.read_bytes() != data:
         target.write_bytes(data)
@@ -89,6 +92,9 @@ def build_wheelhouse(dest: Path) -> Path:
     wanted = "\n".join(pins) + "\n"
     have = req.read_text() if req.exists() else ""
     if have != wanted or not all(any(dest.glob(f"{p.split('==')[0].replace('-', '_')}-{p.split('==')[1]}-*.whl")) for p in pins):
+        if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+            raise IotplatError(f"pip is not available in {sys.prefix}; run `{sys.executable} -m ensurepip` "
+                               "(iotplat uses it to download the worker's dependency wheels)")
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(dest), *pins],
             capture_output=True, text=True, timeout=600,

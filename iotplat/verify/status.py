@@ -261,7 +261,7 @@ def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], c
 
 
 def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_deployed: bool,
-           canary: bool = True) -> StatusReport:
+           canary: bool = True, grafana_reason: str = "") -> StatusReport:
     report = StatusReport()
     addr = {h.name: h.address for h in hosts}
     by_name = {h.name: h for h in hosts}
@@ -281,8 +281,8 @@ def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_
                 ok, note, _ = tls_probe(addr[g], platform.spec.grafana.port, platform.service_name("grafana"), ca.context())
                 report.add(f"grafana :{platform.spec.grafana.port}", ok, note, host=g)
             else:
-                report.add("grafana", True, "skipped at deploy (see `iotplat up` output for the reason)", host=g,
-                           skipped=True)
+                report.add("grafana", True, f"skipped at deploy: {grafana_reason or 'see the output of iotplat up'}",
+                           host=g, skipped=True)
         # units and worker health on each host
         for host in platform.host_names:
             units = _units(platform, host, grafana_deployed)
