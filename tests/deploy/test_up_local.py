@@ -58,16 +58,25 @@ def deployed(tmp_path_factory: pytest.TempPathFactory):
     (work / "key").chmod(0o600)
     os.environ["IOTPLAT_VAULT_PASSWORD_FILE"] = str(work / "key")
     os.environ["E2E_GRAFANA_PW"] = CANARY
-    ctx = {"spec": str(spec_dir / "platform.yaml"), "build": str(work / "build"), "work": work}
+    ctx = {"spec": str(spec_dir / "platform.yaml"), "build": str(work / "build"), "work": work,
+           "env": {"IOTPLAT_STATE_DIR": str(work / "state"), "IOTPLAT_VAULT_PASSWORD_FILE": str(work / "key")}}
     try:
         yield ctx
     finally:
+        os.environ.update(ctx["env"])
         main(["destroy", ctx["spec"], "--out", ctx["build"], "--yes"])
         for k, v in env_saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _module_state(isolated_state, deployed: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test of this module works on the one deployed platform (its state dir and vault key)."""
+    for k, v in deployed["env"].items():
+        monkeypatch.setenv(k, v)
 
 
 def _run(capfd, *args: str) -> tuple[int, str, str]:
