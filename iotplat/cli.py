@@ -115,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_destroy)
 
+    p = sub.add_parser("logs", help="the services' journals from every host, merged and labelled, secrets masked",
+                       epilog=EPILOG)
+    _add_spec(p, optional=True)
+    p.add_argument("--service", choices=("broker", "worker", "influxdb", "grafana"), help="only this service")
+    p.add_argument("--host", help="only this host")
+    p.add_argument("--since", help="journalctl --since value, e.g. '10 min ago' or 2026-11-25T10:00")
+    p.add_argument("--lines", "-n", type=int, default=200, help="last N lines per host (default 200)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
+    _add_deploy_flags(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_logs)
+
     p = sub.add_parser("device", help="manage the device registry: add, list, revoke, kit", epilog=EPILOG)
     dsub = p.add_subparsers(dest="device_command", metavar="ACTION")
     for action, text in (("add", "add a device to the registry and create its credential"),
@@ -258,6 +270,24 @@ def cmd_destroy(args: argparse.Namespace, out: Output) -> int:
     out.data.update(result)
     for line in result["removed"]:
         out.line(line)
+    return ExitCode.OK
+
+
+def cmd_logs(args: argparse.Namespace, out: Output) -> int:
+    import datetime as dt
+
+    from iotplat.deploy.ops import logs
+
+    def emit(line) -> None:  # noqa: ANN001
+        if out.as_json:
+            print(json.dumps(line.as_dict(), sort_keys=True), flush=True)
+        else:
+            ts = dt.datetime.fromtimestamp(line.ts_us / 1e6, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            print(f"{ts[:-4]}Z {line.host}/{line.service}: {line.message}", flush=True)
+
+    logs(args.spec, args.env, service=args.service, host=args.host, since=args.since, follow=args.follow,
+         lines=args.lines, state_dir=args.state_dir, out_dir=args.out, emit=emit)
+    out.as_json = False  # lines were streamed (JSON lines with --json)
     return ExitCode.OK
 
 

@@ -29,3 +29,24 @@ def free_port() -> int:
 def copy_example(name: str, dest: Path) -> Path:
     shutil.copytree(EXAMPLES / name, dest / name)
     return dest / name / "platform.yaml"
+
+
+def use_private_state(work: Path):
+    """Point IOTPLAT_STATE_DIR and the vault key at `work` (for module-scoped fixtures, which cannot use
+    monkeypatch); returns a function that restores the previous environment."""
+    names = ("IOTPLAT_STATE_DIR", "IOTPLAT_VAULT_PASSWORD_FILE")
+    saved = {k: os.environ.get(k) for k in names}
+    key = work / "vault-key"
+    key.write_text("test-module-vault-password-0123456789")
+    key.chmod(0o600)
+    os.environ["IOTPLAT_STATE_DIR"] = str(work / "state")
+    os.environ["IOTPLAT_VAULT_PASSWORD_FILE"] = str(key)
+
+    def restore() -> None:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    return restore

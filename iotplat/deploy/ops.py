@@ -201,3 +201,25 @@ def destroy(spec: str | None, env: str | None, *, data: bool = False, state_dir:
         for name in ("manifest.json", DEPLOYED):
             (ctx.state.dir / name).unlink(missing_ok=True)
     return {"platform": p.name, "environment": p.environment, "removed": removed}
+
+
+def logs(spec: str | None, env: str | None, *, service: str | None, host: str | None, since: str | None,
+         follow: bool, lines: int | None, state_dir: str | None = None, out_dir: str | None = None,
+         emit: Callable[[Any], None] = print) -> dict[str, Any]:
+    from iotplat.deploy import logs as journal
+    from iotplat.deploy.ansible import masker_for
+    from iotplat.deploy.targets import acquire_hosts
+
+    ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
+    hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+    mask = masker_for(ctx.materials)
+    if follow:
+        count = 0
+        for line in journal.follow(ctx.platform, hosts, mask, service=service, host=host, since=since):
+            emit(line)
+            count += 1
+        return {"lines": count}
+    collected = journal.collect(ctx.platform, hosts, mask, service=service, host=host, since=since, lines=lines)
+    for line in collected:
+        emit(line)
+    return {"lines": len(collected)}

@@ -25,7 +25,7 @@ from iotplat.commands import render
 from iotplat.secrets.materials import ensure_materials, secret_content
 from iotplat.secrets.state import State
 from iotplat.spec.load import load_platform
-from tests.helpers import EXAMPLES, free_port
+from tests.helpers import EXAMPLES, free_port, use_private_state
 
 pytestmark = pytest.mark.integration
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -38,12 +38,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
     work = Path(tempfile_dir())
     spec = EXAMPLES / "aws" / "platform.yaml"  # per-device ACL lines + 2 worker replicas
     state_root = work / "state"
-    saved_env = {k: os.environ.get(k) for k in ("IOTPLAT_STATE_DIR", "IOTPLAT_VAULT_PASSWORD_FILE")}
-    os.environ["IOTPLAT_STATE_DIR"] = str(state_root)
-    key = work / "key"
-    key.write_text("k" * 40)
-    key.chmod(0o600)
-    os.environ["IOTPLAT_VAULT_PASSWORD_FILE"] = str(key)
+    restore_env = use_private_state(work)
     out = work / "build"
     render(str(spec), None, out_dir=str(out))
     platform = load_platform(spec)
@@ -93,11 +88,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
     proc.wait(timeout=10)
     log.close()
     shutil.rmtree(work, ignore_errors=True)
-    for k, v in saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_env()
 
 
 def _uid(name: str) -> int | None:

@@ -30,7 +30,7 @@ from iotplat.secrets.materials import ensure_materials
 from iotplat.secrets.state import State
 from iotplat.spec.load import load_platform
 from iotplat.verify.status import _HTTPS
-from tests.helpers import EXAMPLES, free_port
+from tests.helpers import EXAMPLES, free_port, use_private_state
 
 pytestmark = pytest.mark.integration
 INFLUXD = shutil.which("influxd") or "/usr/bin/influxd"
@@ -41,11 +41,7 @@ def influx():
     if not Path(INFLUXD).exists():
         pytest.fail("influxd is not installed (apt-get install influxdb); .ci/run installs it")
     work = Path(tempfile.mkdtemp(prefix="iotplat-influx-"))
-    saved = {k: os.environ.get(k) for k in ("IOTPLAT_STATE_DIR", "IOTPLAT_VAULT_PASSWORD_FILE")}
-    os.environ["IOTPLAT_STATE_DIR"] = str(work / "state")
-    (work / "key").write_text("k" * 40)
-    (work / "key").chmod(0o600)
-    os.environ["IOTPLAT_VAULT_PASSWORD_FILE"] = str(work / "key")
+    restore_env = use_private_state(work)
     spec = EXAMPLES / "local" / "platform.yaml"
     render(str(spec), None, out_dir=str(work / "build"))
     platform = load_platform(spec)
@@ -82,11 +78,7 @@ def influx():
     proc.wait(timeout=15)
     log.close()
     shutil.rmtree(work, ignore_errors=True)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_env()
 
 
 def _req(env: dict, method: str, path: str, body: bytes | None = None, user: str | None = None,

@@ -1,0 +1,152 @@
+"""`iotplat logs`: the services' journals from every host, merged by time and labelled host/service.
+
+Each host is read over SSH with `journalctl -o json` (one process per host, in parallel threads); lines are
+merged by their journal timestamp, and every secret value iotplat knows is masked before anything is printed.
+`--follow` keeps one `journalctl -f` per host open and prints lines as they arrive until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from iotplat.errors import InvalidInput, IotplatError
+from iotplat.hosts import Host
+from iotplat.spec.platform_model import Platform
+
+SERVICE_UNITS = {"broker": ["mosquitto"], "influxdb": ["influxdb"], "grafana": ["grafana-server"]}
+
+
+@dataclass(frozen=True, order=True)
+class LogLine:
+    ts_us: int
+    host: str
+    service: str
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"ts_us": self.ts_us, "host": self.host, "service": self.service, "message": self.message}
+
+
+def units_for(platform: Platform, host: str, service: str | None) -> dict[str, str]:
+    """unit -> service label for the services of `host` (optionally one service)."""
+    out: dict[str, str] = {}
+    for svc in platform.services_on(host):
+        if service and svc != service:
+            continue
+        if svc == "worker":
+            for r in platform.replicas_on(host):
+                out[f"iotplat-worker@{r.number}"] = "worker"
+        else:
+            for unit in SERVICE_UNITS[svc]:
+                out[unit] = svc
+    return out
+
+
+def _argv(host: Host, units: dict[str, str], since: str | None, follow: bool, lines: int | None) -> list[str]:
+    cmd = ["sudo", "journalctl", "--no-pager", "-o", "json", "--output-fields=MESSAGE,_SYSTEMD_UNIT,__REALTIME_TIMESTAMP"]
+    for unit in units:
+        cmd += ["-u", unit]
+    if since:
+        cmd += ["--since", since]
+    if lines is not None:
+        cmd += ["-n", str(lines)]
+    if follow:
+        cmd.append("-f")
+    argv = host.ssh_argv(*cmd)
+    argv[1:1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    return argv
+
+
+def _parse(host: str, units: dict[str, str], raw: str, mask: Callable[[str], str]) -> LogLine | None:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None
+    message = entry.get("MESSAGE", "")
+    if isinstance(message, list):  # journald gives bytes as a list of ints
+        message = bytes(message).decode("utf-8", "replace")
+    unit = entry.get("_SYSTEMD_UNIT", "")
+    service = units.get(unit.removesuffix(".service"), units.get(unit, unit))
+    return LogLine(int(entry.get("__REALTIME_TIMESTAMP", 0)), host, service, mask(str(message)))
+
+
+def collect(platform: Platform, hosts: list[Host], mask: Callable[[str], str], *, service: str | None = None,
+            host: str | None = None, since: str | None = None, lines: int | None = 200) -> list[LogLine]:
+    targets = _targets(platform, hosts, service, host)
+    results: list[LogLine] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def read(h: Host, units: dict[str, str]) -> None:
+        proc = subprocess.run(_argv(h, units, since, False, lines), capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0 and not proc.stdout:
+            with lock:
+                errors.append(f"{h.name}: {(proc.stderr.strip().splitlines() or ['ssh failed'])[-1]}")
+            return
+        parsed = [p for p in (_parse(h.name, units, line, mask) for line in proc.stdout.splitlines()) if p]
+        with lock:
+            results.extend(parsed)
+
+    threads = [threading.Thread(target=read, args=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors and not results:
+        raise IotplatError("cannot read the journals: " + "; ".join(errors))
+    return sorted(results)
+
+
+def follow(platform: Platform, hosts: list[Host], mask: Callable[[str], str], *, service: str | None = None,
+           host: str | None = None, since: str | None = None) -> Iterator[LogLine]:
+    import queue
+
+    targets = _targets(platform, hosts, service, host)
+    q: queue.Queue[LogLine | None] = queue.Queue()
+    procs = []
+    for h, units in targets:
+        proc = subprocess.Popen(_argv(h, units, since, True, 20), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+        procs.append(proc)
+
+        def pump(p: subprocess.Popen, name: str = h.name, u: dict[str, str] = units) -> None:
+            assert p.stdout is not None
+            for raw in p.stdout:
+                line = _parse(name, u, raw, mask)
+                if line:
+                    q.put(line)
+            q.put(None)
+
+        threading.Thread(target=pump, args=(proc,), daemon=True).start()
+    open_streams = len(procs)
+    try:
+        while open_streams:
+            item = q.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            yield item
+    finally:
+        for p in procs:
+            p.terminate()
+
+
+def _targets(platform: Platform, hosts: list[Host], service: str | None, host: str | None) -> list[tuple[Host, dict]]:
+    if service and service not in ("broker", "worker", "influxdb", "grafana"):
+        raise InvalidInput(f"unknown service {service!r}: choose broker, worker, influxdb or grafana")
+    if host and host not in platform.host_names:
+        raise InvalidInput(f"unknown host {host!r}: the spec's hosts are {', '.join(platform.host_names)}")
+    out = []
+    for h in hosts:
+        if host and h.name != host:
+            continue
+        units = units_for(platform, h.name, service)
+        if units:
+            out.append((h, units))
+    if not out:
+        raise InvalidInput(f"no host runs {service or 'any service'}" + (f" on {host}" if host else ""))
+    return out
