@@ -1,0 +1,53 @@
+"""Fixtures for the worker's tests. Servers come from tests/support (real Mosquitto, InfluxDB 1.6.7,
+VictoriaMetrics), each on random loopback ports in its own temp dir, killed at teardown."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# gmqtt installs a top-level package named "tests", so tests/ cannot be imported as a package;
+# the shared helpers are imported as the top-level package "support" instead.
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from support.servers import Influx1, Mosquitto, Victoria  # noqa: E402
+from support.workerproc import WorkerProc  # noqa: E402
+
+
+@pytest.fixture
+def broker():
+    b = Mosquitto.start()
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def influx():
+    i = Influx1.start()
+    yield i
+    i.close()
+
+
+@pytest.fixture
+def victoria():
+    v = Victoria.start()
+    yield v
+    v.close()
+
+
+@pytest.fixture
+def workers():
+    """Start workers through this list; every one is killed at teardown."""
+    started: list[WorkerProc] = []
+    yield started
+    for w in started:
+        w.close()
+
+
+@pytest.fixture(params=["native", "paho"])
+def transport_kind(request):
+    return request.param
