@@ -171,11 +171,12 @@ def check_flow_control(p: Platform, doc: Document) -> list[Problem]:
                                f"a batch of {ing.batch.max_points} points needs the worker's in-flight window "
                                f"(ingestion.inflight = {ing.inflight}) to hold at least as many unacknowledged messages",
                                "raise ingestion.inflight or lower batch.max_points"))
-    if lim.inflight_messages is not None and lim.inflight_messages < ing.inflight:
+    if lim.inflight_messages is not None and lim.inflight_messages != ing.inflight:
         out.append(doc.problem(("broker", "limits", "inflight_messages"),
-                               f"the broker's in-flight window ({lim.inflight_messages}) is smaller than the worker's "
-                               f"({ing.inflight}); the broker would stall the worker's batches",
-                               "remove it (it defaults to ingestion.inflight) or raise it"))
+                               f"the broker's in-flight window ({lim.inflight_messages}) differs from the worker's "
+                               f"({ing.inflight}): smaller stalls the worker's batches, larger lets Mosquitto 2.0.11 "
+                               "send more than the worker can hold (it ignores MQTT 5 Receive Maximum)",
+                               "remove it, it defaults to ingestion.inflight"))
     needed = int(p.per_replica_rate * ing.outage_budget)
     if lim.queue_messages is not None and lim.queue_messages < needed:
         out.append(doc.problem(("broker", "limits", "queue_messages"),
