@@ -115,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_destroy)
 
+    p = sub.add_parser("backup", help="one encrypted, checksummed archive: state, InfluxDB, broker queue, Grafana",
+                       epilog=EPILOG)
+    _add_spec(p, optional=True)
+    p.add_argument("--to", help="folder (or .iotplat-backup file) to write (default: ./backups)")
+    _add_deploy_flags(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="bring a platform back from a backup archive onto fresh hosts", epilog=EPILOG)
+    _add_spec(p, optional=True)
+    p.add_argument("--from", dest="archive", required=True, help="the .iotplat-backup archive")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    _add_deploy_flags(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_restore)
+
     p = sub.add_parser("logs", help="the services' journals from every host, merged and labelled, secrets masked",
                        epilog=EPILOG)
     _add_spec(p, optional=True)
@@ -271,6 +287,32 @@ def cmd_destroy(args: argparse.Namespace, out: Output) -> int:
     for line in result["removed"]:
         out.line(line)
     return ExitCode.OK
+
+
+def cmd_backup(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.deploy.ops import backup
+
+    result = backup(args.spec, args.env, to=args.to, state_dir=args.state_dir, out_dir=args.out, progress=_progress(out))
+    out.data.update(result)
+    out.line(f"backup written: {result['archive']} ({result['bytes']:,} bytes, sha256 {result['sha256'][:16]}...)")
+    return ExitCode.OK
+
+
+def cmd_restore(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.deploy.ops import restore
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("restore replaces the platform's state and data: pass --yes (nothing was changed)")
+        if input(f"restore {args.archive} over {args.spec or 'the default spec'}? type 'yes': ").strip() != "yes":
+            out.line("nothing changed")
+            return ExitCode.FAILURE
+    result = restore(args.spec, args.env, archive=args.archive, state_dir=args.state_dir, out_dir=args.out,
+                     progress=_progress(out))
+    out.data.update(result)
+    out.line(f"restored {result['platform']}/{result['environment']} from the backup of {result['created']}: "
+             f"{'healthy' if result['ok'] else 'UNHEALTHY (see the checks above)'}")
+    return ExitCode.OK if result["ok"] else ExitCode.FAILURE
 
 
 def cmd_logs(args: argparse.Namespace, out: Output) -> int:

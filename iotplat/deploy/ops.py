@@ -223,3 +223,45 @@ def logs(spec: str | None, env: str | None, *, service: str | None, host: str | 
     for line in collected:
         emit(line)
     return {"lines": len(collected)}
+
+
+def backup(spec: str | None, env: str | None, *, to: str | None, state_dir: str | None = None,
+           out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
+    from iotplat.deploy import backup as bk
+    from iotplat.deploy.targets import acquire_hosts
+
+    ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
+    if ctx.state.read_json(DEPLOYED) is None:
+        raise IotplatError(f"{ctx.platform.key} has not been deployed from this state directory; nothing to back up")
+    hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+    with ctx.state.lock("backup"):
+        result = bk.create(ctx, hosts, Path(to) if to else Path("backups"), progress=progress)
+    return {"platform": ctx.platform.name, "environment": ctx.platform.environment, **result}
+
+
+def restore(spec: str | None, env: str | None, *, archive: str, state_dir: str | None = None,
+            out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
+    from iotplat.commands import _spec_path
+    from iotplat.deploy import backup as bk
+    from iotplat.deploy.targets import acquire_hosts
+    from iotplat.spec.load import load_platform
+
+    path, display = _spec_path(spec)
+    platform = load_platform(path, env, display)
+    info, members = bk.open_archive(Path(archive))  # verified before anything changes
+    root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
+    target = root / platform.name / platform.environment
+    state = State.open(root, platform.name, platform.environment)
+    with state.lock("restore"):
+        bk.restore_state(info, members, target, platform.name, platform.environment)
+    progress(f"restored the state of {platform.key} from {archive}; deploying with its credentials")
+    first = up(spec, env, state_dir=state_dir, out_dir=out_dir, progress=progress, verify=False)
+    ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
+    hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+    with ctx.state.lock("restore"):
+        bk.restore_data(ctx, hosts, info, members, progress=progress)
+    progress("re-applying users, grants and retention after the data restore")
+    final = up(spec, env, state_dir=state_dir, out_dir=out_dir, progress=progress, verify=True)
+    return {"platform": platform.name, "environment": platform.environment, "archive": archive,
+            "created": info["created"], "ok": final.get("ok", False), "status": final.get("status", []),
+            "changed_first": first["changed"]}

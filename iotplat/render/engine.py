@@ -30,6 +30,7 @@ from iotplat.render.layout import CREDENTIALS_DIR, PATHS
 from iotplat.secrets.materials import Materials, server_names
 from iotplat.spec.platform_model import (
     GRAFANA_INFLUX_USER,
+    INFLUX_ADMIN_USER,
     WORKER_INFLUX_USER,
     WORKER_USER_PREFIX,
     Platform,
@@ -316,6 +317,17 @@ class Renderer:
             rules.append({"port": self.p.spec.grafana.port, "protocol": "tcp", "source": "admin", "description": "Grafana HTTPS"})
         return rules
 
+    def firewall_sources(self) -> dict[str, list[str]]:
+        """Where each ingress `source` may come from, for the hosts' nftables firewall (common role).
+        `internal` on bare metal is left to the role: the other hosts' private addresses."""
+        t = self.p.spec.target
+        if t.kind == "local":
+            return {k: [t.network] for k in ("devices", "internal", "admin", "ssh")}
+        if t.kind == "baremetal":
+            return {"devices": list(t.device_cidrs), "admin": list(t.admin_cidrs), "ssh": list(t.admin_cidrs)}
+        return {"devices": list(t.device_cidrs), "internal": [t.network_cidr], "admin": list(t.admin_cidrs),
+                "ssh": list(t.admin_cidrs)}
+
     def ansible_files(self, entries: list[FileEntry]) -> dict[str, bytes]:
         p = self.p
         spec = p.spec
@@ -360,6 +372,7 @@ class Renderer:
             "influxdb_org": p.influx_org,
             "influxdb_bucket": p.influx_bucket,
             "influxdb_retention": format_duration(ix.retention),
+            "influxdb_admin_user": INFLUX_ADMIN_USER,
             "influxdb_worker_user": WORKER_INFLUX_USER,
             "influxdb_grafana_user": GRAFANA_INFLUX_USER,
             "grafana_enabled": spec.grafana.enabled,
@@ -368,7 +381,7 @@ class Renderer:
             "grafana_port": spec.grafana.port,
             "grafana_admin_user": spec.grafana.admin_user,
             "worker_metrics_port": spec.ingestion.metrics_port,
-            "worker_users_prefix": WORKER_USER_PREFIX,
+            "iotplat_firewall_sources": self.firewall_sources(),
             "iotplat_version": __version__,
         }
         site = [

@@ -120,6 +120,11 @@ class BaremetalTarget(Base):
 
     kind: Literal["baremetal"]
     ssh_user: str = Field("deploy", description="Default login user (needs passwordless sudo).")
+    admin_cidrs: list[Cidr] = Field(
+        ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"], min_length=1,
+        description="Where operators connect from: the host firewall opens SSH and Grafana only to these.",
+    )
+    device_cidrs: list[Cidr] = Field(["0.0.0.0/0"], min_length=1, description="Where devices connect from (MQTT over TLS only).")
     hosts: dict[str, BaremetalHost] = Field(description="Address of every logical host, keyed by host name.")
 
 

@@ -21,6 +21,7 @@ INFLUXDB1_PACKAGE = Package(source="distro", version="1.6.7~rc0-1+b13")
 INFLUXDB2_PACKAGE = Package(source="upstream", version="2.7.11-1")
 WORKER_USER_PREFIX = "iotplat-worker-"
 GRAFANA_INFLUX_USER = "iotplat-grafana"
+INFLUX_ADMIN_USER = "iotplat-admin"
 WORKER_INFLUX_USER = "iotplat-worker"
 
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")

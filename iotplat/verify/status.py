@@ -192,13 +192,14 @@ def _set_path(body: dict[str, Any], parts: list[str], value: Any) -> None:
     body[parts[-1]] = value
 
 
-def influx_query(platform: Platform, address: str, ctx: ssl.SSLContext, user: str, password: str, q: str) -> dict:
+def influx_query(platform: Platform, address: str, ctx: ssl.SSLContext, user: str, password: str, q: str,
+                 method: str = "GET") -> dict:
     ix = platform.spec.influxdb
     conn = _HTTPS(address, ix.port, ctx, platform.service_name("influxdb"))
     try:
         params = {"db": platform.influx_database if ix.version == 1 else platform.influx_bucket, "q": q, "epoch": "ms"}
         headers = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-        conn.request("GET", "/query?" + urllib.parse.urlencode(params), headers=headers)
+        conn.request(method, "/query?" + urllib.parse.urlencode(params), headers=headers)
         resp = conn.getresponse()
         body = resp.read()
         if resp.status != 200:

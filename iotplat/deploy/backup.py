@@ -1,0 +1,186 @@
+"""`iotplat backup` / `iotplat restore`: one encrypted, checksummed archive with everything to bring a platform back.
+
+The archive is an ansible-vault encrypted tar (the operator's vault key; AES256 + HMAC, so any tampering is
+refused before anything is read) holding:
+
+    archive.json                  platform, environment, time, iotplat version, sha256 of every member below
+    state.tar                     the state directory (CA and keys, credentials with their hashes, manifests)
+    influxdb.tar                  `influxd backup -portable` of the platform's database (InfluxDB 1.x)
+    mosquitto.db                  the broker's persistence file (queued messages, sessions), saved by SIGUSR1
+    grafana.db                    Grafana's database, when Grafana runs
+
+Restore goes onto freshly deployed hosts: the state comes back first (so `up` installs the old credentials
+and certificates and devices reconnect unchanged), then the database is replaced with the backup, then the
+broker's persistence file, then `up` re-applies users and grants and `status` proves the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from iotplat import __version__
+from iotplat.errors import InvalidInput, IotplatError
+from iotplat.hosts import Host
+from iotplat.secrets.vault import Vault, key_file_path
+
+FORMAT = 1
+REMOTE_DIR = "/var/lib/iotplat-backup"
+
+
+def _ssh(host: Host, script: str, *, stdin: bytes | None = None, timeout: float = 600) -> bytes:
+    argv = host.ssh_argv("sudo", "sh", "-c", _q(script))
+    argv[1:1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr.decode(errors="replace").strip().splitlines() or ["ssh failed"])[-1]
+        raise IotplatError(f"{host.name}: {tail}")
+    return proc.stdout
+
+
+def _q(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def _tar_dir(path: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for p in sorted(path.rglob("*")):
+            rel = p.relative_to(path).as_posix()
+            if rel == "lock" or rel.startswith("run/") or rel == "run":
+                continue
+            tar.add(p, arcname=rel, recursive=False)
+    return buf.getvalue()
+
+
+def create(ctx: Any, hosts: list[Host], dest: Path, progress=print) -> dict[str, Any]:
+    p = ctx.platform
+    if p.spec.influxdb.version != 1:
+        raise IotplatError("backup of InfluxDB 2 (influx backup --full with the operator token) is not implemented yet")
+    by_name = {h.name: h for h in hosts}
+    members: dict[str, bytes] = {}
+    members["state.tar"] = _tar_dir(ctx.state.dir)
+    influx = by_name[p.host_of("influxdb")]
+    progress(f"  influxdb: portable backup of {p.influx_database} on {influx.name}")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    remote = f"{REMOTE_DIR}/{stamp}"
+    members["influxdb.tar"] = _ssh(influx, (
+        f"set -e; rm -rf {remote}; mkdir -p {remote}; "
+        f"influxd backup -portable -database {p.influx_database} -host 127.0.0.1:8088 {remote} >/dev/null 2>&1; "
+        f"tar -C {remote} -cf - . ; rm -rf {remote}"))
+    broker = by_name[p.host_of("broker")]
+    progress(f"  broker: persistence file from {broker.name}")
+    members["mosquitto.db"] = _ssh(broker, (
+        "set -e; f=/var/lib/mosquitto/mosquitto.db; old=$(stat -c %Y $f 2>/dev/null || echo 0); "
+        "systemctl kill -s USR1 mosquitto; i=0; "
+        "while [ $i -lt 50 ] && [ \"$(stat -c %Y $f 2>/dev/null || echo 0)\" = \"$old\" ]; do sleep 0.1; i=$((i+1)); done; "
+        "cat $f"))
+    deployed = ctx.state.read_json("deployed.json") or {}
+    if p.placement["grafana"] and deployed.get("grafana", {}).get("deployed"):
+        grafana = by_name[p.host_of("grafana")]
+        members["grafana.db"] = _ssh(grafana, "cat /var/lib/grafana/grafana.db")
+    info = {
+        "format": FORMAT, "platform": p.name, "environment": p.environment, "created": stamp, "iotplat": __version__,
+        "influxdb": {"version": 1, "database": p.influx_database},
+        "members": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(members.items())},
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("archive.json", json.dumps(info, indent=2, sort_keys=True).encode()), *sorted(members.items())]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mode = 0o600
+            tar.addfile(ti, io.BytesIO(data))
+    vault = Vault(key_file_path().read_bytes().strip())
+    sealed = vault.encrypt(buf.getvalue())
+    dest = dest if dest.suffix == ".iotplat-backup" else dest / f"{p.name}-{p.environment}-{stamp}.iotplat-backup"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(sealed)
+    digest = hashlib.sha256(sealed).hexdigest()
+    dest.with_name(dest.name + ".sha256").write_text(f"{digest}  {dest.name}\n")
+    return {"archive": str(dest), "sha256": digest, "bytes": len(sealed), "members": info["members"]}
+
+
+def open_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Verify and unpack an archive: checksum file (if present), vault HMAC, every member's sha256."""
+    try:
+        sealed = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read the archive: {exc.strerror}") from None
+    sums = path.with_name(path.name + ".sha256")
+    if sums.exists() and sums.read_text().split()[0] != hashlib.sha256(sealed).hexdigest():
+        raise InvalidInput(f"{path}: the archive does not match its checksum file {sums.name}; refusing to restore")
+    try:
+        raw = Vault(key_file_path().read_bytes().strip()).decrypt(sealed, str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure here means tampered, truncated or the wrong key
+        raise InvalidInput(f"{path}: the archive failed its integrity check (tampered, truncated, or another vault "
+                           f"key): {str(exc).split(';')[0]}") from None
+    members: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r") as tar:
+        for m in tar.getmembers():
+            f = tar.extractfile(m)
+            if f is not None:
+                members[m.name] = f.read()
+    info = json.loads(members.pop("archive.json"))
+    if info.get("format") != FORMAT:
+        raise InvalidInput(f"{path}: archive format {info.get('format')!r} is not supported by this iotplat")
+    for name, digest in info["members"].items():
+        if hashlib.sha256(members.get(name, b"")).hexdigest() != digest:
+            raise InvalidInput(f"{path}: member {name} does not match its checksum; refusing to restore")
+    return info, members
+
+
+def restore_state(info: dict[str, Any], members: dict[str, bytes], state_dir: Path, platform: str, env: str) -> None:
+    if (info["platform"], info["environment"]) != (platform, env):
+        raise InvalidInput(f"the archive is of {info['platform']}/{info['environment']}, not {platform}/{env}")
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with tarfile.open(fileobj=io.BytesIO(members["state.tar"]), mode="r") as tar:
+        tar.extractall(state_dir, filter="data")
+
+
+def restore_data(ctx: Any, hosts: list[Host], info: dict[str, Any], members: dict[str, bytes], progress=print) -> None:
+    from iotplat.spec.platform_model import INFLUX_ADMIN_USER
+    from iotplat.verify.status import _Ctx, influx_query
+
+    p = ctx.platform
+    by_name = {h.name: h for h in hosts}
+    workers = sorted({r.host for r in p.replicas})
+    for w in workers:  # no writes while the database is replaced
+        units = " ".join(f"iotplat-worker@{r.number}" for r in p.replicas_on(w))
+        _ssh(by_name[w], f"systemctl stop {units}")
+    influx = by_name[p.host_of("influxdb")]
+    ca = _Ctx(ctx.materials.ca_cert_pem)
+    try:
+        admin_pw = ctx.materials.secrets["influxdb_admin_password"]
+        influx_query(p, influx.address, ca.context(), INFLUX_ADMIN_USER, admin_pw,
+                     f'DROP DATABASE "{p.influx_database}"', method="POST")
+    finally:
+        ca.close()
+    progress(f"  influxdb: restoring {p.influx_database} on {influx.name}")
+    remote = f"{REMOTE_DIR}/restore"
+    _ssh(influx, (f"set -e; rm -rf {remote}; mkdir -p {remote}; tar -C {remote} -xf -; "
+                  f"influxd restore -portable -db {info['influxdb']['database']} -host 127.0.0.1:8088 {remote} >/dev/null; "
+                  f"rm -rf {remote}"), stdin=members["influxdb.tar"])
+    broker = by_name[p.host_of("broker")]
+    progress(f"  broker: persistence file on {broker.name}")
+    _ssh(broker, ("set -e; systemctl stop mosquitto; cat > /var/lib/mosquitto/mosquitto.db; "
+                  "chown mosquitto:mosquitto /var/lib/mosquitto/mosquitto.db; chmod 0600 /var/lib/mosquitto/mosquitto.db; "
+                  "systemctl start mosquitto"), stdin=members["mosquitto.db"])
+    if "grafana.db" in members and p.placement["grafana"]:
+        g = by_name[p.host_of("grafana")]
+        _ssh(g, ("set -e; systemctl stop grafana-server; cat > /var/lib/grafana/grafana.db; "
+                 "chown grafana:grafana /var/lib/grafana/grafana.db; systemctl start grafana-server"), stdin=members["grafana.db"])
+    for w in workers:
+        units = " ".join(f"iotplat-worker@{r.number}" for r in p.replicas_on(w))
+        _ssh(by_name[w], f"systemctl start {units}")
