@@ -47,7 +47,7 @@ def units_for(platform: Platform, host: str, service: str | None) -> dict[str, s
 
 
 def _argv(host: Host, units: dict[str, str], since: str | None, follow: bool, lines: int | None) -> list[str]:
-    cmd = ["sudo", "journalctl", "--no-pager", "-o", "json", "--output-fields=MESSAGE,_SYSTEMD_UNIT,__REALTIME_TIMESTAMP"]
+    cmd = ["sudo", "journalctl", "--no-pager", "-o", "json", "--output-fields=MESSAGE,_SYSTEMD_UNIT,UNIT,OBJECT_SYSTEMD_UNIT,__REALTIME_TIMESTAMP"]
     for unit in units:
         cmd += ["-u", unit]
     if since:
@@ -69,7 +69,8 @@ def _parse(host: str, units: dict[str, str], raw: str, mask: Callable[[str], str
     message = entry.get("MESSAGE", "")
     if isinstance(message, list):  # journald gives bytes as a list of ints
         message = bytes(message).decode("utf-8", "replace")
-    unit = entry.get("_SYSTEMD_UNIT", "")
+    # _SYSTEMD_UNIT: the unit's own processes; UNIT / OBJECT_SYSTEMD_UNIT: lines logged about the unit
+    unit = entry.get("_SYSTEMD_UNIT") or entry.get("UNIT") or entry.get("OBJECT_SYSTEMD_UNIT", "")
     service = units.get(unit.removesuffix(".service"), units.get(unit, unit))
     return LogLine(int(entry.get("__REALTIME_TIMESTAMP", 0)), host, service, mask(str(message)))
 

@@ -255,5 +255,12 @@ def new_deployment(spec: Path, instance: str, wheelhouse: Path) -> Deployment:
     key = work / "vault-password"
     key.write_text("roles-test-vault-password-0123456789abcdef\n")
     key.chmod(0o600)
+    # the rendered firewall allows the spec's network: make it the network these hosts really use
+    shutil.copytree(spec.parent, work / "spec")
+    spec = work / "spec" / spec.name
+    data = yaml.safe_load(spec.read_text())
+    if data["target"]["kind"] == "local":
+        data["target"]["network"] = NETWORK
+        spec.write_text(yaml.safe_dump(data, sort_keys=False))
     return Deployment(spec=spec, work=work, build=work / "build", state_root=work / "state", key_file=key,
                       wheelhouse=wheelhouse, instance=instance)

@@ -1,0 +1,34 @@
+"""Secret masking of streamed Ansible output and journals, and journal line parsing (no hosts needed)."""
+
+from __future__ import annotations
+
+import json
+
+from iotplat.deploy.ansible import Masker
+from iotplat.deploy.logs import _parse
+
+
+def test_masker_hides_every_form_it_knows() -> None:
+    pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg0123456789abcdef\n-----END PRIVATE KEY-----\n"
+    mask = Masker({"s3cr3t-password-0123456789ab", "short-pw", pem})
+    text = ("login s3cr3t-password-0123456789ab ok; pw=short-pw; "
+            "key MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg0123456789abcdef end")
+    out = mask(text)
+    assert "s3cr3t" not in out and "short-pw" not in out and "MIGHAgEA" not in out
+    assert out.count("********") == 3
+    assert mask("nothing secret here, just words longer-than-sixteen-chars") == (
+        "nothing secret here, just words longer-than-sixteen-chars")
+
+
+def test_journal_lines_are_labelled_by_unit() -> None:
+    units = {"mosquitto": "broker", "iotplat-worker@1": "worker"}
+    mask = Masker({"hidden-value-0123456789"})
+    a = _parse("edge", units, json.dumps({"MESSAGE": "x hidden-value-0123456789", "_SYSTEMD_UNIT": "mosquitto.service",
+                                          "__REALTIME_TIMESTAMP": "2"}), mask)
+    b = _parse("edge", units, json.dumps({"MESSAGE": [104, 105], "UNIT": "iotplat-worker@1.service",
+                                          "__REALTIME_TIMESTAMP": "1"}), mask)
+    assert a is not None and b is not None
+    assert (a.service, a.message) == ("broker", "x ********")
+    assert (b.service, b.message) == ("worker", "hi")
+    assert sorted([a, b])[0] is b
+    assert _parse("edge", units, "not json", mask) is None
