@@ -242,7 +242,7 @@ def test_05b_logs_merged_labelled_and_masked(deployed: dict, capfd) -> None:
     raw = provider.exec("edge", ["journalctl", "-u", "mosquitto", "-n", "50", "--no-pager"]).stdout
     assert secret in raw, "precondition: the raw journal holds the secret"
     code, out, err = _run(capfd, "logs", deployed["spec"], "--out", deployed["build"], "--service", "broker",
-                          "--since", "-10min")
+                          "--since", "10 min ago")
     assert code == 0, err
     lines = out.splitlines()
     assert lines and all(" edge/broker: " in line for line in lines)
