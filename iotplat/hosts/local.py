@@ -82,7 +82,17 @@ class LocalProvider:
                         started.append(name)
                 deadline = time.monotonic() + BOOT_TIMEOUT
                 for name in names:  # also the ones that were running: `up` returns usable hosts
-                    self._wait_ready(name, state["hosts"][name], deadline)
+                    try:
+                        self._wait_ready(name, state["hosts"][name], deadline)
+                    except HostProviderError as exc:
+                        if name not in started:
+                            raise
+                        # A fresh container that never answers ssh (seen rarely on a loaded machine): boot it
+                        # once more before giving up; a second failure is reported as it is.
+                        print(f"iotplat hosts: {exc}; restarting host {name} once", file=sys.stderr, flush=True)
+                        self._stop(name, state["hosts"][name], grace=2)
+                        self._start(name, state["hosts"][name])
+                        self._wait_ready(name, state["hosts"][name], time.monotonic() + BOOT_TIMEOUT)
             except BaseException:
                 for name in started:  # a half-booted host is useless; leave it stopped, not hanging
                     with contextlib.suppress(Exception):
