@@ -71,9 +71,16 @@ def _parse(host: str, units: dict[str, str], raw: str, mask: Callable[[str], str
     message = entry.get("MESSAGE", "")
     if isinstance(message, list):  # journald gives bytes as a list of ints
         message = bytes(message).decode("utf-8", "replace")
-    # _SYSTEMD_UNIT: the unit's own processes; UNIT / OBJECT_SYSTEMD_UNIT: lines logged about the unit
-    unit = entry.get("_SYSTEMD_UNIT") or entry.get("UNIT") or entry.get("OBJECT_SYSTEMD_UNIT", "")
-    service = units.get(unit.removesuffix(".service"), units.get(unit, unit))
+    # _SYSTEMD_UNIT: the unit's own processes; UNIT / OBJECT_SYSTEMD_UNIT: lines logged about the unit (systemd's
+    # "Starting mosquitto.service" comes from init.scope with UNIT=mosquitto.service): label by our unit.
+    service = ""
+    for key in ("UNIT", "OBJECT_SYSTEMD_UNIT", "_SYSTEMD_UNIT"):
+        name = str(entry.get(key, "")).removesuffix(".service")
+        if name in units:
+            service = units[name]
+            break
+    else:
+        service = str(entry.get("_SYSTEMD_UNIT", ""))
     return LogLine(int(entry.get("__REALTIME_TIMESTAMP", 0)), host, service, mask(str(message)))
 
 

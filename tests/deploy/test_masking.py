@@ -31,4 +31,7 @@ def test_journal_lines_are_labelled_by_unit() -> None:
     assert (a.service, a.message) == ("broker", "x ********")
     assert (b.service, b.message) == ("worker", "hi")
     assert sorted([a, b])[0] is b
+    c = _parse("edge", units, json.dumps({"MESSAGE": "Starting mosquitto.service", "_SYSTEMD_UNIT": "init.scope",
+                                          "UNIT": "mosquitto.service", "__REALTIME_TIMESTAMP": "3"}), mask)
+    assert c is not None and c.service == "broker"
     assert _parse("edge", units, "not json", mask) is None
