@@ -98,9 +98,7 @@ def render(spec: str | None, env: str | None, out_dir: str | None = None, state_
         materials = ensure_materials(platform, state)
         state.save()
     files, entries, manifest = render_platform(platform, materials)
-    secret_values = {pw for pw, _ in materials.mqtt_users.values()} | set(materials.secrets.values())
-    secret_values |= {c.key_pem for c in materials.host_certs.values()}
-    assert_no_secrets(files, secret_values)
+    assert_no_secrets(files, materials.secret_values())
     out = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
     try:
         written, removed = write_build_dir(out, files)

@@ -82,9 +82,7 @@ class Masker:
 
 
 def masker_for(materials: Materials) -> Masker:
-    values = {pw for pw, _ in materials.mqtt_users.values()} | set(materials.secrets.values())
-    values |= {c.key_pem for c in materials.host_certs.values()}
-    return Masker(values)
+    return Masker(materials.secret_values())
 
 
 def addresses_inventory(hosts: list[Host], private: dict[str, str] | None = None) -> dict:

@@ -49,8 +49,7 @@ def open_context(spec: str | None, env: str | None, state_dir: str | None, out_d
     materials = ensure_materials(platform, state)
     state.save()
     files, _, _ = render_platform(platform, materials)
-    secret_values = {pw for pw, _ in materials.mqtt_users.values()} | set(materials.secrets.values())
-    assert_no_secrets(files, secret_values)
+    assert_no_secrets(files, materials.secret_values())
     build = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
     write_build_dir(build, files)
     return Context(platform, state, materials, build)

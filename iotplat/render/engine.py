@@ -25,6 +25,7 @@ import jinja2
 import yaml
 
 from iotplat import API_VERSION, __version__
+from iotplat.errors import InvalidInput
 from iotplat.render import dashboards
 from iotplat.render.layout import CREDENTIALS_DIR, PATHS
 from iotplat.secrets.materials import Materials, server_names
@@ -212,8 +213,8 @@ class Renderer:
         spec = self.p.spec
         ing = spec.ingestion
         ix = spec.influxdb
-        broker_port = next(lst.port for lst in spec.broker.listeners if lst.protocol == "mqtt") if any(
-            lst.protocol == "mqtt" for lst in spec.broker.listeners) else spec.broker.listeners[0].port
+        broker_port = next((lst.port for lst in spec.broker.listeners if lst.protocol == "mqtt"),
+                           spec.broker.listeners[0].port)
         data = self._t(
             "worker/worker.toml.j2",
             worker_prefix=WORKER_USER_PREFIX,
@@ -446,12 +447,8 @@ class Renderer:
         try:
             pubkey = key_path.read_text().strip()
         except OSError as exc:
-            from iotplat.errors import InvalidInput
-
             raise InvalidInput(f"{p.spec_file}: target.ssh_public_key_file: cannot read {key_path}: {exc.strerror}") from None
         if not pubkey.startswith(("ssh-ed25519 ", "ssh-rsa ")):
-            from iotplat.errors import InvalidInput
-
             raise InvalidInput(f"{p.spec_file}: target.ssh_public_key_file: {key_path} is not an ssh-ed25519 or ssh-rsa "
                                "public key (the .pub file)")
         config: dict[str, Any] = {

@@ -41,6 +41,11 @@ class Materials:
     secrets: dict[str, str]
     hashes_computed: int  # how many hashes this call had to compute (0 when warm)
 
+    def secret_values(self) -> set[str]:
+        """Every secret value: what render must never write and what output must mask."""
+        values = {pw for pw, _ in self.mqtt_users.values()} | set(self.secrets.values())
+        return values | {c.key_pem for c in self.host_certs.values()}
+
     def passwd_file(self) -> bytes:
         lines = [f"{user}:{h}" for user, (_, h) in sorted(self.mqtt_users.items())]
         return ("\n".join(lines) + "\n").encode()

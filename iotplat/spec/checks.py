@@ -60,7 +60,7 @@ def check_placement(p: Platform, doc: Document) -> list[Problem]:
 
 def check_ports(p: Platform, doc: Document) -> list[Problem]:
     out: list[Problem] = []
-    for hi, host in enumerate(p.spec.hosts):
+    for host in p.spec.hosts:
         used: dict[int, str] = {22: "ssh"}
         wanted: list[tuple[int, str, tuple]] = []
         services = p.services_on(host.name)
@@ -80,7 +80,6 @@ def check_ports(p: Platform, doc: Document) -> list[Problem]:
                                        "give each service on a host its own port"))
             else:
                 used[port] = what
-        del hi
     return out
 
 

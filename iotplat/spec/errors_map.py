@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from iotplat.errors import Problem
 from iotplat.spec.model import DNS_LABEL_RE, MEASUREMENT_RE, TOPIC_TEMPLATE_RE, PlatformSpec
-from iotplat.spec.yamlio import Document, PathT
+from iotplat.spec.yamlio import Document, PathT, dotted
 
 _PATTERN_TEXT = {
     DNS_LABEL_RE: "must be a DNS label: lowercase letters, digits and '-', starting with a letter, at most 32 characters",
@@ -150,7 +150,7 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
             key_pos = True
         elif etype == "missing":
             message = f"missing required key {str(path[-1])!r}"
-            out.append(Problem(doc.file, *doc.where(path[:-1]), _dotted(path), message, hint))
+            out.append(Problem(doc.file, *doc.where(path[:-1]), dotted(path), message, hint))
             continue
         elif etype in _TYPE_NAMES:
             message = f"expected {_TYPE_NAMES[etype]}, got {_typename(value)} {_describe(value)}"
@@ -176,7 +176,7 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
                 hint = ""
         elif etype == "union_tag_not_found":
             message = "missing required key 'kind'"
-            out.append(Problem(doc.file, *doc.where(path), _dotted(path + ("kind",)), message,
+            out.append(Problem(doc.file, *doc.where(path), dotted(path + ("kind",)), message,
                                "one of local, baremetal, aws, azure"))
             continue
         elif etype == "string_pattern_mismatch":
@@ -204,7 +204,7 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
         else:
             message = err["msg"]
         line, col = doc.where(path, key=key_pos or is_key)
-        out.append(Problem(doc.file, line, col, _dotted(path), message, hint))
+        out.append(Problem(doc.file, line, col, dotted(path), message, hint))
     return out
 
 
@@ -212,8 +212,3 @@ def _typename(value: Any) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
             dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
 
-
-def _dotted(path: PathT) -> str:
-    from iotplat.spec.yamlio import dotted
-
-    return dotted(path)
