@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,28 @@ def assert_no_secrets(files: dict[str, bytes], secrets: set[str]) -> None:
                 raise IotplatError(f"refusing to write {name}: it would contain a secret value; this is a bug in iotplat")
 
 
-def render(spec: str | None, env: str | None, out_dir: str | None = None, state_dir: str | None = None,
-           notify: Notify | None = None) -> dict[str, Any]:
+@dataclass
+class Prepared:
+    """A spec loaded, its state brought up to date (under the lock) and its build directory written."""
+
+    platform: Any
+    state: Any
+    materials: Any
+    out: Path
+    files: dict[str, bytes]
+    entries: list
+    written: list[str]
+    removed: list[str]
+
+
+def prepare(spec: str | None, env: str | None, out_dir: str | None = None, state_dir: str | None = None,
+            notify: Notify | None = None) -> Prepared:
+    """The shared first step of render, up, plan, status, ...: load, secrets (locked), render, write."""
     from iotplat.render.engine import render_platform, write_build_dir
     from iotplat.secrets.materials import ensure_materials
     from iotplat.secrets.state import State, resolve_state_root
     from iotplat.spec.load import load_platform
 
-    started = time.perf_counter()
     path, display = _spec_path(spec)
     platform = load_platform(path, env, display)
     root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
@@ -97,23 +112,30 @@ def render(spec: str | None, env: str | None, out_dir: str | None = None, state_
     with state.lock("render"):
         materials = ensure_materials(platform, state)
         state.save()
-    files, entries, manifest = render_platform(platform, materials)
+    files, entries, _ = render_platform(platform, materials)
     assert_no_secrets(files, materials.secret_values())
     out = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
     try:
         written, removed = write_build_dir(out, files)
     except OSError as exc:
         raise IotplatError(f"{out}: cannot write the build directory: {exc.strerror}") from None
+    return Prepared(platform, state, materials, out, files, entries, written, removed)
+
+
+def render(spec: str | None, env: str | None, out_dir: str | None = None, state_dir: str | None = None,
+           notify: Notify | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    p = prepare(spec, env, out_dir, state_dir, notify)
     return {
-        "platform": platform.name,
-        "environment": platform.environment,
-        "target": platform.target,
-        "out": str(out),
-        "state": str(state.dir),
-        "files": len(files),
-        "written": written,
-        "removed": removed,
-        "secret_files": sum(1 for e in entries if e.cls == "secret"),
-        "hashes_computed": materials.hashes_computed,
+        "platform": p.platform.name,
+        "environment": p.platform.environment,
+        "target": p.platform.target,
+        "out": str(p.out),
+        "state": str(p.state.dir),
+        "files": len(p.files),
+        "written": p.written,
+        "removed": p.removed,
+        "secret_files": sum(1 for e in p.entries if e.cls == "secret"),
+        "hashes_computed": p.materials.hashes_computed,
         "seconds": round(time.perf_counter() - started, 3),
     }

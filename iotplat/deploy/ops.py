@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from iotplat.errors import ExitCode, IotplatError
-from iotplat.secrets.materials import Materials, ensure_materials
+from iotplat.secrets.materials import Materials
 from iotplat.secrets.state import State, resolve_state_root
 from iotplat.spec.platform_model import Platform
 
@@ -36,23 +36,10 @@ def _cache_dir() -> Path:
 
 def open_context(spec: str | None, env: str | None, state_dir: str | None, out_dir: str | None,
                  progress: Progress) -> Context:
-    from iotplat.commands import _spec_path, assert_no_secrets
-    from iotplat.render.engine import render_platform, write_build_dir
-    from iotplat.spec.load import load_platform
+    from iotplat.commands import prepare
 
-    path, display = _spec_path(spec)
-    platform = load_platform(path, env, display)
-    root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
-    state = State.open(root, platform.name, platform.environment)
-    if state.key_created_at:
-        progress(f"created a new vault password at {state.key_created_at}; keep it safe")
-    materials = ensure_materials(platform, state)
-    state.save()
-    files, _, _ = render_platform(platform, materials)
-    assert_no_secrets(files, materials.secret_values())
-    build = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
-    write_build_dir(build, files)
-    return Context(platform, state, materials, build)
+    p = prepare(spec, env, out_dir, state_dir, progress)
+    return Context(p.platform, p.state, p.materials, p.out)
 
 
 _GRAFANA_SKIPPED = re.compile(r"Grafana skipped(?: on [^:]+)?: (.+?)\"?\s*$")
@@ -79,7 +66,7 @@ def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_d
     with ctx.state.lock("up"):
         progress(f"[1/4] rendered {p.key} into {ctx.build}")
         hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=True)
-        progress(f"[2/4] hosts ready: " + ", ".join(f"{h.name} ({h.address})" for h in hosts))
+        progress("[2/4] hosts ready: " + ", ".join(f"{h.name} ({h.address})" for h in hosts))
         wheelhouse = build_wheelhouse(_cache_dir() / "wheelhouse")
         progress(f"[3/4] configuring {len(hosts)} host(s) with Ansible")
         result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, wheelhouse, progress=progress)
