@@ -36,19 +36,11 @@ REMOTE_DIR = "/var/lib/iotplat-backup"
 
 
 def _ssh(host: Host, script: str, *, stdin: bytes | None = None, timeout: float = 600) -> bytes:
-    argv = host.ssh_argv("sudo", "sh", "-c", _q(script))
-    argv[1:1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
-    proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
+    proc = subprocess.run(host.remote_argv(["sudo", "sh", "-c", script]), input=stdin, capture_output=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr.decode(errors="replace").strip().splitlines() or ["ssh failed"])[-1]
         raise IotplatError(f"{host.name}: {tail}")
     return proc.stdout
-
-
-def _q(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 def _tar_dir(path: Path) -> bytes:

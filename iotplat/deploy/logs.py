@@ -56,11 +56,7 @@ def _argv(host: Host, units: dict[str, str], since: str | None, follow: bool, li
         cmd += ["-n", str(lines)]
     if follow:
         cmd.append("-f")
-    import shlex
-
-    argv = host.ssh_argv(*(shlex.quote(c) for c in cmd))  # ssh joins its arguments into one remote command line
-    argv[1:1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
-    return argv
+    return host.remote_argv(cmd)
 
 
 def _parse(host: str, units: dict[str, str], raw: str, mask: Callable[[str], str]) -> LogLine | None:

@@ -28,17 +28,29 @@ class Host:
     ssh_extra_args: str  # extra ssh options, e.g. for throw-away host keys
 
     def ssh_argv(self, *command: str) -> list[str]:
-        """`ssh` argv that runs `command` on this host (handy for tests and operators)."""
+        """`ssh` argv that runs a remote command line on this host (ssh joins `command` with spaces and the
+        remote shell parses it). Non-interactive: no password prompts, a 10 s connect timeout. Without a key
+        file, ssh uses the operator's agent and ~/.ssh/config."""
+        key = ["-i", self.ssh_private_key] if self.ssh_private_key else []
         return [
             "ssh",
-            "-i",
-            self.ssh_private_key,
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            *key,
             "-p",
             str(self.ssh_port),
             *self.ssh_extra_args.split(),
             f"{self.ssh_user}@{self.address}",
             *command,
         ]
+
+    def remote_argv(self, argv: Sequence[str]) -> list[str]:
+        """`ssh` argv that runs exactly `argv` on this host (each word quoted for the remote shell)."""
+        import shlex
+
+        return self.ssh_argv(*(shlex.quote(a) for a in argv))
 
 
 class HostProvider(Protocol):

@@ -103,21 +103,11 @@ def tls_probe(address: str, port: int, name: str, ctx: ssl.SSLContext) -> tuple[
 
 
 def _ssh_json(host: Host, script: str, timeout: float = 30) -> dict[str, Any]:
-    argv = host.ssh_argv("sudo", "python3", "-c", _quote(script)) if host.ssh_private_key else [
-        "ssh", "-p", str(host.ssh_port), *host.ssh_extra_args.split(), f"{host.ssh_user}@{host.address}",
-        "sudo", "python3", "-c", _quote(script)]
-    if host.ssh_private_key:
-        argv[1:1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(host.remote_argv(["sudo", "python3", "-c", script]), capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or ["ssh failed"])[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _quote(script: str) -> str:
-    import shlex
-
-    return shlex.quote(script)
 
 
 _HOST_SCRIPT = r"""
