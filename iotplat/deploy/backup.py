@@ -119,12 +119,15 @@ def open_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise InvalidInput(f"{path}: the archive failed its integrity check (tampered, truncated, or another vault "
                            f"key): {str(exc).split(';')[0]}") from None
     members: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r") as tar:
-        for m in tar.getmembers():
-            f = tar.extractfile(m)
-            if f is not None:
-                members[m.name] = f.read()
-    info = json.loads(members.pop("archive.json"))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r") as tar:
+            for m in tar.getmembers():
+                f = tar.extractfile(m)
+                if f is not None:
+                    members[m.name] = f.read()
+        info = json.loads(members.pop("archive.json"))
+    except (tarfile.TarError, KeyError, ValueError):
+        raise InvalidInput(f"{path}: not an iotplat backup archive (no readable archive.json)") from None
     if info.get("format") != FORMAT:
         raise InvalidInput(f"{path}: archive format {info.get('format')!r} is not supported by this iotplat")
     for name, digest in info["members"].items():
