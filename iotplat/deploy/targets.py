@@ -51,11 +51,10 @@ def acquire_hosts(platform: Platform, build: Path, state_dir: Path, *, create: b
         return provider.up(platform.host_names)
     if kind == "baremetal":
         t = platform.spec.target
-        key_default = ""
         out = []
         for name in platform.host_names:
             h = t.hosts[name]
-            key = h.ssh_private_key or key_default
+            key = h.ssh_private_key or ""  # "": the operator's ssh agent and ~/.ssh/config
             if key and not Path(key).is_absolute():
                 key = str(platform.spec_dir / key)
             out.append(Host(name=name, address=h.address, ssh_user=h.ssh_user or t.ssh_user, ssh_port=h.ssh_port,
