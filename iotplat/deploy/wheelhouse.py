@@ -86,7 +86,10 @@ def build_worker_wheel(dest: Path) -> Path:
 def build_wheelhouse(dest: Path) -> Path:
     """Worker wheel + dependency wheels + requirements-worker.txt in dest (dependencies downloaded once)."""
     dest.mkdir(parents=True, exist_ok=True)
-    build_worker_wheel(dest)
+    wheel = build_worker_wheel(dest)
+    for stale in dest.glob("iotplat-*.whl"):  # the role wants exactly one iotplat wheel
+        if stale != wheel:
+            stale.unlink()
     pins = _pinned()
     req = dest / "requirements-worker.txt"
     wanted = "\n".join(pins) + "\n"
@@ -104,4 +107,20 @@ def build_wheelhouse(dest: Path) -> Path:
             raise IotplatError(f"cannot download the worker's dependencies ({', '.join(pins)}): {last}; "
                                f"on an air-gapped controller put their wheels into {dest}")
         req.write_text(wanted)
+    write_checksums(dest)
     return dest
+
+
+SUMS = "SHA256SUMS"
+
+
+def write_checksums(dest: Path) -> str:
+    """SHA256SUMS (sha256sum format) of the wheels and requirements-worker.txt: the worker role compares its
+    digest with what the host installed last, so an unchanged wheelhouse costs no pip run."""
+    lines = [f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n"
+             for f in sorted(dest.iterdir()) if f.name.endswith(".whl") or f.name == "requirements-worker.txt"]
+    text = "".join(lines)
+    target = dest / SUMS
+    if not target.exists() or target.read_text() != text:
+        target.write_text(text)
+    return text

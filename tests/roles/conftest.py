@@ -28,7 +28,6 @@ ROLES = REPO / "roles"
 VENV_BIN = Path(sys.executable).parent
 NETWORK = os.environ.get("IOTPLAT_ROLES_TEST_NETWORK", "10.215.0.0/24")
 STATE_DIR = Path(os.environ.get("IOTPLAT_TEST_STATE_DIR", "/var/lib/iotplat/local"))
-WORKER_REQUIREMENTS = ["paho-mqtt==2.2.0"]  # what iotplat/worker imports beyond the stdlib
 
 _RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$")
 
@@ -89,27 +88,6 @@ def parse_recap(output: str) -> dict[str, dict[str, int]]:
             if m:
                 recap[m["host"]] = {k: int(v) for k, v in (kv.split("=") for kv in m["counts"].split())}
     return recap
-
-
-# ---------------------------------------------------------------------------------------------- wheelhouse
-def _pip_python() -> str:
-    """A Python with pip: this venv's (uv-made venvs have none), else the first python3 on PATH."""
-    for candidate in (sys.executable, shutil.which("python3") or "python3"):
-        if subprocess.run([candidate, "-m", "pip", "--version"], capture_output=True).returncode == 0:
-            return candidate
-    raise RuntimeError("no pip found to build the worker wheelhouse: install python3-pip")
-
-
-def build_wheelhouse(dest: Path) -> Path:
-    """iotplat's wheel + the worker's dependency wheels + requirements-worker.txt (what `iotplat up` ships)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    pip = [_pip_python(), "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(dest), str(REPO)], check=True, timeout=300,
-                   capture_output=True)
-    subprocess.run([*pip, "download", "--only-binary=:all:", "-d", str(dest), *WORKER_REQUIREMENTS], check=True,
-                   timeout=300, capture_output=True)
-    (dest / "requirements-worker.txt").write_text("\n".join(WORKER_REQUIREMENTS) + "\n")
-    return dest
 
 
 # ---------------------------------------------------------------------------------------------- deployment
@@ -247,6 +225,9 @@ atexit.register(_down_all)
 
 @pytest.fixture(scope="session")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheelhouse `iotplat up` ships (same code)."""
+    from iotplat.deploy.wheelhouse import build_wheelhouse
+
     return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
 
 
