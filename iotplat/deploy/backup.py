@@ -5,7 +5,10 @@ refused before anything is read) holding:
 
     archive.json                  platform, environment, time, iotplat version, sha256 of every member below
     state.tar                     the state directory (CA and keys, credentials with their hashes, manifests)
-    influxdb.tar                  `influxd backup -portable` of the platform's database (InfluxDB 1.x)
+    influxdb.tar                  InfluxDB's own portable backup: `influxd backup -portable` of the platform's
+                                  database (1.x), or `influx backup` of the whole instance with the operator
+                                  token (2.x, restored with `influx restore --full`: its v1 authorizations,
+                                  bucket and DBRP mapping come back as they were)
     mosquitto.db                  the broker's persistence file (queued messages, sessions), saved by SIGUSR1
     grafana.db                    Grafana's database, when Grafana runs
 
@@ -54,21 +57,35 @@ def _tar_dir(path: Path) -> bytes:
     return buf.getvalue()
 
 
+def _influx2_env(p: Any, host: str) -> str:
+    """Shell prefix for the `influx` CLI on the InfluxDB 2 host: the operator token comes from its root-only
+    credential file into the environment (never into argv), TLS is checked against the platform CA.
+    NOTE: InfluxDB 2 cannot be installed on the development machines; this path is not exercised by tests."""
+    from iotplat.render.layout import CREDENTIALS_DIR, PATHS
+
+    url = f"https://{host}.{p.spec.network.domain}:{p.spec.influxdb.port}"
+    return (f"command -v influx >/dev/null || {{ echo 'the influx CLI is missing on {host}: apt-get install "
+            f"influxdb2-cli' >&2; exit 1; }}; export INFLUX_HOST={url} SSL_CERT_FILE={PATHS['ca_cert']} "
+            f"INFLUX_TOKEN=\"$(cat {CREDENTIALS_DIR}/influxdb/admin-token)\"; ")
+
+
 def create(ctx: Any, hosts: list[Host], dest: Path, progress=print) -> dict[str, Any]:
     p = ctx.platform
-    if p.spec.influxdb.version != 1:
-        raise IotplatError("backup of InfluxDB 2 (influx backup --full with the operator token) is not implemented yet")
+    v2 = p.spec.influxdb.version == 2
     by_name = {h.name: h for h in hosts}
     members: dict[str, bytes] = {}
     members["state.tar"] = _tar_dir(ctx.state.dir)
     influx = by_name[p.host_of("influxdb")]
-    progress(f"  influxdb: portable backup of {p.influx_database} on {influx.name}")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     remote = f"{REMOTE_DIR}/{stamp}"
+    if v2:
+        progress(f"  influxdb: influx backup (whole instance) on {influx.name}")
+        dump = f"{_influx2_env(p, influx.name)}influx backup {remote} >/dev/null"
+    else:
+        progress(f"  influxdb: portable backup of {p.influx_database} on {influx.name}")
+        dump = f"influxd backup -portable -database {p.influx_database} -host 127.0.0.1:8088 {remote} >/dev/null 2>&1"
     members["influxdb.tar"] = _ssh(influx, (
-        f"set -e; rm -rf {remote}; mkdir -p {remote}; "
-        f"influxd backup -portable -database {p.influx_database} -host 127.0.0.1:8088 {remote} >/dev/null 2>&1; "
-        f"tar -C {remote} -cf - . ; rm -rf {remote}"))
+        f"set -e; rm -rf {remote}; mkdir -p {remote}; {dump}; tar -C {remote} -cf - . ; rm -rf {remote}"))
     broker = by_name[p.host_of("broker")]
     progress(f"  broker: persistence file from {broker.name}")
     members["mosquitto.db"] = _ssh(broker, (
@@ -82,7 +99,7 @@ def create(ctx: Any, hosts: list[Host], dest: Path, progress=print) -> dict[str,
         members["grafana.db"] = _ssh(grafana, "cat /var/lib/grafana/grafana.db")
     info = {
         "format": FORMAT, "platform": p.name, "environment": p.environment, "created": stamp, "iotplat": __version__,
-        "influxdb": {"version": 1, "database": p.influx_database},
+        "influxdb": {"version": p.spec.influxdb.version, "database": p.influx_database, "bucket": p.influx_bucket},
         "members": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(members.items())},
     }
     buf = io.BytesIO()
@@ -136,6 +153,16 @@ def open_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return info, members
 
 
+def check_fits(info: dict[str, Any], platform: Any) -> None:
+    """Refuse, before anything changes, an archive of another platform or of another InfluxDB major version."""
+    if (info["platform"], info["environment"]) != (platform.name, platform.environment):
+        raise InvalidInput(f"the archive is of {info['platform']}/{info['environment']}, not "
+                           f"{platform.name}/{platform.environment}")
+    if info["influxdb"]["version"] != platform.spec.influxdb.version:
+        raise InvalidInput(f"the archive holds an InfluxDB {info['influxdb']['version']} backup but the spec deploys "
+                           f"InfluxDB {platform.spec.influxdb.version}; restore onto a platform of the same version")
+
+
 def restore_state(info: dict[str, Any], members: dict[str, bytes], state_dir: Path, platform: str, env: str) -> None:
     if (info["platform"], info["environment"]) != (platform, env):
         raise InvalidInput(f"the archive is of {info['platform']}/{info['environment']}, not {platform}/{env}")
@@ -155,18 +182,22 @@ def restore_data(ctx: Any, hosts: list[Host], info: dict[str, Any], members: dic
         units = " ".join(f"iotplat-worker@{r.number}" for r in p.replicas_on(w))
         _ssh(by_name[w], f"systemctl stop {units}")
     influx = by_name[p.host_of("influxdb")]
-    ca = _Ctx(ctx.materials.ca_cert_pem)
-    try:
-        admin_pw = ctx.materials.secrets["influxdb_admin_password"]
-        influx_query(p, influx.address, ca.context(), INFLUX_ADMIN_USER, admin_pw,
-                     f'DROP DATABASE "{p.influx_database}"', method="POST")
-    finally:
-        ca.close()
-    progress(f"  influxdb: restoring {p.influx_database} on {influx.name}")
     remote = f"{REMOTE_DIR}/restore"
-    _ssh(influx, (f"set -e; rm -rf {remote}; mkdir -p {remote}; tar -C {remote} -xf -; "
-                  f"influxd restore -portable -db {info['influxdb']['database']} -host 127.0.0.1:8088 {remote} >/dev/null; "
-                  f"rm -rf {remote}"), stdin=members["influxdb.tar"])
+    if p.spec.influxdb.version == 2:
+        progress(f"  influxdb: influx restore --full on {influx.name}")
+        load = f"{_influx2_env(p, influx.name)}influx restore --full {remote} >/dev/null"
+    else:
+        ca = _Ctx(ctx.materials.ca_cert_pem)
+        try:
+            admin_pw = ctx.materials.secrets["influxdb_admin_password"]
+            influx_query(p, influx.address, ca.context(), INFLUX_ADMIN_USER, admin_pw,
+                         f'DROP DATABASE "{p.influx_database}"', method="POST")
+        finally:
+            ca.close()
+        progress(f"  influxdb: restoring {p.influx_database} on {influx.name}")
+        load = f"influxd restore -portable -db {info['influxdb']['database']} -host 127.0.0.1:8088 {remote} >/dev/null"
+    _ssh(influx, f"set -e; rm -rf {remote}; mkdir -p {remote}; tar -C {remote} -xf -; {load}; rm -rf {remote}",
+         stdin=members["influxdb.tar"])
     broker = by_name[p.host_of("broker")]
     progress(f"  broker: persistence file on {broker.name}")
     _ssh(broker, ("set -e; systemctl stop mosquitto; cat > /var/lib/mosquitto/mosquitto.db; "

@@ -235,6 +235,7 @@ def restore(spec: str | None, env: str | None, *, archive: str, state_dir: str |
     path, display = _spec_path(spec)
     platform = load_platform(path, env, display)
     info, members = bk.open_archive(Path(archive))  # verified before anything changes
+    bk.check_fits(info, platform)
     root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
     target = root / platform.name / platform.environment
     state = State.open(root, platform.name, platform.environment)

@@ -225,14 +225,15 @@ class Renderer:
                 "inflight": ing.inflight,
                 "session_expiry": int(spec.broker.persistence.client_expiration),
             },
+            # InfluxDB 2 is written through its 1.x compatibility API (/write?db=<bucket>) with a v1
+            # authorization (username + password from the state, write on one bucket): InfluxDB 2 generates
+            # every API token itself, so a token iotplat chose could not be given to the worker.
             influx={
-                "version": ix.version,
+                "server_version": ix.version,
                 "url": self.influx_url(),
-                "database": self.p.influx_database,
-                "retention_policy": self.p.influx_retention_policy,
+                "database": self.p.influx_database if ix.version == 1 else self.p.influx_bucket,
+                "retention_policy": self.p.influx_retention_policy if ix.version == 1 else "",
                 "username": WORKER_INFLUX_USER,
-                "org": self.p.influx_org,
-                "bucket": self.p.influx_bucket,
             },
             batch={"max_points": ing.batch.max_points, "max_delay": ing.batch.max_delay},
             spool=ing.spool,
@@ -268,18 +269,14 @@ class Renderer:
             add("influxdb", f"{cred}/influxdb/grafana-password", "influxdb_grafana_password")
             if v2:
                 add("influxdb", f"{cred}/influxdb/admin-token", "influxdb_admin_token")
-                add("influxdb", f"{cred}/influxdb/worker-token", "influxdb_worker_token")
-                add("influxdb", f"{cred}/influxdb/grafana-token", "influxdb_grafana_token")
         if "grafana" in services:
             add("grafana", f"{cred}/grafana/server.key", f"host_key:{host}")
             add("grafana", f"{cred}/grafana/admin-password", "grafana_admin_password")
             add("grafana", f"{cred}/grafana/secret-key", "grafana_secret_key")
-            add("grafana", f"{cred}/grafana/influxdb-{'token' if v2 else 'password'}",
-                "influxdb_grafana_token" if v2 else "influxdb_grafana_password")
+            add("grafana", f"{cred}/grafana/influxdb-password", "influxdb_grafana_password")
         for r in self.p.replicas_on(host):
             add("worker", f"{cred}/worker-{r.number}/mqtt-password", f"mqtt_password:{r.username}")
-            add("worker", f"{cred}/worker-{r.number}/influxdb-{'token' if v2 else 'password'}",
-                "influxdb_worker_token" if v2 else "influxdb_worker_password")
+            add("worker", f"{cred}/worker-{r.number}/influxdb-password", "influxdb_worker_password")
         return out
 
     # ------------------------------------------------------------------ assemble

@@ -24,9 +24,7 @@ SERVICE_SECRETS = (
     "influxdb_admin_password",
     "influxdb_worker_password",
     "influxdb_grafana_password",
-    "influxdb_admin_token",  # InfluxDB 2 operator token (setup); used only by the deploy step
-    "influxdb_worker_token",  # InfluxDB 2 write-one-bucket token value (v2 tokens are created at deploy)
-    "influxdb_grafana_token",  # InfluxDB 2 read-one-bucket token value
+    "influxdb_admin_token",  # InfluxDB 2 operator token (given to setup); used only by the deploy step
     "grafana_admin_password",
     "grafana_secret_key",
 )

@@ -52,3 +52,19 @@ def test_good_archive_opens_and_bad_ones_are_refused(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidInput, match="cannot read the archive"):
         open_archive(tmp_path / "missing.iotplat-backup")
+
+
+def test_archive_of_another_platform_or_influxdb_version_is_refused_before_anything_changes() -> None:
+    from iotplat.deploy.backup import check_fits
+    from iotplat.spec.load import load_platform
+    from tests.helpers import EXAMPLES
+
+    v1 = load_platform(EXAMPLES / "local" / "platform.yaml")
+    v2 = load_platform(EXAMPLES / "aws" / "platform.yaml")
+    assert v1.spec.influxdb.version == 1 and v2.spec.influxdb.version == 2
+    info = {"platform": v1.name, "environment": v1.environment, "influxdb": {"version": 1}}
+    check_fits(info, v1)  # fits: no exception
+    with pytest.raises(InvalidInput, match="not " + v2.name):
+        check_fits(info, v2)
+    with pytest.raises(InvalidInput, match="InfluxDB 1 backup but the spec deploys InfluxDB 2"):
+        check_fits({**info, "platform": v2.name, "environment": v2.environment}, v2)

@@ -169,7 +169,9 @@ def test_worker_config_is_the_documented_format(tmp_path: Path) -> None:
     assert cfg["version"] == 1
     assert cfg["mqtt"]["host"] == "broker.iotplat.internal" and cfg["mqtt"]["tls"] is True
     assert cfg["mqtt"]["username"] == "iotplat-worker-{replica}"
-    assert cfg["influxdb"]["version"] == 2 and cfg["influxdb"]["bucket"] == "telemetry"
+    # InfluxDB 2 is written through its 1.x compatibility API: database = bucket, a v1 authorization
+    assert cfg["influxdb"]["version"] == 1 and cfg["influxdb"]["database"] == "telemetry"
+    assert cfg["influxdb"]["password_file"] == "influxdb-password" and "token_file" not in cfg["influxdb"]
     assert cfg["influxdb"]["url"] == "https://influxdb.iotplat.internal:8086"
     sub = cfg["subscriptions"][0]
     assert sub["topic"] == "site/{site}/device/{device}/telemetry"

@@ -217,7 +217,7 @@ def test_firewall_opens_only_ssh_and_the_ingress_ports(dep: Deployment) -> None:
 def test_preflight_fails_early_when_a_vendor_repository_is_unreachable(dep: Deployment) -> None:
     """InfluxDB 2 and a required Grafana cannot be installed here: preflight must say why, change nothing."""
     tokens = dep.write_secrets(dep.work / "secrets-v2.yml",
-                               extra=("influxdb_admin_token", "influxdb_worker_token", "influxdb_grafana_token"))
+                               extra=("influxdb_admin_token",))
     v2 = json.dumps({"influxdb_version": 2, "influxdb_package": {"source": "upstream", "version": "2.7.11-1"}})
     run = dep.playbook("--limit", "tsdb", "-e", v2, secrets_file=tokens)
     assert run.recap["tsdb"]["failed"] == 1 and run.recap["tsdb"]["changed"] == 0, run.tail()
