@@ -238,8 +238,10 @@ def cmd_up(args: argparse.Namespace, out: Output) -> int:
     out.data.update(result)
     recap = ", ".join(f"{h}: {r['changed']} changed" for h, r in result["recap"].items())
     ok = result.get("ok", True)
+    upgraded = "; upgraded " + ", ".join(f"{c['service']} {c['old']} -> {c['new']}" for c in result["upgraded"]) \
+        if result.get("upgraded") else ""
     out.line(f"{'up' if ok else 'up, but verification FAILED'}: {result['platform']}/{result['environment']} on "
-             f"{len(result['hosts'])} host(s) in {result['seconds']}s ({recap})")
+             f"{len(result['hosts'])} host(s) in {result['seconds']}s ({recap}){upgraded}")
     return ExitCode.OK if ok else ExitCode.FAILURE
 
 
@@ -250,6 +252,8 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     out.data.update(result)
     for block in result["diff"]:
         out.line(block)
+    for c in result["upgrades"]:
+        out.line(f"upgrade: {c['service']} {c['old']} -> {c['new']} (`iotplat up` rolls it out one host at a time)")
     if result["drift"]:
         out.line(f"drift: {result['changed']} change(s) would be made; `iotplat up` applies them")
     else:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from iotplat.deploy import upgrade
 from iotplat.errors import ExitCode, IotplatError
 from iotplat.secrets.materials import Materials
 from iotplat.secrets.state import State, resolve_state_root
@@ -68,8 +69,14 @@ def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_d
         hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=True)
         progress("[2/4] hosts ready: " + ", ".join(f"{h.name} ({h.address})" for h in hosts))
         wheelhouse = build_wheelhouse(_cache_dir() / "wheelhouse")
-        progress(f"[3/4] configuring {len(hosts)} host(s) with Ansible")
-        result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, wheelhouse, progress=progress)
+        current = upgrade.versions(ctx.build, wheelhouse)
+        changed = upgrade.changes(ctx.state.read_json(DEPLOYED), current, p)
+        if changed:
+            progress(f"[3/4] upgrading {', '.join(map(str, changed))}: one host at a time, canary after each")
+            result = _rolling(ctx, hosts, wheelhouse, changed, progress)
+        else:
+            progress(f"[3/4] configuring {len(hosts)} host(s) with Ansible")
+            result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, wheelhouse, progress=progress)
         grafana_deployed, grafana_reason = _grafana_outcome(result.output)
         summary = {h: vars(r) for h, r in sorted(result.recap.items())}
         if result.returncode != 0 or result.failed:
@@ -81,11 +88,13 @@ def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_d
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "grafana": {"deployed": grafana_deployed and bool(p.placement["grafana"]), "reason": grafana_reason},
             "hosts": {h.name: h.address for h in hosts},
+            "versions": current,
         })
     out: dict[str, Any] = {
         "platform": p.name, "environment": p.environment, "target": p.target, "build": str(ctx.build),
         "hosts": {h.name: h.address for h in hosts}, "recap": summary, "changed": result.changed,
         "grafana": {"deployed": grafana_deployed, "reason": grafana_reason},
+        "upgraded": [vars(c) for c in changed],
         "seconds": round(time.monotonic() - started, 1),
     }
     if grafana_reason:
@@ -106,6 +115,43 @@ class DeployFailed(IotplatError):
     def __init__(self, message: str, recap: dict[str, Any]) -> None:
         super().__init__(message)
         self.recap = recap
+
+
+def _rolling(ctx: Context, hosts: list, wheelhouse: Path, changed: list, progress: Progress):
+    """A rolling upgrade (iotplat/deploy/upgrade.py): the playbook on one host at a time, then the canary;
+    stop at the first failure with the roll-back hint."""
+    from iotplat.deploy.ansible import PlaybookResult, run_playbook
+
+    by_name = {h.name: h for h in hosts}
+    order = upgrade.rolling_order(ctx.platform, list(by_name), changed)
+    total = PlaybookResult(returncode=0)
+    outputs = []
+    for i, name in enumerate(order, 1):
+        progress(f"      [{i}/{len(order)}] {name}")
+        r = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, wheelhouse, limit=name, progress=progress)
+        total.recap.update(r.recap)
+        total.changed_tasks += r.changed_tasks
+        total.failures += r.failures
+        outputs.append(r.output)
+        total.returncode = max(total.returncode, r.returncode)
+        total.output = "\n".join(outputs)
+        hint = upgrade.rollback_hint(changed, ctx.platform.spec_file)
+        if r.returncode != 0 or r.failed:
+            detail = "; ".join(r.failures[:2]) or "see output"
+            raise DeployFailed(f"upgrade stopped on {name} (hosts not yet upgraded: {', '.join(order[i:]) or 'none'}): "
+                               f"{detail}; {hint}", {h: vars(x) for h, x in sorted(total.recap.items())})
+        if set(order[:i]) & set(ctx.platform.placement["grafana"]):
+            grafana_deployed, grafana_reason = _grafana_outcome(total.output)
+            report = status_of(ctx, hosts, grafana_deployed, grafana_reason=grafana_reason)
+        else:  # Grafana's host not reached yet: as the last deploy left it
+            report = status_of(ctx, hosts)
+        bad = [f"{c.host} {c.name}: {c.detail}" for c in report.checks if not c.ok and not c.skipped]
+        if bad:
+            raise DeployFailed(f"upgrade stopped after {name}: the canary/status failed ({'; '.join(bad[:3])}); hosts not "
+                               f"yet upgraded: {', '.join(order[i:]) or 'none'}; {hint}",
+                               {h: vars(x) for h, x in sorted(total.recap.items())})
+        progress(f"      canary ok after {name}")
+    return total
 
 
 def status_of(ctx: Context, hosts: list, grafana_deployed: bool | None = None, canary: bool = True,
@@ -142,6 +188,9 @@ def plan(spec: str | None, env: str | None, *, state_dir: str | None = None, out
     with ctx.state.lock("plan"):
         hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
         wheelhouse = build_wheelhouse(_cache_dir() / "wheelhouse")
+        upgrades = upgrade.changes(ctx.state.read_json(DEPLOYED), upgrade.versions(ctx.build, wheelhouse), ctx.platform)
+        for c in upgrades:
+            progress(f"  upgrade  {c} (up rolls it out one host at a time)")
         result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, wheelhouse, check=True, progress=progress)
     if result.returncode != 0 and not result.recap:
         raise IotplatError("plan could not run: " + "; ".join(result.failures[:3] or result.output.splitlines()[-1:]))
@@ -151,7 +200,8 @@ def plan(spec: str | None, env: str | None, *, state_dir: str | None = None, out
     if result.failed:
         code = ExitCode.FAILURE
     return ({"platform": ctx.platform.name, "environment": ctx.platform.environment, "changes": changes,
-             "changed": result.changed, "drift": result.changed > 0, "diff": diffs}, code)
+             "changed": result.changed, "drift": result.changed > 0, "diff": diffs,
+             "upgrades": [vars(c) for c in upgrades]}, code)
 
 
 def _diff_blocks(output: str) -> list[str]:
