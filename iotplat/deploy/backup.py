@@ -90,7 +90,7 @@ def create(ctx: Any, hosts: list[Host], dest: Path, progress=print) -> dict[str,
     progress(f"  broker: persistence file from {broker.name}")
     members["mosquitto.db"] = _ssh(broker, (
         "set -e; f=/var/lib/mosquitto/mosquitto.db; old=$(stat -c %Y $f 2>/dev/null || echo 0); "
-        "systemctl kill -s USR1 mosquitto; i=0; "
+        "systemctl kill --kill-whom=main -s USR1 mosquitto; i=0; "
         "while [ $i -lt 50 ] && [ \"$(stat -c %Y $f 2>/dev/null || echo 0)\" = \"$old\" ]; do sleep 0.1; i=$((i+1)); done; "
         "cat $f"))
     deployed = ctx.state.read_json("deployed.json") or {}

@@ -298,8 +298,32 @@ class Renderer:
             for svc in services:
                 for dest, content, mode, owner, group in per_service[svc]:
                     entries.append(FileEntry("identical", svc, host, dest, mode, owner, group, content))
+            for dest, content, mode in self.backup_files(host):
+                entries.append(FileEntry("per-host", "backup", host, dest, mode, "root", "root", content))
             entries.extend(self.secret_entries(host))
         return entries
+
+    def backup_files(self, host: str) -> list[tuple[str, bytes, str]]:
+        """Scheduled backups (spec `backup`): a script, a oneshot service and its timer on every host that holds
+        data; the common role installs them and enables the timer (or removes them when the schedule is gone)."""
+        b = self.p.spec.backup
+        services = self.p.services_on(host)
+        if not b.schedule or not {"influxdb", "broker"} & set(services):
+            return []
+        ix = self.p.spec.influxdb
+        influx = None
+        if "influxdb" in services:
+            influx = {"version": ix.version, "database": self.p.influx_database,
+                      "url": f"https://{host}.{self.p.spec.network.domain}:{ix.port}",
+                      "token_file": f"{CREDENTIALS_DIR}/influxdb/admin-token"}
+        broker = {"persistence": "/var/lib/mosquitto"} if "broker" in services else None
+        what = ", ".join(x for x, on in (("InfluxDB", influx), ("Mosquitto's persistence file", broker)) if on)
+        after = " ".join(u for u, on in (("influxdb.service", influx), ("mosquitto.service", broker)) if on)
+        ctx = {"what": what, "keep": b.keep, "dir": b.dir, "schedule": b.schedule, "after": after,
+               "influx": influx, "broker": broker, "ca_cert": PATHS["ca_cert"]}
+        return [("/usr/local/sbin/iotplat-backup", self._t("backup/iotplat-backup.sh.j2", **ctx), "0750"),
+                ("/etc/systemd/system/iotplat-backup.service", self._t("backup/iotplat-backup.service.j2", **ctx), "0644"),
+                ("/etc/systemd/system/iotplat-backup.timer", self._t("backup/iotplat-backup.timer.j2", **ctx), "0644")]
 
     def host_ingress(self, host: str) -> list[dict[str, Any]]:
         rules: list[dict[str, Any]] = []

@@ -484,6 +484,20 @@ class Secrets(Base):
     grafana_admin_password: SecretDecl | None = None
 
 
+class ScheduledBackups(Base):
+    schedule: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9*:.,/~ -]{1,64}$",
+        description="systemd OnCalendar expression (e.g. `daily`, `*-*-* 03:30:00`): every host that holds data "
+        "backs it up on this schedule (InfluxDB's portable backup, Mosquitto's persistence file), checked with "
+        "`systemd-analyze calendar` before it is installed. null: no scheduled backups. These host-side copies "
+        "hold data only; `iotplat backup` also saves the state directory (CA, credentials).",
+    )
+    keep: int = Field(7, ge=1, le=365, description="Scheduled backups kept on each host; the oldest are removed.")
+    dir: str = Field("/var/backups/iotplat", pattern=r"^/[A-Za-z0-9._/-]+$",
+                     description="Directory on the host (root-only) that holds one timestamped folder per backup.")
+
+
 class StateSettings(Base):
     dir: str | None = Field(
         None,
@@ -515,6 +529,7 @@ class PlatformSpec(Base):
     grafana: Grafana = Field(Grafana(), description="Dashboards generated from the measurements; admin settings.")
     secrets: Secrets = Field(Secrets(), description="Secrets are generated into the state directory unless referenced here.")
     state: StateSettings = Field(StateSettings(), description="Where iotplat keeps state for this platform.")
+    backup: ScheduledBackups = Field(ScheduledBackups(), description="Scheduled backups on the hosts (systemd timer, retention count).")
     environments: dict[str, dict[str, Any]] = Field(
         {},
         description="Named overlays (e.g. staging, production) merged onto this spec with JSON merge-patch rules: "

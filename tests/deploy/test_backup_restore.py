@@ -1,6 +1,8 @@
 """Backup and restore on real throw-away hosts: deploy, store 10,000 messages, back up, destroy everything
 (hosts, data and the state directory), restore onto fresh hosts: every row is back and an old device
-credential still works; a tampered archive is refused before anything changes."""
+credential still works; a tampered archive is refused before anything changes. Then the scheduled backups
+of the spec's `backup` section: the timer runs on the host, retention keeps the newest, and a scheduled
+InfluxDB backup restores with every row."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def platform_dir(tmp_path_factory: pytest.TempPathFactory):
     spec = yaml.safe_load((PLATFORM_DIR / "platform.yaml").read_text())
     spec["name"] = "bkp"
     spec["target"]["network"] = "10.218.0.0/24"
+    spec["backup"] = {"schedule": "hourly", "keep": 2}
     (work / "platform.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (work / "devices.csv").write_text("id\ndev-a\n")
     env = {"IOTPLAT_STATE_DIR": str(work / "state"), "IOTPLAT_VAULT_PASSWORD_FILE": str(work / "key")}
@@ -131,3 +134,43 @@ def test_backup_destroy_restore(platform_dir: dict, capfd) -> None:
     while time.time() < deadline and _count(p, m, address, ts0) < COUNT + 10:
         time.sleep(1)
     assert _count(p, m, address, ts0) == COUNT + 10
+
+
+def test_scheduled_backups_on_the_host(platform_dir: dict) -> None:
+    """Runs after the restore above (the platform holds COUNT + 10 rows). The service is started by hand three
+    times instead of waiting for the hourly timer; the InfluxDB part of the newest backup is restored into a
+    scratch database on the same server and counted."""
+    from iotplat.deploy.targets import local_settings
+    from iotplat.hosts import local_provider
+    from iotplat.spec.platform_model import INFLUX_ADMIN_USER
+    from iotplat.verify.status import _Ctx, influx_query
+
+    ctx = platform_dir
+    p, m = _materials(ctx)
+    hosts = local_provider(local_settings(p))
+    run = lambda *argv, timeout=120: hosts.exec("core", list(argv), timeout=timeout)  # noqa: E731
+    assert run("systemctl", "is-active", "iotplat-backup.timer").stdout.strip() == "active"
+    assert "hourly" in run("systemctl", "cat", "iotplat-backup.timer").stdout
+    for _ in range(3):
+        r = run("systemctl", "start", "iotplat-backup.service")
+        assert r.returncode == 0, r.stderr + run("journalctl", "-u", "iotplat-backup", "-n", "20", "--no-pager").stdout
+        time.sleep(1.1)  # one backup per second at most (the folder is the UTC second)
+    kept = run("sh", "-c", "ls -1 /var/backups/iotplat").stdout.split()
+    assert len(kept) == 2 and all(k.endswith("Z") for k in kept), kept
+    newest = f"/var/backups/iotplat/{sorted(kept)[-1]}"
+    check = run("sh", "-c", f"cd {newest} && sha256sum --check --strict SHA256SUMS")
+    assert check.returncode == 0 and "mosquitto.db: OK" in check.stdout, check.stdout + check.stderr
+    assert run("stat", "-c", "%a %U", "/var/backups/iotplat").stdout.split() == ["700", "root"]
+    r = run("influxd", "restore", "-portable", "-db", p.influx_database, "-newdb", "scheduled_check",
+            "-host", "127.0.0.1:8088", f"{newest}/influxdb")
+    assert r.returncode == 0, r.stdout + r.stderr
+    address = next(h.address for h in hosts.hosts() if h.name == "core")
+    ca = _Ctx(m.ca_cert_pem)
+    try:
+        admin = (INFLUX_ADMIN_USER, m.secrets["influxdb_admin_password"])
+        res = influx_query(p, address, ca.context(), *admin, "SELECT count(temperature) FROM "
+                           f'"scheduled_check"."{p.influx_retention_policy}".telemetry WHERE device = \'dev-a\'')
+        influx_query(p, address, ca.context(), *admin, 'DROP DATABASE "scheduled_check"', method="POST")
+    finally:
+        ca.close()
+    assert res["results"][0]["series"][0]["values"][0][1] == COUNT + 10
