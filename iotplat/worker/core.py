@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from .config import ConfigError, Subscription, WorkerConfig
 from .decoders import load_decoder_class
+from .health import HealthReporter
 from .lineproto import Point, Reason, Rejected, encode_point, excerpt
 from .logs import Log
 from .metrics import Metrics
@@ -188,6 +189,8 @@ class Worker:
         self.fatal: str | None = None
         self.fatal_event = threading.Event()
         self._last_full_log = 0.0
+        self.started = time.monotonic()
+        self.health_reporter = HealthReporter(self)
 
         from .transport import make_transport
         self.transport = make_transport(transport_kind, cfg.mqtt, self)
@@ -558,6 +561,7 @@ class Worker:
         for t in self.threads:
             t.start()
         self.transport.start()
+        self.health_reporter.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Graceful stop: flush and acknowledge what was received, then disconnect."""
@@ -579,6 +583,7 @@ class Worker:
         self.drain_stop.set()
         self.drain_wake.set()
         self.threads[1].join(timeout)
+        self.health_reporter.stop(final=True)  # after the flusher and drainer: the final totals
         self.spool.close()
         self.writer.close()
         self.drain_writer.close()
