@@ -560,8 +560,8 @@ class Worker:
         ]
         for t in self.threads:
             t.start()
+        self.health_reporter.start()  # its first point (all 0) is taken before the first message can arrive
         self.transport.start()
-        self.health_reporter.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Graceful stop: flush and acknowledge what was received, then disconnect."""

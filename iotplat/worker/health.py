@@ -96,36 +96,42 @@ class HealthReporter:
         return health_line(self.measurement, self.host, self.replica, snapshot(self.worker), ts)
 
     def write_once(self) -> bool:
-        """Write one point now. True if InfluxDB took it; a failure only counts it as lost."""
-        m = self.worker.metrics
+        """Write one point of the counters as they are now. True if InfluxDB took it."""
         with self.lock:
-            if time.monotonic() < self.worker.influx_not_before:  # the server asked us to wait (Retry-After)
-                m.add("health_points_lost")
-                return False
-            line = self.line()
-            try:
-                out = self.writer.write_lines([line])
-            except Transient as e:
-                m.add("health_points_lost")
-                self.worker.log.every("health_write", 60, "warning", "health_point_lost", error=str(e)[:200])
-                return False
-            if out.rejected:
-                m.add("health_points_lost")
-                self.worker.log.every("health_rejected", 60, "warning", "health_point_rejected",
-                                      detail=out.rejected[0][1][:200])
-                return False
-            m.add("health_points_written")
-            return True
+            return self._send(self.line())
 
-    def _run(self) -> None:
-        self.write_once()  # a point at start: the series exists at once, and a restart shows as a reset
+    def _send(self, line: bytes) -> bool:
+        """One attempt (caller holds ``self.lock``); a failure only counts the point as lost."""
+        m = self.worker.metrics
+        if time.monotonic() < self.worker.influx_not_before:  # the server asked us to wait (Retry-After)
+            m.add("health_points_lost")
+            return False
+        try:
+            out = self.writer.write_lines([line])
+        except Transient as e:
+            m.add("health_points_lost")
+            self.worker.log.every("health_write", 60, "warning", "health_point_lost", error=str(e)[:200])
+            return False
+        if out.rejected:
+            m.add("health_points_lost")
+            self.worker.log.every("health_rejected", 60, "warning", "health_point_rejected",
+                                  detail=out.rejected[0][1][:200])
+            return False
+        m.add("health_points_written")
+        return True
+
+    def _run(self, first: bytes) -> None:
+        with self.lock:  # a point at start: the series exists at once, and a restart shows as a reset
+            self._send(first)
         while not self.stop_event.wait(self.interval):
             self.write_once()
 
     def start(self) -> None:
         if self.interval <= 0:
             return
-        self.thread = threading.Thread(target=self._run, name="iotplat-health", daemon=True)
+        with self.lock:
+            first = self.line()  # taken now, before the transport starts: all counters are 0
+        self.thread = threading.Thread(target=self._run, args=(first,), name="iotplat-health", daemon=True)
         self.thread.start()
 
     def stop(self, final: bool = True) -> None:
