@@ -268,7 +268,7 @@ def _size(n: float) -> str:
 
 
 def worker_counters_checks(query: Callable[[str], dict], measurement: str, interval: float,
-                           replicas: dict[int, str], now_ms: int | None = None) -> list[Check]:
+                           replicas: dict[int, str], now_ms: int | None = None, settle: float = 0.0) -> list[Check]:
     """One check per worker replica from its health points (docs/worker.md#platform-health).
 
     ``query`` runs one read-only InfluxQL statement on the data's database (epoch=ms) and returns InfluxDB's
@@ -276,7 +276,20 @@ def worker_counters_checks(query: Callable[[str], dict], measurement: str, inter
     point is older than ``STALE_INTERVALS`` x ``interval`` (not running, or cannot write to InfluxDB), or when
     its dead-letter counter grew within the last ``max(DEAD_LETTER_WINDOW, 6 x interval)`` seconds (a drop
     of the counter is a restart: counting starts again from 0). Clocks of the worker hosts and of the
-    controller are assumed to agree to within a few seconds."""
+    controller are assumed to agree to within a few seconds.
+
+    ``settle`` > 0: when a replica has no recent point (e.g. just after a deploy or a restore), look once
+    more after that many seconds before reporting it."""
+    checks, late = _counters_once(query, measurement, interval, replicas, now_ms)
+    if late and settle > 0:
+        time.sleep(settle)
+        checks, _ = _counters_once(query, measurement, interval, replicas, None)
+    return checks
+
+
+def _counters_once(query: Callable[[str], dict], measurement: str, interval: float, replicas: dict[int, str],
+                   now_ms: int | None) -> tuple[list[Check], bool]:
+    """(the checks, whether a replica had no recent point)."""
     window = max(DEAD_LETTER_WINDOW, 6 * interval)
     stale_ms = STALE_INTERVALS * interval * 1000
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -290,7 +303,7 @@ def worker_counters_checks(query: Callable[[str], dict], measurement: str, inter
         if "error" in result:
             raise RuntimeError(result["error"])
     except (OSError, RuntimeError, ValueError) as exc:
-        return [Check("worker counters", False, f"cannot read {measurement} from InfluxDB: {exc}"[:300])]
+        return [Check("worker counters", False, f"cannot read {measurement} from InfluxDB: {exc}"[:300])], False
     points: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
     for series in result.get("series") or []:
         tags = series.get("tags") or {}
@@ -298,13 +311,14 @@ def worker_counters_checks(query: Callable[[str], dict], measurement: str, inter
         for row in series["values"]:
             values = {c: row[i] for c, i in idx.items()}
             points.setdefault(tags.get("replica", ""), []).append((int(row[idx["time"]]), tags.get("host", ""), values))
-    checks = []
+    checks, late = [], False
     for number, placed_on in sorted(replicas.items()):
         rows = sorted(points.get(str(number), []), key=lambda p: p[0])
         name_ = f"worker {number} counters"
         if not rows:
             checks.append(Check(name_, False, f"no {measurement} point in the last {window:.0f}s: the replica is not "
                                               "running or cannot write to InfluxDB", host=placed_on))
+            late = True
             continue
         grew, prev = 0, None
         for _t, _h, v in rows:
@@ -321,10 +335,11 @@ def worker_counters_checks(query: Callable[[str], dict], measurement: str, inter
         problems = []
         if now_ms - t_last > stale_ms:
             problems.append(f"stale: older than {STALE_INTERVALS} x {interval:g}s")
+            late = True
         if grew > 0:
             problems.append("dead letters grew (see the platform-health dashboard)")
         checks.append(Check(name_, not problems, "; ".join(problems + [detail]), host=placed_on))
-    return checks
+    return checks, late
 
 
 def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_deployed: bool,
@@ -376,7 +391,8 @@ def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_
         reader_pw = materials.secrets["influxdb_grafana_password"]
         report.checks += worker_counters_checks(
             lambda q: influx_query(platform, addr[i], ca.context(), GRAFANA_INFLUX_USER, reader_pw, q),
-            health.measurement, health.interval, {r.number: r.host for r in platform.replicas})
+            health.measurement, health.interval, {r.number: r.host for r in platform.replicas},
+            settle=min(health.interval + 2, 20))
         if canary:
             report.checks.append(run_canary(platform, materials, addr, ca))
     finally:

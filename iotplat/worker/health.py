@@ -34,6 +34,7 @@ COUNTERS = ("received", "redeliveries", "acked", "written", "spooled", "drained"
             "dead_letters_kept", "decode_errors", "write_errors", "write_requests", "mqtt_connects")
 GAUGES = ("spool_bytes", "spool_records", "inflight", "lag_seconds", "influxdb_up", "mqtt_connected",
           "uptime_seconds")
+RETRY_SECONDS = 1.0  # the next attempt after a point InfluxDB did not take
 
 
 def snapshot(worker: "Worker") -> dict[str, Any]:
@@ -122,9 +123,11 @@ class HealthReporter:
 
     def _run(self, first: bytes) -> None:
         with self.lock:  # a point at start: the series exists at once, and a restart shows as a reset
-            self._send(first)
-        while not self.stop_event.wait(self.interval):
-            self.write_once()
+            ok = self._send(first)
+        # after a lost point try again within a second (e.g. InfluxDB still starting after a deploy), so the
+        # counters show up as soon as it takes writes; a failing attempt itself lasts up to its timeout
+        while not self.stop_event.wait(self.interval if ok else min(self.interval, RETRY_SECONDS)):
+            ok = self.write_once()
 
     def start(self) -> None:
         if self.interval <= 0:

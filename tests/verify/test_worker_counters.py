@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -106,3 +107,18 @@ def test_window_grows_with_a_long_interval_and_errors_are_one_check(influx):
     [bad] = worker_counters_checks(reader(influx, "wrong-password"), "iotplat_worker", 10.0, {1: "edge"})
     assert not bad.ok and bad.name == "worker counters" and "cannot read iotplat_worker" in bad.detail
     assert "wrong-password" not in bad.detail
+
+
+def test_settle_looks_again_once_for_a_replica_without_a_recent_point(influx):
+    """As after a deploy or restore: the replica's first point arrives while status is looking."""
+    writer = threading.Timer(1.5, lambda: write(influx, [point(9, "edge", int(time.time() * 1000), 3, 3, 0)]))
+    writer.start()
+    try:
+        [first] = worker_counters_checks(reader(influx), "iotplat_worker", 10.0, {9: "edge"})
+        t = time.monotonic()
+        [c] = worker_counters_checks(reader(influx), "iotplat_worker", 10.0, {9: "edge"}, settle=3.0)
+    finally:
+        writer.join()
+    assert not first.ok and first.detail.startswith("no iotplat_worker point")
+    assert c.ok and c.detail.startswith("received 3, written 3, dead letters 0 (+0 in 300s)"), c.detail
+    assert 2.5 < time.monotonic() - t < 10

@@ -75,11 +75,12 @@ def test_health_section_errors_are_one_line(tmp_path, extra, sub, key, words):
 def test_health_point_written_to_real_influxdb_and_not_counted_as_data(tmp_path):
     """The health writer's point lands in the data's database/retention policy with integer counters and
     float gauges; it is not counted in `written`; with InfluxDB gone it is dropped and counted as lost,
-    within the (interval-bounded) timeout, without touching the spool."""
+    within the (interval-bounded) timeout, without touching the spool; the reporter thread tries again
+    within a second (not a whole interval) until InfluxDB takes it, and writes a last point when stopped."""
     influx = Influx1.start()
-    broker = Mosquitto.start()  # only for the config's credentials; the worker is never started
+    broker = Mosquitto.start()  # only for the config's credentials; the worker's transport is never started
     try:
-        cfg_path = worker_config(tmp_path, broker, influx, extra={"health": {"interval": 1.0, "host": "edge"}})
+        cfg_path = worker_config(tmp_path, broker, influx, extra={"health": {"interval": 30.0, "host": "edge"}})
         cfg = load_config(cfg_path, replica=2)
         w = Worker(cfg, Log(level="error", replica=2), transport_kind="paho")
         try:
@@ -103,6 +104,19 @@ def test_health_point_written_to_real_influxdb_and_not_counted_as_data(tmp_path)
             assert not w.health_reporter.write_once()
             assert time.monotonic() - t < 3.0
             assert w.metrics.health_points_lost == 1 and w.spool.empty()
+
+            w.health_reporter.start()  # its first point is lost too: InfluxDB is still down
+            time.sleep(1.5)
+            assert w.metrics.health_points_lost >= 2
+            influx.launch()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and w.metrics.health_points_written < 2:
+                time.sleep(0.1)
+            assert w.metrics.health_points_written == 2, "no retry within a second of a lost point"
+            w.metrics.received = 9
+            w.health_reporter.stop(final=True)
+            assert w.metrics.health_points_written == 3
+            assert [r[1] for r in influx.rows('SELECT "received" FROM "iotplat"."iotplat_worker"')] == [7, 7, 9]
         finally:
             w.spool.close()
             w.writer.close()
