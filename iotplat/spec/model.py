@@ -393,7 +393,7 @@ class Health(Base):
     @classmethod
     def _interval(cls, v: float) -> float:
         if not 1 <= v <= 3600:
-            raise ValueError("must be between 1s and 1h: the platform-health dashboard and `iotplat status` need the counters")
+            raise ValueError(f"must be between 1s and 1h (how often each worker replica writes its counters), got {v:g}s")
         return v
 
 
