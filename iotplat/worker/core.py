@@ -399,7 +399,10 @@ class Worker:
         if not lines:
             return True
         with self.drain_lock:
-            direct = not self.always and self.spool.empty() and not self.draining
+            # not while a Retry-After is pending (the health writer may have got it): spool and let the
+            # drainer write once it has passed
+            direct = (not self.always and self.spool.empty() and not self.draining
+                      and time.monotonic() >= self.influx_not_before)
         if direct:
             t = time.monotonic()
             try:

@@ -13,6 +13,8 @@ the point directly to InfluxDB. It never enters a batch or the spool, so it cann
 displace device data, never holds an acknowledgement back, and is not counted in ``received``/``written``.
 If InfluxDB does not take it (down, Retry-After pending, any error), the point is dropped and counted in
 ``health_points_lost``; nothing is lost by that, because the next point carries the cumulative totals.
+It adds no load to a failing InfluxDB: while the data path knows InfluxDB fails, or a Retry-After is
+pending, no request is sent at all; a Retry-After it receives itself is honoured by the data path too.
 """
 
 from __future__ import annotations
@@ -103,20 +105,24 @@ class HealthReporter:
 
     def _send(self, line: bytes) -> bool:
         """One attempt (caller holds ``self.lock``); a failure only counts the point as lost."""
-        m = self.worker.metrics
-        if time.monotonic() < self.worker.influx_not_before:  # the server asked us to wait (Retry-After)
+        w, m = self.worker, self.worker.metrics
+        # Add no load to a failing InfluxDB: while the data path knows it fails (its drainer probes it, with
+        # backoff) or a Retry-After is pending (plus a second, so we never race the drainer when it ends),
+        # the point is dropped without a request.
+        if not w.influx_ok or time.monotonic() < w.influx_not_before + RETRY_SECONDS:
             m.add("health_points_lost")
             return False
         try:
             out = self.writer.write_lines([line])
         except Transient as e:
             m.add("health_points_lost")
-            self.worker.log.every("health_write", 60, "warning", "health_point_lost", error=str(e)[:200])
+            if e.retry_after:  # honoured by the data path and the drainer as well
+                w.influx_not_before = max(w.influx_not_before, time.monotonic() + e.retry_after)
+            w.log.every("health_write", 60, "warning", "health_point_lost", error=str(e)[:200])
             return False
         if out.rejected:
             m.add("health_points_lost")
-            self.worker.log.every("health_rejected", 60, "warning", "health_point_rejected",
-                                  detail=out.rejected[0][1][:200])
+            w.log.every("health_rejected", 60, "warning", "health_point_rejected", detail=out.rejected[0][1][:200])
             return False
         m.add("health_points_written")
         return True

@@ -124,3 +124,41 @@ def test_health_point_written_to_real_influxdb_and_not_counted_as_data(tmp_path)
     finally:
         broker.close()
         influx.close()
+
+
+@pytest.mark.integration
+def test_health_writer_honours_and_propagates_retry_after(tmp_path):
+    """A 503 + Retry-After answered to a health point (through a fault proxy in front of a real InfluxDB)
+    holds back the health writer and the data path alike; while the data path knows InfluxDB fails, the
+    health writer sends nothing."""
+    from support.httpfault import FaultProxy
+
+    influx = Influx1.start()
+    broker = Mosquitto.start()
+    proxy = FaultProxy(influx.port, [(503, {"Retry-After": "2"})])
+    try:
+        cfg_path = worker_config(tmp_path, broker, influx, extra={"health": {"interval": 30.0}})
+        cfg_path.write_text(cfg_path.read_text().replace(influx.url, proxy.url))
+        w = Worker(load_config(cfg_path, replica=1), Log(level="error", replica=1), transport_kind="paho")
+        try:
+            t = time.monotonic()
+            assert not w.health_reporter.write_once()
+            assert w.influx_not_before >= t + 1.9  # the data path's direct writes and the drainer wait too
+            assert not w.health_reporter.write_once()  # no request while it is pending
+            with proxy.lock:
+                assert [st for _, st in proxy.log] == [503]
+            time.sleep(w.influx_not_before + 1.05 - time.monotonic())  # Retry-After + the writer's second
+            assert w.health_reporter.write_once()
+            w.influx_ok = False  # as after a failed data write: the drainer probes, the health writer waits
+            assert not w.health_reporter.write_once()
+            with proxy.lock:
+                assert [st for _, st in proxy.log] == [503, 204]
+            assert (w.metrics.health_points_written, w.metrics.health_points_lost) == (1, 3)
+        finally:
+            w.spool.close()
+            w.writer.close()
+            w.health_reporter.writer.close()
+    finally:
+        proxy.close()
+        broker.close()
+        influx.close()
