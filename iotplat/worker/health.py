@@ -83,9 +83,10 @@ class HealthReporter:
         self.measurement = cfg.health.measurement
         self.host = cfg.health.host or socket.gethostname() or "unknown"
         self.replica = cfg.replica
-        # at most one interval (and at most the configured timeout) per attempt: a slow InfluxDB only
-        # delays the next health point, never the data path, which has its own connections
-        timeout = min(cfg.influxdb.timeout, max(1.0, self.interval))
+        # at most one interval, 5 s and the configured timeout per attempt: a slow InfluxDB only delays the
+        # next health point (and a stop by at most twice that), never the data path, which has its own
+        # connections
+        timeout = min(cfg.influxdb.timeout, max(1.0, self.interval), 5.0)
         self.writer = InfluxWriter(dataclasses.replace(cfg.influxdb, timeout=timeout))
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
@@ -149,6 +150,6 @@ class HealthReporter:
             return
         self.stop_event.set()
         self.thread.join(self.writer.cfg.timeout + 1)
-        if final and self.worker.influx_ok:
+        if final and self.worker.influx_ok and not self.thread.is_alive():  # alive: InfluxDB hangs, skip it
             self.write_once()
         self.writer.close()
