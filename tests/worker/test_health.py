@@ -145,12 +145,16 @@ def test_health_writer_honours_and_propagates_retry_after(tmp_path):
             assert not w.health_reporter.write_once()
             assert w.influx_not_before >= t + 1.9  # the data path's direct writes and the drainer wait too
             assert not w.health_reporter.write_once()  # no request while it is pending
+            time.sleep(0.2)  # the proxy logs a request after it has answered it
             with proxy.lock:
                 assert [st for _, st in proxy.log] == [503]
             time.sleep(w.influx_not_before + 1.05 - time.monotonic())  # Retry-After + the writer's second
             assert w.health_reporter.write_once()
             w.influx_ok = False  # as after a failed data write: the drainer probes, the health writer waits
             assert not w.health_reporter.write_once()
+            deadline = time.monotonic() + 5  # the proxy logs a request after it has answered it
+            while len(proxy.log) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
             with proxy.lock:
                 assert [st for _, st in proxy.log] == [503, 204]
             assert (w.metrics.health_points_written, w.metrics.health_points_lost) == (1, 3)
