@@ -11,7 +11,9 @@ Threads:
     flusher, so acknowledgements never overtake each other;
   * the drainer writes spooled records to InfluxDB, oldest first, with backoff that honours
     Retry-After, and deletes them once written;
-  * the HTTP thread serves /healthz and /metrics.
+  * the HTTP thread serves /healthz and /metrics;
+  * the health thread writes the replica's own counters to InfluxDB every ``health.interval``, best-effort
+    and beside the data path (``health.py``).
 """
 
 from __future__ import annotations
