@@ -245,6 +245,7 @@ class Renderer:
             },
             max_payload=ing.max_payload,
             metrics_port=ing.metrics_port,
+            health={"interval": ing.health.interval, "measurement": ing.health.measurement},
             subscriptions=[s.model_dump() for s in ing.subscriptions],
         )
         return [(PATHS["worker_conf"], data, "0644", "root", "root")]

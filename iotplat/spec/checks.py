@@ -303,6 +303,23 @@ def check_names(p: Platform, doc: Document) -> list[Problem]:
     return out
 
 
+def check_measurements(p: Platform, doc: Document) -> list[Problem]:
+    """The worker's counters, the dead letters and the device data each keep their own measurement."""
+    out: list[Problem] = []
+    ing = p.spec.ingestion
+    health = ing.health.measurement
+    if health == ing.dead_letters.measurement:
+        out.append(doc.problem(("ingestion", "health", "measurement"),
+                               f"{health!r} is also ingestion.dead_letters.measurement",
+                               "give the worker's counters their own measurement, e.g. iotplat_worker"))
+    for i, sub in enumerate(ing.subscriptions):
+        if sub.measurement == health:
+            out.append(doc.problem(("ingestion", "subscriptions", i, "measurement"),
+                                   f"{health!r} is ingestion.health.measurement, the worker's own counters",
+                                   "store the devices' data under another measurement"))
+    return out
+
+
 CHECKS: tuple[Check, ...] = (
     check_placement,
     check_ports,
@@ -311,6 +328,7 @@ CHECKS: tuple[Check, ...] = (
     check_influxdb,
     check_target,
     check_names,
+    check_measurements,
 )
 
 

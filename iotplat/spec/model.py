@@ -378,6 +378,25 @@ class DeadLetters(Base):
     excerpt: Size = Field("1KiB", description="Escaped payload excerpt kept with each dead letter.")
 
 
+class Health(Base):
+    """The worker's own counters, written beside the data and shown on the platform-health dashboard."""
+
+    interval: Duration = Field(
+        "10s", description="How often each replica writes its counters (received, written, dead letters, spool, lag); "
+        "`iotplat status` fails a replica whose last point is older than 3 intervals."
+    )
+    measurement: str = Field(
+        "iotplat_worker", pattern=MEASUREMENT_RE, description="Measurement of those points (tags host, replica)."
+    )
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: float) -> float:
+        if not 1 <= v <= 3600:
+            raise ValueError(f"must be between 1s and 1h (how often each worker replica writes its counters), got {v:g}s")
+        return v
+
+
 class Ingestion(Base):
     replicas: int = Field(1, ge=1, le=32, description="Worker processes sharing one shared subscription.")
     protocol: Literal[5, 311] = Field(5, description="MQTT version the worker speaks.")
@@ -391,6 +410,7 @@ class Ingestion(Base):
     batch: Batch = Batch()
     spool: Spool = Spool()
     dead_letters: DeadLetters = DeadLetters()
+    health: Health = Health()
     subscriptions: list[Subscription] = Field(min_length=1)
     metrics_port: Port = Field(9464, description="Replica N serves /healthz and /metrics on 127.0.0.1:metrics_port+N-1.")
 

@@ -7,7 +7,10 @@ Every probe runs from the controller, the way devices and operators reach the pl
 - InfluxDB answers over HTTPS;
 - the canary: device `iotplat-canary` publishes one message over MQTT/TLS with its own credential to its
   own topic; the point must be readable from InfluxDB (with Grafana's read-only user) within the timeout;
-- Grafana's datasource health, when Grafana runs.
+- Grafana's datasource health, when Grafana runs;
+- each worker replica's own counters (``ingestion.health``), read from InfluxDB with the read-only user:
+  the latest point summarised (received, written, dead letters, spool, lag), failing when it is older than
+  3 health intervals or when dead letters grew in the last 5 minutes (see ``worker_counters_checks``).
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from iotplat.hosts import Host
 from iotplat.secrets.materials import Materials
 from iotplat.spec.platform_model import GRAFANA_INFLUX_USER, Platform, template_names
 
 WARN_DAYS = 30
+STALE_INTERVALS = 3  # a replica's counters older than this many health intervals fail its check
+DEAD_LETTER_WINDOW = 300.0  # seconds (at least 6 health intervals): dead letters growing in it fail the check
 
 
 @dataclass
@@ -251,6 +256,92 @@ def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], c
                                   + (f" ({last})" if last else ""), host=broker)
 
 
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    unit = "KiB"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            break
+    return f"{n:.1f} {unit}"
+
+
+def worker_counters_checks(query: Callable[[str], dict], measurement: str, interval: float,
+                           replicas: dict[int, str], now_ms: int | None = None, settle: float = 0.0) -> list[Check]:
+    """One check per worker replica from its health points (docs/worker.md#platform-health).
+
+    ``query`` runs one read-only InfluxQL statement on the data's database (epoch=ms) and returns InfluxDB's
+    JSON; ``replicas`` maps each replica number to the host it is placed on. A replica fails when its latest
+    point is older than ``STALE_INTERVALS`` x ``interval`` (not running, or cannot write to InfluxDB), or when
+    its dead-letter counter grew within the last ``max(DEAD_LETTER_WINDOW, 6 x interval)`` seconds (a drop
+    of the counter is a restart: counting starts again from 0). Clocks of the worker hosts and of the
+    controller are assumed to agree to within a few seconds.
+
+    ``settle`` > 0: when a replica has no recent point (e.g. just after a deploy or a restore), look once
+    more after that many seconds before reporting it."""
+    checks, late = _counters_once(query, measurement, interval, replicas, now_ms)
+    if late and settle > 0:
+        time.sleep(settle)
+        checks, _ = _counters_once(query, measurement, interval, replicas, None)
+    return checks
+
+
+def _counters_once(query: Callable[[str], dict], measurement: str, interval: float, replicas: dict[int, str],
+                   now_ms: int | None) -> tuple[list[Check], bool]:
+    """(the checks, whether a replica had no recent point)."""
+    window = max(DEAD_LETTER_WINDOW, 6 * interval)
+    stale_ms = STALE_INTERVALS * interval * 1000
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    cols = ("received", "written", "dead_letters", "spool_bytes", "lag_seconds")
+    fields = ", ".join('"' + c + '"' for c in cols)
+    # the spec's MEASUREMENT_RE admits no quote or backslash: the name needs no escaping
+    q = f'SELECT {fields} FROM "{measurement}" WHERE time > now() - {int(window)}s GROUP BY "replica", "host"'
+    try:
+        res = query(q)
+        result = (res.get("results") or [{}])[0]
+        if "error" in result:
+            raise RuntimeError(result["error"])
+    except (OSError, RuntimeError, ValueError) as exc:
+        return [Check("worker counters", False, f"cannot read {measurement} from InfluxDB: {exc}"[:300])], False
+    points: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+    for series in result.get("series") or []:
+        tags = series.get("tags") or {}
+        idx = {c: series["columns"].index(c) for c in ("time", *cols) if c in series["columns"]}
+        for row in series["values"]:
+            values = {c: row[i] for c, i in idx.items()}
+            points.setdefault(tags.get("replica", ""), []).append((int(row[idx["time"]]), tags.get("host", ""), values))
+    checks, late = [], False
+    for number, placed_on in sorted(replicas.items()):
+        rows = sorted(points.get(str(number), []), key=lambda p: p[0])
+        name_ = f"worker {number} counters"
+        if not rows:
+            checks.append(Check(name_, False, f"no {measurement} point in the last {window:.0f}s: the replica is not "
+                                              "running or cannot write to InfluxDB", host=placed_on))
+            late = True
+            continue
+        grew, prev = 0, None
+        for _t, _h, v in rows:
+            cur = int(v.get("dead_letters") or 0)
+            if prev is not None:
+                grew += cur - prev if cur >= prev else cur  # a drop is a restart: counting starts from 0
+            prev = cur
+        t_last, host, last = rows[-1]
+        age = max(0.0, (now_ms - t_last) / 1000)
+        detail = (f"received {int(last.get('received') or 0)}, written {int(last.get('written') or 0)}, "
+                  f"dead letters {int(last.get('dead_letters') or 0)} (+{grew} in {window:.0f}s), "
+                  f"spool {_size(float(last.get('spool_bytes') or 0))}, lag {float(last.get('lag_seconds') or 0):.1f}s; "
+                  f"last point {age:.0f}s ago from {host or '?'}")
+        problems = []
+        if now_ms - t_last > stale_ms:
+            problems.append(f"stale: older than {STALE_INTERVALS} x {interval:g}s")
+            late = True
+        if grew > 0:
+            problems.append("dead letters grew (see the platform-health dashboard)")
+        checks.append(Check(name_, not problems, "; ".join(problems + [detail]), host=placed_on))
+    return checks, late
+
+
 def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_deployed: bool,
            canary: bool = True, grafana_reason: str = "") -> StatusReport:
     report = StatusReport()
@@ -296,6 +387,12 @@ def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_
             report.add("influxdb query (read-only user)", True, "ok", host=i)
         except (OSError, RuntimeError, ValueError) as exc:
             report.add("influxdb query (read-only user)", False, str(exc), host=i)
+        health = platform.spec.ingestion.health
+        reader_pw = materials.secrets["influxdb_grafana_password"]
+        report.checks += worker_counters_checks(
+            lambda q: influx_query(platform, addr[i], ca.context(), GRAFANA_INFLUX_USER, reader_pw, q),
+            health.measurement, health.interval, {r.number: r.host for r in platform.replicas},
+            settle=min(health.interval + 2, 20))
         if canary:
             report.checks.append(run_canary(platform, materials, addr, ca))
     finally:

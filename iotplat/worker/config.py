@@ -90,6 +90,13 @@ class DeadLetterConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    interval: float  # seconds between two points of the replica's own counters; 0 = off
+    measurement: str
+    host: str  # the ``host`` tag; "" = this machine's host name
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_payload: int
     max_json_depth: int
@@ -150,6 +157,7 @@ class WorkerConfig:
     limits: LimitsConfig
     http: HttpConfig
     subscriptions: tuple[Subscription, ...]
+    health: HealthConfig = HealthConfig(10.0, "iotplat_worker", "")
 
     def subscription_filter(self, sub: Subscription) -> str:
         if self.mqtt.shared_group:
@@ -222,6 +230,11 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "http": {
         "listen": (str, "127.0.0.1"),
         "port": (int, 9464),
+    },
+    "health": {
+        "interval": ((int, float), 10.0),
+        "measurement": (str, "iotplat_worker"),
+        "host": (str, ""),
     },
 }
 
@@ -422,6 +435,18 @@ class _Loader:
         if port > 65535:
             raise self.err("http.port", f"port + replica - 1 = {port} exceeds 65535; lower http.port")
         http = HttpConfig(h["listen"], port)
+        hc = self.table(data.get("health", {}), "health", _SCHEMA["health"])
+        if hc["interval"] != 0 and not 0.1 <= hc["interval"] <= 86400:
+            raise self.err("health.interval", f"must be 0 (off) or between 0.1 and 86400 seconds, got {hc['interval']}")
+        if not _MEASUREMENT_RE.match(hc["measurement"]):
+            raise self.err("health.measurement", f"{hc['measurement']!r} is not a usable measurement name; "
+                                                 "use letters, digits and _")
+        if hc["measurement"] == dl.measurement:
+            raise self.err("health.measurement", f"{hc['measurement']!r} is dead_letters.measurement too; give the "
+                                                 "worker's counters their own measurement")
+        if hc["host"] and not re.match(r"^[A-Za-z0-9_.\-]{1,253}$", hc["host"]):
+            raise self.err("health.host", "use letters, digits, '.', '-' or '_' (or \"\" for the host name)")
+        health = HealthConfig(float(hc["interval"]), hc["measurement"], hc["host"])
 
         subs_raw = data.get("subscriptions")
         if not subs_raw:
@@ -441,9 +466,12 @@ class _Loader:
                 raise self.err(f"subscriptions[{i}].topic", f"same topic filter as subscription "
                                                             f"{filters[sub.filter]!r}; merge them")
             filters[sub.filter] = sub.name
+            if sub.measurement == health.measurement:
+                raise self.err(f"subscriptions[{i}].measurement", f"{sub.measurement!r} is health.measurement, "
+                                                                  "the worker's own counters; use another name")
             subs.append(sub)
         return WorkerConfig(str(self.path), self.replica or 1, mqtt, influx, batch, spool, dl, limits,
-                            http, tuple(subs))
+                            http, tuple(subs), health)
 
     def mqtt(self, m: dict[str, Any]) -> MqttConfig:
         if not m["host"]:

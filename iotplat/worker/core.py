@@ -11,7 +11,9 @@ Threads:
     flusher, so acknowledgements never overtake each other;
   * the drainer writes spooled records to InfluxDB, oldest first, with backoff that honours
     Retry-After, and deletes them once written;
-  * the HTTP thread serves /healthz and /metrics.
+  * the HTTP thread serves /healthz and /metrics;
+  * the health thread writes the replica's own counters to InfluxDB every ``health.interval``, best-effort
+    and beside the data path (``health.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Callable
 
 from .config import ConfigError, Subscription, WorkerConfig
 from .decoders import load_decoder_class
+from .health import HealthReporter
 from .lineproto import Point, Reason, Rejected, encode_point, excerpt
 from .logs import Log
 from .metrics import Metrics
@@ -188,6 +191,8 @@ class Worker:
         self.fatal: str | None = None
         self.fatal_event = threading.Event()
         self._last_full_log = 0.0
+        self.started = time.monotonic()
+        self.health_reporter = HealthReporter(self)
 
         from .transport import make_transport
         self.transport = make_transport(transport_kind, cfg.mqtt, self)
@@ -396,7 +401,10 @@ class Worker:
         if not lines:
             return True
         with self.drain_lock:
-            direct = not self.always and self.spool.empty() and not self.draining
+            # not while a Retry-After is pending (the health writer may have got it): spool and let the
+            # drainer write once it has passed
+            direct = (not self.always and self.spool.empty() and not self.draining
+                      and time.monotonic() >= self.influx_not_before)
         if direct:
             t = time.monotonic()
             try:
@@ -557,6 +565,7 @@ class Worker:
         ]
         for t in self.threads:
             t.start()
+        self.health_reporter.start()  # its first point (all 0) is taken before the first message can arrive
         self.transport.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -579,6 +588,7 @@ class Worker:
         self.drain_stop.set()
         self.drain_wake.set()
         self.threads[1].join(timeout)
+        self.health_reporter.stop(final=True)  # after the flusher and drainer: the final totals
         self.spool.close()
         self.writer.close()
         self.drain_writer.close()

@@ -66,6 +66,8 @@ class Metrics:
         self.connect_failures = 0
         self.sessions_lost = 0
         self.backpressure_waits = 0
+        self.health_points_written = 0
+        self.health_points_lost = 0
         self.batch_latency = Histogram()
         self.ack_latency = Histogram()
 
@@ -103,6 +105,10 @@ class Metrics:
         counter("mqtt_connect_failures_total", self.connect_failures, "failed MQTT connection attempts")
         counter("mqtt_sessions_lost_total", self.sessions_lost, "reconnects where the broker had no session")
         counter("backpressure_waits_total", self.backpressure_waits, "waits for room in the in-flight window")
+        counter("health_points_written_total", self.health_points_written,
+                "points of the worker's own counters written to InfluxDB (not in points_written_total)")
+        counter("health_points_lost_total", self.health_points_lost,
+                "health points InfluxDB did not take (best-effort; the next one carries the totals)")
         for name, (value, help_) in gauges.items():
             lines.append(f"# HELP {p}{name} {help_}")
             lines.append(f"# TYPE {p}{name} gauge")

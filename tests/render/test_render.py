@@ -179,7 +179,7 @@ def test_worker_config_is_the_documented_format(tmp_path: Path) -> None:
     assert sub["timestamp"] == {"field": "ts", "unit": "ms"}
     documented = (Path(__file__).resolve().parents[2] / "docs" / "worker-config.md").read_text()
     doc_cfg = tomllib.loads(documented.split("```toml", 1)[1].split("```", 1)[0])
-    for section in ("mqtt", "influxdb", "batch", "spool", "dead_letters", "limits", "http"):
+    for section in ("mqtt", "influxdb", "batch", "spool", "dead_letters", "limits", "http", "health"):
         assert set(cfg[section]) <= set(doc_cfg[section]), section
 
 

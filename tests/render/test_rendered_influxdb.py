@@ -126,6 +126,10 @@ def test_least_privilege_users_and_dashboard_queries(influx: dict) -> None:
         if i % 10 == 0:
             lines.append(f'iotplat_dead_letters,reason=invalid_json,device=sensor-1,subscription=telemetry '
                          f'topic="devices/sensor-1/telemetry",excerpt="{{bad",detail="x",bytes=4i {ts}')
+        for r in (1, 2):  # the worker replicas' own counters (cumulative; the real worker's: tests/worker)
+            n = (60 - i) * 100 * r
+            lines.append(f"iotplat_worker,host=edge,replica={r} received={n}i,written={n}i,dead_letters={60 - i}i,"
+                         f"spool_bytes={i * 4096}i,lag_seconds=0.{i + 1:02d},uptime_seconds={600 - i * 10}.0 {ts}")
     body = "\n".join(lines).encode()
     wpw, gpw = m.secrets["influxdb_worker_password"], m.secrets["influxdb_grafana_password"]
     write = f"/write?db={db}&rp={rp}&precision=ns"

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-# gmqtt installs a top-level package named "tests", so tests/ cannot be imported as a package;
-# the shared helpers are imported as the top-level package "support" instead.
+# The shared helpers are imported as the top-level package "support" (the benchmarks import them the same
+# way). tests/ goes at the END of sys.path: first, its folders (tests/secrets, ...) would shadow standard
+# library modules of the same name (`import secrets`) for every test that runs after this one.
 _TESTS = str(Path(__file__).resolve().parents[1])
 if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+    sys.path.append(_TESTS)
 
 from support.servers import Influx1, Mosquitto, Victoria  # noqa: E402
 from support.workerproc import WorkerProc  # noqa: E402
