@@ -268,7 +268,7 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
                               canary=not args.no_canary)
     out.data.update(result)
     for c in result["checks"]:
-        mark = "skip" if c["skipped"] else ("ok  " if c["ok"] else "FAIL")
+        mark = "skip" if c["skipped"] else ("FAIL" if not c["ok"] else ("warn" if c.get("warning") else "ok  "))
         out.line(f"{mark} {c['host']:<10} {c['name']}: {c['detail']}")
     out.line("healthy" if result["ok"] else "UNHEALTHY")
     return code

@@ -105,8 +105,7 @@ def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_d
         out["status"] = [c.as_dict() for c in report.checks]
         out["ok"] = report.ok
         for c in report.checks:
-            progress(f"      {'ok  ' if c.ok else 'FAIL'} {c.host:<10} {c.name}: {c.detail}" if not c.skipped
-                     else f"      skip {c.host:<10} {c.name}: {c.detail}")
+            progress(f"      {c.mark} {c.host:<10} {c.name}: {c.detail}")
     out["seconds"] = round(time.monotonic() - started, 1)
     return out
 
