@@ -67,7 +67,6 @@ def rolling_order(platform: Platform, hosts: list[str], changed: list[Change]) -
 
 
 def rollback_hint(changed: list[Change], spec_file: str) -> str:
-    pins = "; ".join(f"set {SPEC_FIELD[c.service]} back to {c.old}" if c.service != "worker"
-                     else f"reinstall the iotplat release that deployed worker {c.old.split('+')[0]}"
-                     for c in changed)
-    return f"to roll back: {pins} in {spec_file} and run `iotplat up` again (it rolls back host by host the same way)"
+    steps = [f"set {SPEC_FIELD[c.service]} back to {c.old} in {spec_file}" if c.service != "worker"
+             else f"reinstall the iotplat release that deployed worker {c.old.split('+')[0]}" for c in changed]
+    return f"to roll back: {'; '.join(steps)}; then run `iotplat up` again (it rolls back host by host the same way)"
