@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec(p, optional=True)
     p.add_argument("--service", choices=("broker", "worker", "influxdb", "grafana"), help="only this service")
     p.add_argument("--host", help="only this host")
-    p.add_argument("--since", help="journalctl --since value, e.g. '10 min ago' or 2026-11-25T10:00")
+    p.add_argument("--since", help="journalctl --since value, e.g. -1h, '10 min ago' or 2026-11-25T10:00")
     p.add_argument("--lines", "-n", type=int, default=200, help="last N lines per host (default 200)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
     _add_deploy_flags(p)
@@ -370,9 +370,26 @@ def cmd_worker(args: argparse.Namespace, out: Output) -> int:
 # ---------------------------------------------------------------------------- entry point
 
 
+# Options whose value may start with "-" (journalctl accepts "--since -1h"); argparse would take such a value for
+# an option, so "--since -1h" is passed on as "--since=-1h".
+_DASH_VALUES = ("--since",)
+
+
+def _join_dash_values(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in _DASH_VALUES:
+            nxt = next(it, None)
+            out.append(a if nxt is None else f"{a}={nxt}")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_dash_values(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return ExitCode.INVALID

@@ -122,3 +122,14 @@ def test_concurrent_operations_are_locked(tmp_path: Path, isolated_state: Path) 
             assert "locked by iotplat up (pid" in str(exc)
     with b.lock("up"):
         pass
+
+
+def test_since_takes_a_value_that_starts_with_a_dash() -> None:
+    """`logs --since -1h` (journalctl's own syntax) reaches the logs command instead of an argparse error."""
+    from iotplat.cli import _join_dash_values, build_parser
+
+    argv = _join_dash_values(["logs", "p.yaml", "--since", "-1h", "--host", "edge"])
+    assert argv == ["logs", "p.yaml", "--since=-1h", "--host", "edge"]
+    args = build_parser().parse_args(argv)
+    assert args.since == "-1h" and args.host == "edge"
+    assert _join_dash_values(["logs", "--since"]) == ["logs", "--since"]  # argparse then names the missing value
