@@ -174,14 +174,15 @@ def test_every_health_query_returns_the_workers_numbers(tmp_path, broker, influx
     assert sorted(s["tags"]["device"] for s in by_device) == [f"bad{i}" for i in range(BAD)]
     # health points are not device data
     assert influx.count("telemetry", "seq") == GOOD
-    # `iotplat status` summarises the same numbers; the bad messages of the last minutes fail the check
+    # `iotplat status` summarises the same numbers; the bad messages of the last minutes are a warning
     checks = worker_counters_checks(lambda q: _reader_query(influx, q), health.measurement, health.interval,
                                     {1: "edge", 2: "edge"})
     assert [c.name for c in checks] == ["worker 1 counters", "worker 2 counters"]
     for c, r in zip(checks, ("1", "2")):
         assert f"received {rows[r]['received']}, written {rows[r]['written']}, " in c.detail, c.detail
         assert f"dead letters {rows[r]['dead_letters']} (+{rows[r]['dead_letters']} in 300s)" in c.detail
-        assert c.ok == (rows[r]["dead_letters"] == 0), c.detail
+        assert c.ok, c.detail
+        assert c.warning == (rows[r]["dead_letters"] > 0), c.detail
     print(f"\nhealth: replica 1 received {rows['1']['received']}, replica 2 received {rows['2']['received']}; "
           f"{sum(len(s['values']) for s in seen['spool size (bytes), by replica'])} spool buckets")
 
