@@ -18,7 +18,8 @@ def test_build_hosts_names_tags_and_outputs_each_host_in_spec_order() -> None:
     def make_host(host_name: str, spec: config.Host, placed: plan.HostPlan, tags: dict[str, str]) -> Any:
         calls.append((host_name, spec.name, placed.name, tags))
         public_ip = f"203.0.113.{len(calls)}" if placed.public else None
-        return SimpleNamespace(public_ip=public_ip, private_ip=placed.private_ip, data_device=f"/dev/{spec.name}")
+        data_device = f"/dev/{spec.name}"
+        return SimpleNamespace(public_ip=public_ip, private_ip=placed.private_ip, data_device=data_device)
 
     pulumi.runtime.set_mocks(RecordingMocks(), project="iotplat", stack="demo-production", preview=False)
     result: dict[str, Any] = {}
