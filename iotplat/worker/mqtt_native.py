@@ -53,6 +53,13 @@ def _utf8(s: str | bytes) -> bytes:
     return struct.pack(">H", len(b)) + b
 
 
+def publish_packet(topic: str | bytes, payload: bytes, pid: int, *, v5: bool = False,
+                   dup: bool = False) -> bytes:
+    """A QoS 1 PUBLISH (v5: with an empty property list; ``dup``: the DUP flag of a re-sent message)."""
+    body = _utf8(topic) + struct.pack(">H", pid) + (b"\x00" if v5 else b"") + payload
+    return bytes([0x3A if dup else 0x32]) + _varint(len(body)) + body
+
+
 class ProtocolError(Exception):
     pass
 
@@ -112,9 +119,9 @@ class NativeTransport:
 
     def publish(self, topic: str, payload: bytes) -> None:
         pid = self._alloc_pid()
-        body = _utf8(topic) + struct.pack(">H", pid) + (b"\x00" if self.v5 else b"") + payload
+        packet = publish_packet(topic, payload, pid, v5=self.v5)
         self._pending_pub.add(pid)
-        self._send(bytes([0x32]) + _varint(len(body)) + body)
+        self._send(packet)
 
     def wake(self) -> None:
         try:
