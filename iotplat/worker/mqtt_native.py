@@ -53,6 +53,27 @@ def _utf8(s: str | bytes) -> bytes:
     return struct.pack(">H", len(b)) + b
 
 
+def publish_packet(topic: str | bytes, payload: bytes, pid: int, *, v5: bool = False,
+                   dup: bool = False) -> bytes:
+    """A QoS 1 PUBLISH (v5: with an empty property list; ``dup``: the DUP flag of a re-sent message)."""
+    body = _utf8(topic) + struct.pack(">H", pid) + (b"\x00" if v5 else b"") + payload
+    return bytes([0x3A if dup else 0x32]) + _varint(len(body)) + body
+
+
+def _skip_properties(buf: bytes, k: int) -> int:
+    """MQTT 5: the index just past the property list at ``buf[k]`` (a varint length, then that many bytes)."""
+    plen = 0
+    mult = 1
+    while True:
+        b = buf[k]
+        k += 1
+        plen += (b & 0x7F) * mult
+        if not b & 0x80:
+            break
+        mult <<= 7
+    return k + plen
+
+
 class ProtocolError(Exception):
     pass
 
@@ -112,9 +133,9 @@ class NativeTransport:
 
     def publish(self, topic: str, payload: bytes) -> None:
         pid = self._alloc_pid()
-        body = _utf8(topic) + struct.pack(">H", pid) + (b"\x00" if self.v5 else b"") + payload
+        packet = publish_packet(topic, payload, pid, v5=self.v5)
         self._pending_pub.add(pid)
-        self._send(bytes([0x32]) + _varint(len(body)) + body)
+        self._send(packet)
 
     def wake(self) -> None:
         try:
@@ -370,33 +391,14 @@ class NativeTransport:
                     token = (gen, (buf[k] << 8) | buf[k + 1])
                     k += 2
                 if v5:
-                    # skip the properties: a varint length then that many bytes
-                    plen = 0
-                    mult = 1
-                    while True:
-                        b = buf[k]
-                        k += 1
-                        plen += (b & 0x7F) * mult
-                        if not b & 0x80:
-                            break
-                        mult <<= 7
-                    k += plen
+                    k = _skip_properties(buf, k)
                 on_message(topic, buf[k:end], bool(first & 0x08), token)
             elif ptype == 4:  # PUBACK for our dead-letter publishes
                 self._pending_pub.discard((buf[j] << 8) | buf[j + 1])
             elif ptype == 9:  # SUBACK
                 k = j + 2
                 if v5:
-                    plen = 0
-                    mult = 1
-                    while True:
-                        b = buf[k]
-                        k += 1
-                        plen += (b & 0x7F) * mult
-                        if not b & 0x80:
-                            break
-                        mult <<= 7
-                    k += plen
+                    k = _skip_properties(buf, k)
                 self.handler.on_subscribed(list(buf[k:end]))
             elif ptype == 13:  # PINGRESP
                 pass

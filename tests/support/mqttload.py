@@ -1,9 +1,15 @@
-"""A small, fast, reliable QoS 1 load publisher (raw sockets, MQTT 3.1.1), independent of the worker's code.
+"""A small, fast, reliable QoS 1 load publisher (raw sockets, MQTT 3.1.1).
 
 Why not mosquitto_pub/paho: ``mosquitto_pub -l`` exits before its QoS 1 queue drains, and paho as a
 publisher reuses packet ids past 65,535 queued messages. This one keeps a bounded window of unacked
 PUBLISHes (ids never collide), pipelines writes, survives broker restarts (reconnects with a persistent
 session and re-sends every unacknowledged message with DUP set), and can pace itself to a rate.
+
+The wire encoding (remaining length, length-prefixed strings, the PUBLISH packet) is the worker's own
+(iotplat.worker.mqtt_native). That hides no worker bug from the tests: this publisher only ever talks
+to a real Mosquitto, which checks every packet it gets, so a wrong encoder would make the broker refuse
+this publisher as well. What the worker does not have stays here: the 3.1.1 CONNECT with a clean session
+only on the first connect, the packet-id window, re-sending with DUP, and reading PUBACKs.
 """
 
 from __future__ import annotations
@@ -16,25 +22,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, Iterable, Iterator
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
-def _str(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack(">H", len(b)) + b
-
-
-def publish_packet(topic: bytes, payload: bytes, pid: int, dup: bool = False) -> bytes:
-    body = struct.pack(">H", len(topic)) + topic + struct.pack(">H", pid) + payload
-    return bytes([0x3A if dup else 0x32]) + _varint(len(body)) + body
+from iotplat.worker.mqtt_native import _utf8, _varint, publish_packet
 
 
 class LoadPublisher:
@@ -75,8 +63,8 @@ class LoadPublisher:
             ctx = ssl.create_default_context(cafile=self.ca_file)
             raw = ctx.wrap_socket(raw, server_hostname=self.host)
         flags = 0x80 | 0x40 | (0x02 if self.first_session else 0x00)  # user, password, clean session?
-        var = _str("MQTT") + bytes([4, flags]) + struct.pack(">H", 60)
-        payload = _str(self.client_id) + _str(self.username) + _str(self.password)
+        var = _utf8("MQTT") + bytes([4, flags]) + struct.pack(">H", 60)
+        payload = _utf8(self.client_id) + _utf8(self.username) + _utf8(self.password)
         body = var + payload
         raw.sendall(bytes([0x10]) + _varint(len(body)) + body)
         hdr = self._recv_exact(raw, 4)

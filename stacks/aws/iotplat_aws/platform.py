@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pulumi
 import pulumi_aws as aws
-from iotplat_stack.config import StackConfig
-from iotplat_stack.plan import Plan
+from iotplat_stack.config import Host as HostSpec
+from iotplat_stack.plan import HostPlan
+from iotplat_stack.program import PlatformArgs, build_hosts
 
 from .firewall import Firewall, FirewallArgs
 from .host import Host, HostArgs
@@ -19,11 +19,7 @@ from .tags import tagged
 DEBIAN_OWNER = "136693071363"
 AMI_NAME_PATTERNS = {"debian-12": "debian-12-amd64-*"}
 
-
-@dataclass
-class PlatformArgs:
-    config: StackConfig
-    plan: Plan
+__all__ = ["Platform", "PlatformArgs"]
 
 
 class Platform(pulumi.ComponentResource):
@@ -63,10 +59,7 @@ class Platform(pulumi.ComponentResource):
             opts=child,
         )
 
-        exported: dict[str, Any] = {}
-        for spec, placed in zip(cfg.hosts, plan.hosts, strict=True):
-            host_name = f"{name}-{spec.name}"
-            host_tags = {**cfg.tags, "iotplat-host": spec.name}
+        def make_host(host_name: str, spec: HostSpec, placed: HostPlan, host_tags: dict[str, str]) -> Host:
             firewall = Firewall(
                 host_name,
                 FirewallArgs(vpc_id=network.vpc_id, host=spec.name, rules=placed.rules, tags=host_tags),
@@ -74,7 +67,7 @@ class Platform(pulumi.ComponentResource):
             )
             subnet_id = network.private_subnet_id if placed.subnet == "private" else network.public_subnet_id
             assert subnet_id is not None
-            host = Host(
+            return Host(
                 host_name,
                 HostArgs(
                     ami_id=image.id,
@@ -93,11 +86,6 @@ class Platform(pulumi.ComponentResource):
                 # Elastic IPs and the NAT path need the internet gateway and routes first.
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[network]),
             )
-            exported[spec.name] = {
-                "publicIp": host.public_ip,
-                "privateIp": host.private_ip,
-                "dataDevice": host.data_device,
-            }
 
-        self.hosts = pulumi.Output.from_input(exported)
+        self.hosts = build_hosts(name, cfg, plan, make_host)
         self.register_outputs({"hosts": self.hosts})

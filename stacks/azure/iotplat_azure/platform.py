@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pulumi
-from iotplat_stack.config import StackConfig
-from iotplat_stack.plan import Plan
+from iotplat_stack.config import Host as HostSpec
+from iotplat_stack.plan import HostPlan
+from iotplat_stack.program import PlatformArgs, build_hosts
 from pulumi_azure_native import resources
 
 from .firewall import Firewall, FirewallArgs
 from .host import Host, HostArgs
 from .network import Network, NetworkArgs
 
-
-@dataclass
-class PlatformArgs:
-    config: StackConfig
-    plan: Plan
+__all__ = ["Platform", "PlatformArgs"]
 
 
 class Platform(pulumi.ComponentResource):
@@ -52,10 +48,7 @@ class Platform(pulumi.ComponentResource):
             opts=child,
         )
 
-        exported: dict[str, Any] = {}
-        for spec, placed in zip(cfg.hosts, plan.hosts, strict=True):
-            host_name = f"{name}-{spec.name}"
-            host_tags = {**cfg.tags, "iotplat-host": spec.name}
+        def make_host(host_name: str, spec: HostSpec, placed: HostPlan, host_tags: dict[str, str]) -> Host:
             firewall = Firewall(
                 host_name,
                 FirewallArgs(
@@ -67,7 +60,7 @@ class Platform(pulumi.ComponentResource):
                 ),
                 opts=child,
             )
-            host = Host(
+            return Host(
                 host_name,
                 HostArgs(
                     resource_group_name=group.name,
@@ -87,11 +80,6 @@ class Platform(pulumi.ComponentResource):
                 # Outbound (NAT gateway) must exist before a VM without a public IP boots.
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[network]),
             )
-            exported[spec.name] = {
-                "publicIp": host.public_ip,
-                "privateIp": host.private_ip,
-                "dataDevice": host.data_device,
-            }
 
-        self.hosts = pulumi.Output.from_input(exported)
+        self.hosts = build_hosts(name, cfg, plan, make_host)
         self.register_outputs({"hosts": self.hosts, "resourceGroup": group.name})
