@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --ca: switch the servers to the new CA and stop trusting the old one")
     _add_deploy_flags(rp)
     _add_common(rp)
-    rp = rsub.add_parser("secrets", help="new InfluxDB passwords and worker MQTT passwords; replicas restart one at a time",
+    rp = rsub.add_parser("secrets", help="new InfluxDB passwords (worker, Grafana reader, admin); worker replicas restart one at a time",
                          epilog=EPILOG)
     _add_spec(rp, optional=True)
     _add_deploy_flags(rp)

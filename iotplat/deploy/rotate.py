@@ -4,15 +4,17 @@ losing messages.
 Every rotation is: change the state (iotplat/secrets/rotation.py, under the state lock), then deploy it
 "rolling":
 
-1. site.yml with the worker role skipped: the broker gets the new password file (reload) or certificate
-   (restart, with its persistence file), InfluxDB the new users' passwords, Grafana its new credential;
-2. playbooks/rolling-workers.yml: one worker replica at a time gets its new credential files, restarts and
+1. site.yml with the mosquitto and worker roles skipped: every host gets the new ca.crt and server
+   certificate (common role), InfluxDB the new users' passwords, Grafana its new credential;
+2. playbooks/broker-reload.yml: the broker's key and password file, then a reload: Mosquitto re-reads its
+   certificate, key and passwords on SIGHUP, so devices stay connected (a restart drops every connection,
+   and with two worker replicas it lost ~15 messages in flight, measured with Mosquitto 2.0.11);
+3. playbooks/rolling-workers.yml: one worker replica at a time gets its new credential files, restarts and
    must answer /healthz with 200 before the next one restarts.
 
-Between 1 and 2 a replica still running with an old credential is refused by InfluxDB (it spools to disk
-and retries) or by the broker (its persistent session queues its share of the messages): both are the
-outages the worker is built for, so no message is lost. A failed rotation leaves the new values in the
-state; `iotplat up` or the same command again converges the hosts.
+Between 1 and 3 a replica still running with an old credential is refused by InfluxDB: it spools to disk
+and drains after its restart (the outage the worker is built for), so no message is lost. A failed
+rotation leaves the new values in the state; `iotplat up` or the same command again converges the hosts.
 """
 
 from __future__ import annotations
@@ -27,18 +29,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from iotplat.deploy.ops import DEPLOYED, Context, Progress, _cache_dir, open_context, status_of
+from iotplat.deploy.ops import DEPLOYED, Context, Progress, open_context, status_of
 from iotplat.errors import InvalidInput, IotplatError
 from iotplat.secrets import rotation
 from iotplat.secrets.passwords import generate_password
 from iotplat.spec.platform_model import INFLUX_ADMIN_USER
 
 PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
+# Why `rotate secrets` leaves the workers' MQTT passwords alone (measured with Mosquitto 2.0.11, Debian 12):
+# a reload with a changed password disconnects the replica's session and the messages the shared
+# subscription routes to it while it is away are dropped; if the session is offline instead, the broker
+# aborts (will_delay__remove assertion) when the replica reconnects. A replica must leave the shared
+# subscription (UNSUBSCRIBE, then DISCONNECT with session expiry 0) before its password can change.
+MQTT_WORKER_NOTE = ("Mosquitto 2.0.11 drops the messages queued for a session whose password changes; "
+                    "see iotplat/deploy/rotate.py")
 
 
 @contextlib.contextmanager
 def _skip_tags(tags: str) -> Iterator[None]:
-    """ansible-playbook reads ANSIBLE_SKIP_TAGS (= --skip-tags); run_playbook passes the environment on."""
+    """ansible-playbook reads ANSIBLE_SKIP_TAGS (= --skip-tags); run_playbook passes the environment on. The
+    roles tag every task with their name, and their restart handlers are notified only by their own tasks."""
     saved = os.environ.get("ANSIBLE_SKIP_TAGS")
     os.environ["ANSIBLE_SKIP_TAGS"] = tags
     try:
@@ -67,32 +77,35 @@ def _check(result: Any, what: str) -> None:
 
 
 def deploy_rolling(spec: str | None, env: str | None, *, state_dir: str | None, out_dir: str | None,
-                   progress: Progress, workers: bool = True, limit_to_broker: bool = False,
+                   progress: Progress, services: bool = True, workers: bool = True,
                    verify: bool = True) -> dict[str, Any]:
-    """Render from the (already changed) state and apply it: services first, then the worker replicas one by one."""
+    """Render from the (already changed) state and apply it: the services (with the broker and worker roles
+    skipped), the broker with a reload, then the worker replicas one by one."""
     from iotplat.deploy.ansible import run_playbook
     from iotplat.deploy.targets import acquire_hosts
 
     started = time.monotonic()
     ctx = open_context(spec, env, state_dir, out_dir, progress)
     p = ctx.platform
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"services_changed": 0, "workers_restarted": []}
     with ctx.state.lock("rotate"):
         hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=False)
-        limit = p.host_of("broker") if limit_to_broker else None
-        progress(f"[rotate] services{' on ' + limit if limit else ''} (worker replicas untouched)")
-        with _skip_tags("worker"):
-            first = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, limit=limit, progress=progress)
-        _check(first, "deploying the new state to the services")
-        out["services_changed"] = first.changed
-        restarted: list[dict[str, Any]] = []
+        if services:
+            progress("[rotate] services (the broker and the worker replicas come next)")
+            with _skip_tags("mosquitto,worker"):
+                first = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, progress=progress)
+            _check(first, "deploying the new state to the services")
+            out["services_changed"] = first.changed
+        progress("[rotate] broker: new key and password file, then a reload (no restart)")
+        broker = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, progress=progress,
+                              playbook=str(PLAYBOOKS / "broker-reload.yml"))
+        _check(broker, "reloading the broker")
         if workers and p.replicas:
             progress(f"[rotate] worker replicas one at a time: {', '.join(f'{r.number}@{r.host}' for r in p.replicas)}")
             second = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, progress=progress,
                                   playbook=str(PLAYBOOKS / "rolling-workers.yml"))
             _check(second, "restarting the worker replicas")
-            restarted = [{"replica": r.number, "host": r.host} for r in p.replicas]
-        out["workers_restarted"] = restarted
+            out["workers_restarted"] = [{"replica": r.number, "host": r.host} for r in p.replicas]
         ctx.state.write_json("manifest.json", json.loads((ctx.build / "manifest.json").read_text()))
         deployed = ctx.state.read_json(DEPLOYED) or {}
         deployed["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -142,8 +155,8 @@ def certs(spec: str | None, env: str | None, *, ca: bool = False, finish: bool =
 
 def _summary(deployed: dict[str, Any]) -> str:
     health = "" if "ok" not in deployed else ("; healthy" if deployed["ok"] else "; UNHEALTHY (see `iotplat status`)")
-    return (f"deployed in {deployed['seconds']}s: {deployed['services_changed']} service change(s), "
-            f"{len(deployed['workers_restarted'])} worker replica(s) restarted one at a time{health}")
+    return (f"deployed in {deployed['seconds']}s: {deployed['services_changed']} service change(s), broker "
+            f"reloaded, {len(deployed['workers_restarted'])} worker replica(s) restarted one at a time{health}")
 
 
 # ------------------------------------------------------------------------------------------------ secrets
@@ -203,19 +216,56 @@ def secrets(spec: str | None, env: str | None, *, state_dir: str | None = None, 
             rotated.append(rotation.ADMIN_SECRET)
         else:
             skipped.append(rotation.ADMIN_SECRET)
-        users = rotation.rotate_mqtt_passwords(ctx.state, [r.username for r in p.replicas])
         ctx.state.save()  # the admin password already changed on InfluxDB: keep it now
     deployed = deploy_rolling(spec, env, state_dir=state_dir, out_dir=out_dir, progress=progress)
-    lines = [f"rotated {', '.join(rotated)} and the MQTT passwords of {', '.join(users)}"]
+    lines = [f"rotated {', '.join(rotated)}"]
     if skipped:
         lines.append(f"not rotated (the spec reads them from a file or environment variable: change them there): "
                      f"{', '.join(skipped)}")
+    lines.append("not rotated: the worker replicas' MQTT passwords (" + MQTT_WORKER_NOTE + ")")
     lines.append(_summary(deployed))
     return {"platform": p.name, "environment": p.environment, "rotated": rotated, "skipped": skipped,
-            "mqtt_users": users, **deployed, "lines": lines}
+            **deployed, "lines": lines}
 
 
 # ------------------------------------------------------------------------------------------------ device
+
+
+def _end_session(ctx: Context, hosts: list, client_id: str, password: str) -> bool:
+    """End the client's session on the broker before its password changes: connect as it with a clean session
+    (which also disconnects it if it is online), then disconnect. Mosquitto 2.0.11 aborts when a client
+    reconnects to an offline session whose password a reload invalidated. Devices only publish (their ACL
+    lets them read nothing), so their sessions hold no queued messages. False if the broker refused us."""
+    import paho.mqtt.client as mqtt
+
+    from iotplat.verify.status import _Ctx
+
+    p = ctx.platform
+    listener = next((lst for lst in p.spec.broker.listeners if lst.protocol == "mqtt"), None)
+    if listener is None:
+        return False
+    address = {h.name: h.address for h in hosts}[p.host_of("broker")]
+    trust = _Ctx(ctx.materials.ca_cert_pem)
+    result: dict[str, Any] = {}
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                         clean_session=True)
+    try:
+        tls = trust.context(check_hostname=False)  # chain verified; the address is not a certificate name
+        client.tls_set_context(tls)
+        client.username_pw_set(client_id, password)
+        client.on_connect = lambda c, u, f, rc, pr=None: result.__setitem__("rc", rc)
+        client.connect(address, listener.port, keepalive=10)
+        deadline = time.monotonic() + 10
+        while "rc" not in result and time.monotonic() < deadline:
+            client.loop(timeout=0.2)
+        client.disconnect()
+    except (OSError, ValueError):
+        return False
+    finally:
+        trust.close()
+    rc = result.get("rc")
+    return rc is not None and not rc.is_failure
+
 
 
 def device(spec: str | None, env: str | None, device_id: str, *, state_dir: str | None = None,
@@ -224,13 +274,18 @@ def device(spec: str | None, env: str | None, device_id: str, *, state_dir: str 
     p = ctx.platform
     if not any(d.id == device_id for d in p.all_devices):
         raise InvalidInput(f"no device {device_id!r} in the registry of {p.key} (`iotplat device list`)")
+    from iotplat.deploy.targets import acquire_hosts
+
+    hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=False)
     with ctx.state.lock("rotate device"):
+        old_password = ctx.materials.mqtt_users[device_id][0]
         rotation.rotate_mqtt_passwords(ctx.state, [device_id])
         ctx.state.save()
-    deployed = deploy_rolling(spec, env, state_dir=state_dir, out_dir=out_dir, progress=progress, workers=False,
-                              limit_to_broker=True, verify=False)
+    ended = _end_session(ctx, hosts, device_id, old_password)
+    deployed = deploy_rolling(spec, env, state_dir=state_dir, out_dir=out_dir, progress=progress, services=False,
+                              workers=False, verify=False)
     where = f" {spec}" if spec else ""
-    return {"platform": p.name, "environment": p.environment, "device": device_id, **deployed,
+    return {"platform": p.name, "environment": p.environment, "device": device_id, "session_ended": ended, **deployed,
             "lines": [f"reissued the credential of {device_id}: the broker refuses its old password from its next "
                       f"connect on; other devices are not affected ({deployed['seconds']}s)",
                       f"its new kit: `iotplat device kit {device_id}{where}` (shows the new secret)"]}
