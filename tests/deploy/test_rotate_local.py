@@ -393,3 +393,9 @@ def test_04_ca_rotation_with_overlap(rot: dict, capfd) -> None:
     assert not _try(addr, old_ca, "dev-a", dev_a)
     code, out, err = _cli(capfd, "status", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, out[-3000:]
+    # what rotate deployed is exactly what `up` would: a following up changes nothing, restarts nothing
+    broker_pid = _broker_pid(rot)
+    code, out, err = _cli(capfd, "up", rot["spec"], "--out", rot["build"], "--json", "--no-verify")
+    assert code == 0, (out + err)[-3000:]
+    assert json.loads(out)["changed"] == 0, json.loads(out)["recap"]
+    assert _broker_pid(rot) == broker_pid
