@@ -267,15 +267,14 @@ def _end_session(ctx: Context, hosts: list, client_id: str, password: str) -> bo
     return rc is not None and not rc.is_failure
 
 
-
 def device(spec: str | None, env: str | None, device_id: str, *, state_dir: str | None = None,
            out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
+    from iotplat.deploy.targets import acquire_hosts
+
     ctx = _deployed_context(spec, env, state_dir, out_dir, progress)
     p = ctx.platform
     if not any(d.id == device_id for d in p.all_devices):
         raise InvalidInput(f"no device {device_id!r} in the registry of {p.key} (`iotplat device list`)")
-    from iotplat.deploy.targets import acquire_hosts
-
     hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=False)
     with ctx.state.lock("rotate device"):
         old_password = ctx.materials.mqtt_users[device_id][0]
