@@ -161,6 +161,33 @@ def build_parser() -> argparse.ArgumentParser:
         dp.set_defaults(func=cmd_device)
     p.set_defaults(func=cmd_device, device_command=None, json=False, debug=False)
 
+    p = sub.add_parser("rotate", help="new certificates, service secrets or a device credential, without losing messages",
+                       epilog=EPILOG)
+    rsub = p.add_subparsers(dest="rotate_command", metavar="WHAT")
+    rp = rsub.add_parser("certs", help="renew the server certificates; with --ca start (then --finish) a CA rotation",
+                         epilog=EPILOG)
+    _add_spec(rp, optional=True)
+    rp.add_argument("--ca", action="store_true",
+                    help="start a CA rotation: hosts and device kits trust the old and a new CA until --finish")
+    rp.add_argument("--finish", action="store_true",
+                    help="with --ca: switch the servers to the new CA and stop trusting the old one")
+    _add_deploy_flags(rp)
+    _add_common(rp)
+    rp = rsub.add_parser("secrets", help="new InfluxDB passwords (worker, Grafana reader, admin); worker replicas restart one at a time",
+                         epilog=EPILOG)
+    _add_spec(rp, optional=True)
+    _add_deploy_flags(rp)
+    _add_common(rp)
+    rp = rsub.add_parser("device", help="reissue a device's credential (the old one is refused from its next connect)",
+                         epilog=EPILOG)
+    rp.add_argument("id", help="device id")
+    _add_spec(rp, optional=True)
+    _add_deploy_flags(rp)
+    _add_common(rp)
+    p.set_defaults(func=cmd_rotate, rotate_command=None, json=False, debug=False)
+    for action in rsub.choices.values():
+        action.set_defaults(func=cmd_rotate)
+
     p = sub.add_parser("schema", help="print the spec's JSON Schema", epilog=EPILOG)
     _add_common(p)
     p.set_defaults(func=cmd_schema)
@@ -347,6 +374,24 @@ def cmd_device(args: argparse.Namespace, out: Output) -> int:
     for line in result.get("lines", []):
         out.line(line)
     return ExitCode.OK
+
+
+def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.deploy import rotate
+
+    if not args.rotate_command:
+        raise InvalidInput("choose what to rotate: iotplat rotate certs|secrets|device ID (see --help)")
+    common = {"state_dir": args.state_dir, "out_dir": args.out, "progress": _progress(out)}
+    if args.rotate_command == "certs":
+        result = rotate.certs(args.spec, args.env, ca=args.ca, finish=args.finish, **common)
+    elif args.rotate_command == "secrets":
+        result = rotate.secrets(args.spec, args.env, **common)
+    elif args.rotate_command == "device":
+        result = rotate.device(args.spec, args.env, args.id, **common)
+    out.data.update(result)
+    for line in result.get("lines", []):
+        out.line(line)
+    return ExitCode.OK if result.get("ok", True) else ExitCode.FAILURE
 
 
 def cmd_schema(args: argparse.Namespace, out: Output) -> int:

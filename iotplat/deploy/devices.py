@@ -168,7 +168,8 @@ def kit(args: argparse.Namespace) -> dict[str, Any]:
         f"username:  {device.id}   (also the client id)",
         f"password:  {password}",
         "topics:    " + ", ".join(topics),
-        "ca.crt:",
+        "ca.crt:" + (f"  (two CAs: a CA rotation runs since {materials.ca_rotation_started}; install both)"
+                     if materials.ca_rotation_started else ""),
         materials.ca_cert_pem.rstrip(),
         "example:",
         f"  {sample}",

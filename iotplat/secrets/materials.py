@@ -33,11 +33,12 @@ SERVER_SERVICES = ("broker", "influxdb", "grafana")
 
 @dataclass(frozen=True)
 class Materials:
-    ca_cert_pem: str
+    ca_cert_pem: str  # what clients trust: the platform CA (during a CA rotation: the current and the next CA)
     host_certs: dict[str, pki.CertKey]  # host -> server certificate + key
     mqtt_users: dict[str, tuple[str, str]]  # username -> (password, $7$ hash)
     secrets: dict[str, str]
     hashes_computed: int  # how many hashes this call had to compute (0 when warm)
+    ca_rotation_started: str = ""  # set while a CA rotation overlaps (ca_cert_pem is then old + new CA)
 
     def secret_values(self) -> set[str]:
         """Every secret value: what render must never write and what output must mask."""
@@ -94,6 +95,10 @@ def ensure_materials(platform: Platform, state: State) -> Materials:
             sec["ca"] = {"cert": ca_new.cert_pem, "key": ca_new.key_pem}
             state.mark("secrets")
         ca = pki.CertKey(sec["ca"]["cert"], sec["ca"]["key"])
+    # During a CA rotation (`iotplat rotate certs --ca`) the next CA is trusted next to the current one;
+    # server certificates stay issued by the current CA until `--finish` (see iotplat/deploy/rotate.py).
+    ca_next = sec.get("ca_next") if platform.spec.tls.ca != "files" else None
+    trust_pem = ca.cert_pem if not ca_next else ca.cert_pem.rstrip("\n") + "\n" + ca_next["cert"]
     # server certificates
     certs = sec.setdefault("hosts", {})
     host_certs: dict[str, pki.CertKey] = {}
@@ -137,7 +142,8 @@ def ensure_materials(platform: Platform, state: State) -> Materials:
             users[name]["hash"] = h
         state.mark("users")
     mqtt_users = {n: (users[n]["password"], users[n]["hash"]) for n in wanted}
-    return Materials(ca.cert_pem, host_certs, mqtt_users, resolved, len(todo))
+    return Materials(trust_pem, host_certs, mqtt_users, resolved, len(todo),
+                     ca_rotation_started=ca_next["started"] if ca_next else "")
 
 
 def _given_ca(platform: Platform) -> pki.CertKey:

@@ -11,6 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -100,11 +101,21 @@ def expires_at(cert_pem: str) -> dt.datetime:
     return x509.load_pem_x509_certificate(cert_pem.encode()).not_valid_after_utc
 
 
-def needs_renewal(cert_pem: str, names: list[str], ca_pem: str) -> bool:
+def issued_by(cert_pem: str, ca_pem: str) -> bool:
+    """True when `ca_pem` signed `cert_pem` (name and signature: a rotated CA may keep an old name)."""
     cert = x509.load_pem_x509_certificate(cert_pem.encode())
     ca = x509.load_pem_x509_certificate(ca_pem.encode())
-    if cert.issuer != ca.subject:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def needs_renewal(cert_pem: str, names: list[str], ca_pem: str) -> bool:
+    if not issued_by(cert_pem, ca_pem):
         return True
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
     if sorted(cert_names(cert_pem)) != sorted(names):
         return True
     return cert.not_valid_after_utc - _now() < dt.timedelta(days=RENEW_BEFORE_DAYS)

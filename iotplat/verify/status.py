@@ -109,7 +109,8 @@ def tls_probe(address: str, port: int, name: str, ctx: ssl.SSLContext) -> tuple[
     days = (expires - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
     note = f"{version}, certificate for {name} valid {days:.0f} more days"
     if days < WARN_DAYS:
-        note += " (renew soon: `iotplat up` reissues certificates expiring within 30 days)"
+        note += (f" (WARNING: expires within {WARN_DAYS} days: renew it with `iotplat rotate certs`; "
+                 "`iotplat up` also reissues such certificates)")
     return True, note, days
 
 
@@ -374,6 +375,10 @@ def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_
             else:
                 report.add("grafana", True, f"skipped at deploy: {grafana_reason or 'see the output of iotplat up'}",
                            host=g, skipped=True)
+        if materials.ca_rotation_started:
+            report.add("CA rotation", True, f"overlap since {materials.ca_rotation_started}: hosts and device kits "
+                       "trust the current and the next CA; after every device has its new kit, run "
+                       "`iotplat rotate certs --ca --finish`", host=b)
         # units and worker health on each host
         for host in platform.host_names:
             units = _units(platform, host, grafana_deployed)

@@ -59,7 +59,7 @@ class Spool:
         self._records_pending = 0  # records appended and not yet committed (approximate after restart)
         self._recover()
         self._wfd: int | None = None
-        self._wseg = max(self._sizes) if self._sizes else 0
+        self._wseg = max(self._sizes) if self._sizes else self._rseg
 
     # -- start-up ------------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -82,7 +82,11 @@ class Spool:
             self._records_pending += count
         if self._sizes and cur_seg not in self._sizes:
             cur_seg, cur_off = min(self._sizes), 0
-        self._rseg, self._roff = (cur_seg, cur_off) if self._sizes else (0, 0)
+        # Nothing pending: keep numbering from the cursor's segment (a full drain leaves it ahead of the
+        # last segment), so new records are never below the cursor, which the next start would delete.
+        self._rseg, self._roff = (cur_seg, cur_off) if self._sizes else (cur_seg, 0)
+        if not self._sizes and cur_off:
+            self._write_cursor()  # a drain interrupted before its cursor write: restart the segment at 0
         self._fsync_dir()
 
     def _scan(self, path: Path, start: int) -> tuple[int, int]:

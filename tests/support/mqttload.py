@@ -27,9 +27,11 @@ from iotplat.worker.mqtt_native import _utf8, _varint, publish_packet
 
 class LoadPublisher:
     def __init__(self, port: int, username: str, password: str, client_id: str = "loadgen",
-                 ca_file: str | None = None, window: int = 2000, host: str = "127.0.0.1") -> None:
+                 ca_file: str | None = None, window: int = 2000, host: str = "127.0.0.1",
+                 tls_name: str | None = None) -> None:
         assert 0 < window < 65000
         self.host, self.port = host, port
+        self.tls_name = tls_name  # the name the server certificate must carry (default: host)
         self.username, self.password, self.client_id = username, password, client_id
         self.ca_file = ca_file
         self.window = window
@@ -61,7 +63,7 @@ class LoadPublisher:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ca_file:
             ctx = ssl.create_default_context(cafile=self.ca_file)
-            raw = ctx.wrap_socket(raw, server_hostname=self.host)
+            raw = ctx.wrap_socket(raw, server_hostname=self.tls_name or self.host)
         flags = 0x80 | 0x40 | (0x02 if self.first_session else 0x00)  # user, password, clean session?
         var = _utf8("MQTT") + bytes([4, flags]) + struct.pack(">H", 60)
         payload = _utf8(self.client_id) + _utf8(self.username) + _utf8(self.password)

@@ -79,3 +79,34 @@ def test_corrupt_record_in_the_middle_is_cut_there(tmp_path):
     (tmp_path / seg).write_bytes(bytes(data))
     s2 = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 20)
     assert drain(s2) == batch(0) + batch(1)
+
+
+def test_records_spooled_after_a_drain_and_a_restart_survive_the_next_restart(tmp_path):
+    """A full drain leaves the cursor ahead of segment 0; a process started on that empty spool must not write
+    below the cursor, or the next start deletes those records as 'already drained' (found by `iotplat rotate
+    secrets`: InfluxDB restarts, the spool drains, the worker restarts, InfluxDB refuses the old password)."""
+    s = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    assert s.append(batch(1))
+    assert drain(s) == batch(1)
+    s.close()
+    s2 = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)  # restart on the empty spool
+    assert s2.empty()
+    assert s2.append(batch(2)) and s2.append(batch(3))
+    s2.close()
+    s3 = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)  # restart with records pending
+    assert s3.pending_records == 2
+    assert drain(s3) == batch(2) + batch(3)
+    s3.close()
+    s4 = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    assert s4.empty()
+
+
+def test_cursor_left_inside_a_deleted_segment_does_not_hide_new_records(tmp_path):
+    """A crash between deleting the drained segments and writing the cursor leaves `seg off>0` with no segment."""
+    (tmp_path / "cursor").write_text("3 500\n")
+    s = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    assert s.empty()
+    assert s.append(batch(1))
+    s.close()
+    s2 = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    assert s2.pending_records == 1 and drain(s2) == batch(1)
