@@ -1,8 +1,9 @@
 """The worker's wheelhouse: what worker hosts install, offline, into /opt/iotplat/venv.
 
-    <dir>/iotplat-<version>-py3-none-any.whl          the worker (iotplat/__init__.py + iotplat/worker/ only)
-    <dir>/<dependency wheels>                          downloaded once on the controller (pip download)
-    <dir>/requirements-worker.txt                      the pinned dependencies, versions = this controller's
+    <root>/<digest>/iotplat-<version>-py3-none-any.whl   the worker (iotplat/__init__.py + iotplat/worker/ only)
+    <root>/<digest>/<dependency wheels>                  copied from <root>/deps (pip download, once)
+    <root>/<digest>/requirements-worker.txt              the pinned dependencies, versions = this controller's
+    <root>/<digest>/SHA256SUMS                           of the above; <digest> is the start of its sha256
 
 Why a hand-built wheel: the worker must go to hosts without the CLI's dependencies (pydantic, ansible, ...)
 and byte-for-byte reproducibly, whether iotplat runs from a checkout or from an installed wheel; no build
@@ -15,8 +16,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -83,32 +87,62 @@ def build_worker_wheel(dest: Path) -> Path:
     return target
 
 
-def build_wheelhouse(dest: Path) -> Path:
-    """Worker wheel + dependency wheels + requirements-worker.txt in dest (dependencies downloaded once)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    wheel = build_worker_wheel(dest)
-    for stale in dest.glob("iotplat-*.whl"):  # the role wants exactly one iotplat wheel
-        if stale != wheel:
-            stale.unlink()
+def build_wheelhouse(root: Path) -> Path:
+    """The wheelhouse of exactly this iotplat's worker: root/<digest>/ with the worker wheel, its dependency
+    wheels, requirements-worker.txt and SHA256SUMS (the folder is named after the digest of SHA256SUMS).
+
+    Per content, not one shared folder: two checkouts or releases on one controller must not deploy each
+    other's worker. The dependency wheels are downloaded once into root/deps (their pins fix their content);
+    on an air-gapped controller put them there. Folders unused for a week are removed."""
+    root.mkdir(parents=True, exist_ok=True)
     pins = _pinned()
-    req = dest / "requirements-worker.txt"
-    wanted = "\n".join(pins) + "\n"
-    have = req.read_text() if req.exists() else ""
-    if have != wanted or not all(any(dest.glob(f"{p.split('==')[0].replace('-', '_')}-{p.split('==')[1]}-*.whl")) for p in pins):
-        if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
-            raise IotplatError(f"pip is not available in {sys.prefix}; run `{sys.executable} -m ensurepip` "
-                               "(iotplat uses it to download the worker's dependency wheels)")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(dest), *pins],
-            capture_output=True, text=True, timeout=600,
-        )
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise IotplatError(f"cannot download the worker's dependencies ({', '.join(pins)}): {last}; "
-                               f"on an air-gapped controller put their wheels into {dest}")
-        req.write_text(wanted)
-    write_checksums(dest)
-    return dest
+    deps = _ensure_deps(root / "deps", pins)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
+    try:
+        build_worker_wheel(staging)
+        for wheel in deps:
+            shutil.copy2(wheel, staging / wheel.name)
+        (staging / "requirements-worker.txt").write_text("\n".join(pins) + "\n")
+        final = root / hashlib.sha256(write_checksums(staging).encode()).hexdigest()[:16]
+        if not final.exists():
+            try:
+                staging.rename(final)
+            except OSError:  # another run built the same folder at the same moment
+                pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    final.touch()  # marks it used (mtime) for the pruning below
+    week = time.time() - 7 * 86400
+    for old in root.iterdir():
+        if old.is_dir() and old.name not in ("deps", final.name) and not old.name.startswith(".") \
+                and old.stat().st_mtime < week:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _ensure_deps(deps: Path, pins: list[str]) -> list[Path]:
+    """The dependency wheels for pins in deps, downloaded with pip when one is missing."""
+    def have() -> list[Path] | None:
+        found = [sorted(deps.glob(f"{p.split('==')[0].replace('-', '_')}-{p.split('==')[1]}-*.whl")) for p in pins]
+        return [w[0] for w in found] if all(found) else None
+
+    deps.mkdir(parents=True, exist_ok=True)
+    wheels = have()
+    if wheels is not None:
+        return wheels
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        raise IotplatError(f"pip is not available in {sys.prefix}; run `{sys.executable} -m ensurepip` "
+                           "(iotplat uses it to download the worker's dependency wheels)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(deps), *pins],
+        capture_output=True, text=True, timeout=600,
+    )
+    wheels = have()
+    if proc.returncode != 0 or wheels is None:
+        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise IotplatError(f"cannot download the worker's dependencies ({', '.join(pins)}): {last}; "
+                           f"on an air-gapped controller put their wheels into {deps}")
+    return wheels
 
 
 SUMS = "SHA256SUMS"

@@ -33,3 +33,26 @@ def test_installs_and_runs_without_cli_dependencies(tmp_path: Path) -> None:
     out = subprocess.run([py, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_wheelhouse_folder_is_per_content(tmp_path: Path) -> None:
+    """Two checkouts (or releases) on one controller share the cache root but never each other's worker: the
+    folder is named after the digest of its SHA256SUMS; dependency wheels are downloaded once into deps/."""
+    import hashlib
+
+    from iotplat.deploy.wheelhouse import build_wheelhouse
+
+    other = tmp_path / "0123456789abcdef"  # what another checkout left in the same root
+    other.mkdir()
+    (other / "iotplat-0.0.1-py3-none-any.whl").write_bytes(b"someone else's worker")
+    first = build_wheelhouse(tmp_path)
+    again = build_wheelhouse(tmp_path)
+    assert first == again and first != other
+    sums = (first / "SHA256SUMS").read_text()
+    assert first.name == hashlib.sha256(sums.encode()).hexdigest()[:16]
+    names = sorted(p.name for p in first.iterdir())
+    assert names[0] == "SHA256SUMS" and "requirements-worker.txt" in names
+    assert [n for n in names if n.startswith("iotplat-")] == [build_worker_wheel(tmp_path / "w").name]
+    assert (other / "iotplat-0.0.1-py3-none-any.whl").read_bytes() == b"someone else's worker"
+    assert any((tmp_path / "deps").glob("paho_mqtt-*.whl"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".build-")]  # no staging left behind
