@@ -174,3 +174,26 @@ def test_scheduled_backups_on_the_host(platform_dir: dict) -> None:
     finally:
         ca.close()
     assert res["results"][0]["series"][0]["values"][0][1] == COUNT + 10
+
+
+def test_removing_the_schedule_removes_the_timer_but_keeps_the_backups(platform_dir: dict, capfd) -> None:
+    from iotplat.deploy.targets import local_settings
+    from iotplat.hosts import local_provider
+
+    ctx = platform_dir
+    spec = yaml.safe_load(Path(ctx["spec"]).read_text())
+    del spec["backup"]
+    Path(ctx["spec"]).write_text(yaml.safe_dump(spec, sort_keys=False))
+    code = main(["up", ctx["spec"], "--out", ctx["build"], "--no-verify", "--json"])
+    out, err = capfd.readouterr()
+    assert code == 0, (out + err)[-3000:]
+    p, _ = _materials(ctx)
+    hosts = local_provider(local_settings(p))
+    gone = hosts.exec("core", ["sh", "-c", "ls /etc/systemd/system/iotplat-backup.* /usr/local/sbin/iotplat-backup "
+                                           "/etc/ansible/facts.d/iotplat_backup.fact 2>/dev/null | wc -l"])
+    assert gone.stdout.strip() == "0"
+    assert hosts.exec("core", ["systemctl", "is-active", "iotplat-backup.timer"]).stdout.strip() == "inactive"
+    assert len(hosts.exec("core", ["ls", "-1", "/var/backups/iotplat"]).stdout.split()) == 2  # taken backups stay
+    code = main(["up", ctx["spec"], "--out", ctx["build"], "--no-verify", "--json"])
+    out, err = capfd.readouterr()
+    assert code == 0 and json.loads(out)["changed"] == 0, (out + err)[-3000:]  # nothing left to remove
