@@ -12,9 +12,11 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +180,17 @@ def _stream(argv: list[str], env: dict[str, str], mask: Masker, progress: Progre
     in_recap = False
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True)
+    # The deadline holds while output is still being read: a task that hangs (a dead SSH peer, a stuck
+    # package mirror) prints nothing, so a timeout on wait() alone would never fire.
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _kill_session(proc)
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
@@ -205,13 +218,29 @@ def _stream(argv: list[str], env: dict[str, str], mask: Masker, progress: Progre
                     result.failures.append(f"{host}: {task}: {line.split('=>', 1)[-1].strip()[:400]}")
                 if progress and status in ("changed", "fatal", "failed", "unreachable"):
                     progress(f"  {host:<12} {status:<9} {task}")
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise IotplatError(f"ansible-playbook did not finish within {timeout:.0f}s") from None
+        proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
+        _kill_session(proc)
         raise
+    finally:
+        watchdog.cancel()
+    if expired.is_set():
+        running = f" during task {task!r}" if task else ""
+        raise IotplatError(f"ansible-playbook did not finish within {timeout:.0f}s and was stopped{running}; "
+                           "check that every host is reachable over SSH and reaches its package source, then "
+                           "run the command again")
     result.returncode = proc.returncode
     result.output = "\n".join(lines)
     return result
+
+
+def _kill_session(proc: subprocess.Popen, grace: float = 5) -> None:
+    """Stop ansible-playbook and its workers (its own session): TERM, then KILL after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue

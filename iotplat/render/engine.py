@@ -459,10 +459,13 @@ class Renderer:
             "# facts once per host and run, and only the subsets the roles read\n"
             "gathering = smart\n"
             "gather_subset = !all,min,network,virtual\n"
+            "# a task that hangs (a stuck package mirror, a dead peer) fails after 20 minutes, named\n"
+            "task_timeout = 1200\n"
             "\n[ssh_connection]\n"
             "pipelining = True\n"
-            "# one multiplexed connection per host; no compression (hosts are near, CPU is not free)\n"
-            "ssh_args = -o ControlMaster=auto -o ControlPersist=120s\n"
+            "# one multiplexed connection per host; no compression (hosts are near, CPU is not free);\n"
+            "# keepalives, so a connection to a host that went away fails within a minute instead of hanging\n"
+            "ssh_args = -o ControlMaster=auto -o ControlPersist=120s -o ServerAliveInterval=15 -o ServerAliveCountMax=4\n"
         ).encode()
         return {
             "ansible/inventory.yml": _yaml(inventory, MANAGED + " Addresses of cloud and local hosts are added by `iotplat up`."),

@@ -10,13 +10,16 @@ Environment:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +61,7 @@ class PlaybookRun:
     returncode: int
     output: str
     recap: dict[str, dict[str, int]]
+    seconds: float = 0.0
 
     def total(self, what: str) -> int:
         return sum(counts.get(what, 0) for counts in self.recap.values())
@@ -189,16 +193,35 @@ class Deployment:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
         env.update(ANSIBLE_ROLES_PATH=str(ROLES), ANSIBLE_CONFIG=str(self.build / "ansible" / "ansible.cfg"),
-                   ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1", PATH=f"{VENV_BIN}:{env.get('PATH', '')}")
+                   ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1", PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
+                   # tighter than ansible.cfg's 20 minutes: a hung task fails by name well inside the
+                   # playbook's own deadline, so the report says which task and host hung
+                   ANSIBLE_TASK_TIMEOUT="300")
         return env
 
     def playbook(self, *extra: str, timeout: float = 600, secrets_file: Path | None = None) -> PlaybookRun:
+        """Run site.yml; output goes to a log file as it comes, so a run that overstays `timeout` is stopped
+        (with its whole session) and the failure shows where it was."""
         argv = self.argv(*extra, secrets_file=secrets_file)
-        proc = subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=timeout)
-        out = proc.stdout + proc.stderr
         log = self.work / f"playbook-{len(list(self.work.glob('playbook-*.log'))) + 1}.log"
-        log.write_text(out)
-        return PlaybookRun(argv, proc.returncode, out, parse_recap(proc.stdout))
+        started = time.monotonic()
+        with log.open("w") as out:
+            proc = subprocess.Popen(argv, env=self.env(), stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, sig)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=5)
+                        break
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+                pytest.fail(f"ansible-playbook {' '.join(extra)} overstayed {timeout:.0f}s and was stopped; "
+                            f"its output ended with:\n{tail}", pytrace=False)
+        text = log.read_text(errors="replace")
+        return PlaybookRun(argv, proc.returncode, text, parse_recap(text), time.monotonic() - started)
 
     def exec(self, host: str, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         return self.provider.exec(host, argv, timeout=timeout)
