@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import pytest
 
 from iotplat.cli import main
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every ansible-playbook the tests start (through `iotplat up` or directly): a hung task fails by
+    # name after 5 minutes (the rendered ansible.cfg allows 20), so a CI report says which task hung.
+    os.environ.setdefault("ANSIBLE_TASK_TIMEOUT", "300")
 
 
 @pytest.fixture(autouse=True)
