@@ -7,7 +7,6 @@ InfluxDB backup restores with every row."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import ssl
 import time
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from iotplat.cli import main
+from tests.deploy.conftest import local_platform, module_env, platform_materials
 from tests.helpers import PLATFORM_DIR
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
@@ -26,36 +26,21 @@ COUNT = 10_000
 
 @pytest.fixture(scope="module")
 def platform_dir(tmp_path_factory: pytest.TempPathFactory):
-    if os.geteuid() != 0 or not shutil.which("systemd-nspawn"):
-        pytest.skip("needs root and systemd-nspawn")
-    work = tmp_path_factory.mktemp("bk")
-    spec = yaml.safe_load((PLATFORM_DIR / "platform.yaml").read_text())
-    spec["name"] = "bkp"
-    spec["target"]["network"] = "10.218.0.0/24"
-    spec["backup"] = {"schedule": "hourly", "keep": 2}
-    (work / "platform.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    (work / "devices.csv").write_text("id\ndev-a\n")
-    env = {"IOTPLAT_STATE_DIR": str(work / "state"), "IOTPLAT_VAULT_PASSWORD_FILE": str(work / "key")}
-    (work / "key").write_text("backup-test-vault-password-0123456789")
-    (work / "key").chmod(0o600)
-    yield {"dir": work, "spec": str(work / "platform.yaml"), "build": str(work / "build"), "env": env}
-    os.environ.update(env)
-    main(["destroy", str(work / "platform.yaml"), "--out", str(work / "build"), "--yes", "--data"])
+    def edit(spec: dict) -> None:
+        spec["name"], spec["target"]["network"] = "bkp", "10.218.0.0/24"
+        spec["backup"] = {"schedule": "hourly", "keep": 2}
+
+    yield from local_platform(tmp_path_factory.mktemp("bk"), PLATFORM_DIR / "platform.yaml", edit, devices=["dev-a"])
 
 
 @pytest.fixture(autouse=True)
 def _env(isolated_state, platform_dir: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k, v in platform_dir["env"].items():
-        monkeypatch.setenv(k, v)
+    module_env(platform_dir, monkeypatch)
 
 
 def _materials(ctx: dict):
-    from iotplat.secrets.materials import ensure_materials
-    from iotplat.secrets.state import State
-    from iotplat.spec.load import load_platform
-
-    p = load_platform(Path(ctx["spec"]))
-    return p, ensure_materials(p, State.open(Path(ctx["env"]["IOTPLAT_STATE_DIR"]), p.name, p.environment))
+    p, m, _ = platform_materials(ctx)
+    return p, m
 
 
 def _count(p, m, address: str, ts0: int) -> int:

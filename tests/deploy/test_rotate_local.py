@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import ssl
 import threading
@@ -23,10 +21,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-import yaml
 from cryptography import x509
 
-from iotplat.cli import main
+from tests.deploy.conftest import local_platform, module_env, platform_materials, run_cli
 from tests.helpers import PLATFORM_DIR
 from tests.support.mqttload import LoadPublisher
 
@@ -38,60 +35,21 @@ MAX_MESSAGES = 20_000  # bounds the publisher (1000 s at RATE) even if a rotatio
 
 @pytest.fixture(scope="module")
 def rot(tmp_path_factory: pytest.TempPathFactory):
-    if os.geteuid() != 0 or not shutil.which("systemd-nspawn"):
-        pytest.skip("needs root and systemd-nspawn")
-    work = tmp_path_factory.mktemp("rot")
-    spec = yaml.safe_load((PLATFORM_DIR / "platform.yaml").read_text())
-    spec["name"] = "rot"
-    spec["target"]["network"] = NETWORK
-    spec["ingestion"]["replicas"] = 2
-    (work / "platform.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    (work / "devices.csv").write_text("id\ndev-a\ndev-b\ndev-c\ndev-d\n")
-    # a private wheelhouse: the shared ~/.cache one is rebuilt by every checkout that deploys on this machine
-    wheelhouse = work / "cache" / "iotplat" / "wheelhouse"
-    wheelhouse.mkdir(parents=True)
-    shared = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iotplat" / "wheelhouse"
-    for dep in [*shared.glob("*.whl"), shared / "requirements-worker.txt"]:
-        if dep.is_file() and not dep.name.startswith("iotplat-"):
-            shutil.copy(dep, wheelhouse / dep.name)
-    env = {"IOTPLAT_STATE_DIR": str(work / "state"), "IOTPLAT_VAULT_PASSWORD_FILE": str(work / "key"),
-           "XDG_CACHE_HOME": str(work / "cache")}
-    (work / "key").write_text("rotate-test-vault-password-0123456789")
-    (work / "key").chmod(0o600)
-    ctx = {"dir": work, "spec": str(work / "platform.yaml"), "build": str(work / "build"), "env": env}
-    saved = {k: os.environ.get(k) for k in env}
-    try:
-        yield ctx
-    finally:
-        os.environ.update(env)
-        main(["destroy", ctx["spec"], "--out", ctx["build"], "--yes", "--data"])
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    def edit(spec: dict) -> None:
+        spec["name"], spec["target"]["network"] = "rot", NETWORK
+        spec["ingestion"]["replicas"] = 2
+
+    yield from local_platform(tmp_path_factory.mktemp("rot"), PLATFORM_DIR / "platform.yaml", edit,
+                              devices=["dev-a", "dev-b", "dev-c", "dev-d"])
 
 
 @pytest.fixture(autouse=True)
 def _env(isolated_state, rot: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k, v in rot["env"].items():
-        monkeypatch.setenv(k, v)
-
-
-def _cli(capfd, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capfd.readouterr()
-    return int(code), out, err
+    module_env(rot, monkeypatch)
 
 
 def _materials(ctx: dict):
-    from iotplat.secrets.materials import ensure_materials
-    from iotplat.secrets.state import State
-    from iotplat.spec.load import load_platform
-
-    p = load_platform(Path(ctx["spec"]))
-    st = State.open(Path(ctx["env"]["IOTPLAT_STATE_DIR"]), p.name, p.environment)
-    m = ensure_materials(p, st)
+    p, m, st = platform_materials(ctx)
     st.save()
     return p, m
 
@@ -194,7 +152,7 @@ def _now_monotonic_us(ctx: dict) -> int:
 
 
 def test_01_up(rot: dict, capfd) -> None:
-    code, out, err = _cli(capfd, "up", rot["spec"], "--out", rot["build"], "--json")
+    code, out, err = run_cli(capfd, "up", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, (out + err)[-3000:]
     result = json.loads(out)
     assert result["ok"] is True
@@ -245,14 +203,14 @@ def test_02_rotate_broker_cert_and_worker_credentials_under_load(rot: dict, capf
         t.start()
     time.sleep(10)
     t_certs = time.time()
-    code, out, err = _cli(capfd, "rotate", "certs", rot["spec"], "--out", rot["build"], "--json")
+    code, out, err = run_cli(capfd, "rotate", "certs", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, (out + err)[-3000:]
     certs = json.loads(out)
     assert certs["ok"] is True and certs["renewed"] == ["core"]
     time.sleep(5)
     t_secrets = time.time()
     restart_mark = _now_monotonic_us(rot)
-    code, out, err = _cli(capfd, "rotate", "secrets", rot["spec"], "--out", rot["build"], "--json")
+    code, out, err = run_cli(capfd, "rotate", "secrets", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, (out + err)[-3000:]
     secrets = json.loads(out)
     assert secrets["ok"] is True
@@ -306,7 +264,7 @@ def test_02_rotate_broker_cert_and_worker_credentials_under_load(rot: dict, capf
     started = [_active_since(rot, f"iotplat-worker@{n}") for n in (1, 2)]
     assert all(s > restart_mark for s in started) and started[1] - started[0] >= 1_000_000, started
     # and the platform is healthy with the new credentials
-    code, out, err = _cli(capfd, "status", rot["spec"], "--out", rot["build"], "--json")
+    code, out, err = run_cli(capfd, "status", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, out[-3000:]
 
 
@@ -324,12 +282,12 @@ def test_03_reissued_and_revoked_devices_are_refused_others_unaffected(rot: dict
     c.loop_stop()
     c.disconnect()
 
-    code, out, err = _cli(capfd, "rotate", "device", "dev-c", rot["spec"], "--out", rot["build"], "--json")
+    code, out, err = run_cli(capfd, "rotate", "device", "dev-c", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, (out + err)[-3000:]
     result = json.loads(out)
     assert result["session_ended"] is True
     assert any(f"iotplat device kit dev-c {rot['spec']}" in line for line in result["lines"])
-    code, out, err = _cli(capfd, "device", "kit", "dev-c", rot["spec"], "--json")
+    code, out, err = run_cli(capfd, "device", "kit", "dev-c", rot["spec"], "--json")
     assert code == 0, err
     new_c = json.loads(out)["password"]
     assert new_c != old_c
@@ -342,9 +300,9 @@ def test_03_reissued_and_revoked_devices_are_refused_others_unaffected(rot: dict
 
     old_d = before.mqtt_users["dev-d"][0]
     assert _try(addr, ca, "dev-d", old_d)
-    code, out, err = _cli(capfd, "device", "revoke", "dev-d", rot["spec"])
+    code, out, err = run_cli(capfd, "device", "revoke", "dev-d", rot["spec"])
     assert code == 0, err
-    code, out, err = _cli(capfd, "up", rot["spec"], "--out", rot["build"], "--no-verify")
+    code, out, err = run_cli(capfd, "up", rot["spec"], "--out", rot["build"], "--no-verify")
     assert code == 0, (out + err)[-3000:]
     assert not _try(addr, ca, "dev-d", old_d)  # revoked: refused at its next connect
     # (not dev-b itself: a second connection with its client id would take its session over)
@@ -361,13 +319,13 @@ def test_04_ca_rotation_with_overlap(rot: dict, capfd) -> None:
     old_ca = _ca_file(rot, before.ca_cert_pem, "ca-old.crt")
     dev_a = before.mqtt_users["dev-a"][0]
 
-    code, out, err = _cli(capfd, "rotate", "certs", "--ca", rot["spec"], "--out", rot["build"], "--json")
+    code, out, err = run_cli(capfd, "rotate", "certs", "--ca", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, (out + err)[-3000:]
     assert json.loads(out)["ok"] is True
     on_host = _provider(rot).exec("core", ["cat", "/etc/iotplat/tls/ca.crt"]).stdout
     bundle = x509.load_pem_x509_certificates(on_host.encode())
     assert len(bundle) == 2 and bundle[0] == x509.load_pem_x509_certificate(before.ca_cert_pem.encode())
-    code, out, err = _cli(capfd, "device", "kit", "dev-a", rot["spec"], "--json")
+    code, out, err = run_cli(capfd, "device", "kit", "dev-a", rot["spec"], "--json")
     assert code == 0, err
     kit_ca = _ca_file(rot, json.loads(out)["ca_cert"], "ca-kit.crt")
     assert x509.load_pem_x509_certificates(Path(kit_ca).read_bytes()) == bundle
@@ -375,11 +333,11 @@ def test_04_ca_rotation_with_overlap(rot: dict, capfd) -> None:
     _server_cert(addr, name, old_ca)
     _server_cert(addr, name, kit_ca)
     assert _try(addr, old_ca, "dev-a", dev_a) and _try(addr, kit_ca, "dev-a", dev_a)
-    code, out, err = _cli(capfd, "status", rot["spec"], "--out", rot["build"], "--json")
+    code, out, err = run_cli(capfd, "status", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, out[-3000:]
     assert any(c["name"] == "CA rotation" for c in json.loads(out)["checks"])
 
-    code, out, err = _cli(capfd, "rotate", "certs", "--ca", "--finish", rot["spec"], "--out", rot["build"], "--json")
+    code, out, err = run_cli(capfd, "rotate", "certs", "--ca", "--finish", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, (out + err)[-3000:]
     assert json.loads(out)["ok"] is True
     on_host = _provider(rot).exec("core", ["cat", "/etc/iotplat/tls/ca.crt"]).stdout
@@ -391,11 +349,11 @@ def test_04_ca_rotation_with_overlap(rot: dict, capfd) -> None:
     with pytest.raises(ssl.SSLCertVerificationError):
         _server_cert(addr, name, old_ca)  # the old CA is not trusted for anything any more
     assert not _try(addr, old_ca, "dev-a", dev_a)
-    code, out, err = _cli(capfd, "status", rot["spec"], "--out", rot["build"], "--json")
+    code, out, err = run_cli(capfd, "status", rot["spec"], "--out", rot["build"], "--json")
     assert code == 0, out[-3000:]
     # what rotate deployed is exactly what `up` would: a following up changes nothing, restarts nothing
     broker_pid = _broker_pid(rot)
-    code, out, err = _cli(capfd, "up", rot["spec"], "--out", rot["build"], "--json", "--no-verify")
+    code, out, err = run_cli(capfd, "up", rot["spec"], "--out", rot["build"], "--json", "--no-verify")
     assert code == 0, (out + err)[-3000:]
     assert json.loads(out)["changed"] == 0, json.loads(out)["recap"]
     assert _broker_pid(rot) == broker_pid

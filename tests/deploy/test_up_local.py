@@ -9,8 +9,6 @@ restart here (nspawn), not a reboot of real hardware.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import ssl
 import time
@@ -18,9 +16,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-import yaml
 
-from iotplat.cli import main
+from tests.deploy.conftest import local_platform, module_env, platform_materials, run_cli
 from tests.helpers import EXAMPLES
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
@@ -28,75 +25,24 @@ NETWORK = "10.216.0.0/24"
 CANARY = "CANARY-grafana-admin-5b0e1f7c9d3a4e21"
 
 
-def _root_and_nspawn() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not shutil.which("systemd-nspawn"):
-        return "needs systemd-nspawn (apt-get install systemd-container)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory):
-    reason = _root_and_nspawn()
-    if reason:
-        pytest.skip(reason)
-    work = tmp_path_factory.mktemp("up")
-    spec_dir = work / "spec"
-    shutil.copytree(EXAMPLES / "local", spec_dir)
-    data = yaml.safe_load((spec_dir / "platform.yaml").read_text())
-    data["target"]["network"] = NETWORK
-    data["name"] = "e2e"
-    data["secrets"] = {"grafana_admin_password": {"env": "E2E_GRAFANA_PW"}}
-    (spec_dir / "platform.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    (spec_dir / "devices.csv").write_text("id\ndev-a\ndev-b\n")
-    text = (spec_dir / "platform.yaml").read_text().replace("devices:\n", "devices:\n  registry: devices.csv\n", 1)
-    (spec_dir / "platform.yaml").write_text(text)
-    env_saved = {k: os.environ.get(k) for k in ("IOTPLAT_STATE_DIR", "IOTPLAT_VAULT_PASSWORD_FILE", "E2E_GRAFANA_PW")}
-    os.environ["IOTPLAT_STATE_DIR"] = str(work / "state")
-    (work / "key").write_text("e2e-vault-password-0123456789abcdef")
-    (work / "key").chmod(0o600)
-    os.environ["IOTPLAT_VAULT_PASSWORD_FILE"] = str(work / "key")
-    os.environ["E2E_GRAFANA_PW"] = CANARY
-    ctx = {"spec": str(spec_dir / "platform.yaml"), "build": str(work / "build"), "work": work,
-           "env": {"IOTPLAT_STATE_DIR": str(work / "state"), "IOTPLAT_VAULT_PASSWORD_FILE": str(work / "key")}}
-    try:
-        yield ctx
-    finally:
-        os.environ.update(ctx["env"])
-        main(["destroy", ctx["spec"], "--out", ctx["build"], "--yes"])
-        for k, v in env_saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    def edit(spec: dict) -> None:
+        spec["name"], spec["target"]["network"] = "e2e", NETWORK
+        spec["secrets"] = {"grafana_admin_password": {"env": "E2E_GRAFANA_PW"}}
+
+    yield from local_platform(tmp_path_factory.mktemp("up"), EXAMPLES / "local" / "platform.yaml", edit,
+                              devices=["dev-a", "dev-b"], env={"E2E_GRAFANA_PW": CANARY}, destroy_data=False)
 
 
 @pytest.fixture(autouse=True)
 def _module_state(isolated_state, deployed: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test of this module works on the one deployed platform (its state dir and vault key)."""
-    for k, v in deployed["env"].items():
-        monkeypatch.setenv(k, v)
-
-
-def _run(capfd, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capfd.readouterr()
-    return int(code), out, err
-
-
-def _state(ctx: dict) -> tuple:
-    from iotplat.secrets.materials import ensure_materials
-    from iotplat.secrets.state import State
-    from iotplat.spec.load import load_platform
-
-    p = load_platform(Path(ctx["spec"]))
-    st = State.open(Path(os.environ["IOTPLAT_STATE_DIR"]), p.name, p.environment)
-    return p, ensure_materials(p, st), st
+    module_env(deployed, monkeypatch)
 
 
 def test_01_up_deploys_and_verifies(deployed: dict, capfd) -> None:
-    code, out, err = _run(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
     result = json.loads(out)
     deployed["first"] = result
     deployed["logs"] = out + err
@@ -134,7 +80,7 @@ def _connect(addr: str, ca: str, user: str | None, password: str | None, port: i
 def test_02_isolation_auth_and_firewall(deployed: dict) -> None:
     from iotplat.verify.status import _Ctx, influx_query
 
-    p, m, _ = _state(deployed)
+    p, m, _ = platform_materials(deployed)
     hosts = deployed["first"]["hosts"]
     edge, tsdb = hosts["edge"], hosts["tsdb"]
     ca = str(Path(deployed["build"]) / "hosts/edge/etc/iotplat/tls/ca.crt")
@@ -175,12 +121,12 @@ def test_02_isolation_auth_and_firewall(deployed: dict) -> None:
 
 
 def test_03_second_up_is_idempotent_and_rotates_nothing(deployed: dict, capfd) -> None:
-    _, before, _ = _state(deployed)
-    code, out, err = _run(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json", "--no-verify")
+    _, before, _ = platform_materials(deployed)
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json", "--no-verify")
     assert code == 0, err[-2000:]
     result = json.loads(out)
     assert result["changed"] == 0, result["recap"]
-    _, after, _ = _state(deployed)
+    _, after, _ = platform_materials(deployed)
     assert before.mqtt_users == after.mqtt_users and before.secrets == after.secrets
     deployed["logs"] += out + err
 
@@ -190,19 +136,19 @@ def test_04_plan_reports_drift(deployed: dict, capfd) -> None:
     from iotplat.hosts import local_provider
     from iotplat.spec.load import load_platform
 
-    code, out, _ = _run(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
+    code, out, _ = run_cli(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
     assert code == 0 and json.loads(out)["drift"] is False
     provider = local_provider(local_settings(load_platform(Path(deployed["spec"]))))
     provider.exec("edge", ["sh", "-c", "echo 'allow_anonymous true' >> /etc/mosquitto/mosquitto.conf"])
-    code, out, err = _run(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
+    code, out, err = run_cli(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
     assert code == 3, err[-2000:]
     result = json.loads(out)
     assert any(c["host"] == "edge" for c in result["changes"])
     assert "allow_anonymous true" in "\n".join(result["diff"])
     deployed["logs"] += out + err
-    code, out, err = _run(capfd, "up", deployed["spec"], "--out", deployed["build"], "--no-verify")
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--no-verify")
     assert code == 0, (out + err)[-3000:]
-    code, out, _ = _run(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
+    code, out, _ = run_cli(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
     assert code == 0
 
 
@@ -216,7 +162,7 @@ def test_05_restart_brings_everything_back(deployed: dict, capfd) -> None:
         provider.restart(host)
     deadline = time.time() + 90
     while True:
-        code, out, err = _run(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
+        code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
         if code == 0 or time.time() > deadline:
             break
         time.sleep(3)
@@ -231,7 +177,7 @@ def test_05b_logs_merged_labelled_and_masked(deployed: dict, capfd) -> None:
     from iotplat.hosts import local_provider
     from iotplat.spec.load import load_platform
 
-    p, m, _ = _state(deployed)
+    p, m, _ = platform_materials(deployed)
     secret = m.mqtt_users["dev-b"][0]
     provider = local_provider(local_settings(load_platform(Path(deployed["spec"]))))
     marker = f"logs-test-{time.time_ns()}"
@@ -241,7 +187,7 @@ def test_05b_logs_merged_labelled_and_masked(deployed: dict, capfd) -> None:
     time.sleep(1)
     raw = provider.exec("edge", ["journalctl", "-u", "mosquitto", "-n", "50", "--no-pager"]).stdout
     assert secret in raw, "precondition: the raw journal holds the secret"
-    code, out, err = _run(capfd, "logs", deployed["spec"], "--out", deployed["build"], "--service", "broker",
+    code, out, err = run_cli(capfd, "logs", deployed["spec"], "--out", deployed["build"], "--service", "broker",
                           "--since", "10 min ago")
     assert code == 0, err
     lines = out.splitlines()
@@ -258,6 +204,6 @@ def test_06_canary_secret_never_leaks(deployed: dict) -> None:
         if path.is_file():
             blob += path.read_text(errors="replace")
     assert CANARY not in blob
-    _, m, _ = _state(deployed)
+    _, m, _ = platform_materials(deployed)
     assert m.secrets["grafana_admin_password"] == CANARY
     assert all(pw not in blob for pw, _ in m.mqtt_users.values())

@@ -8,14 +8,12 @@ stops on the first host, names the hosts left alone and says how to roll back, a
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from iotplat.cli import main
+from tests.deploy.conftest import local_platform, module_env, run_cli
 from tests.helpers import EXAMPLES
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
@@ -25,37 +23,22 @@ OLD, NEW, MISSING = "2.0.11-1.2+deb12u1", "2.0.11-1.2+deb12u2", "2.0.11-1.2+deb1
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory):
-    if os.geteuid() != 0 or not shutil.which("systemd-nspawn"):
-        pytest.skip("needs root and systemd-nspawn")
-    work = tmp_path_factory.mktemp("upg")
-    shutil.copytree(EXAMPLES / "local", work / "spec")
-    env = {"IOTPLAT_STATE_DIR": str(work / "state"), "IOTPLAT_VAULT_PASSWORD_FILE": str(work / "key")}
-    (work / "key").write_text("upgrade-test-vault-password-0123456789")
-    (work / "key").chmod(0o600)
-    ctx = {"spec": str(work / "spec" / "platform.yaml"), "build": str(work / "build"), "env": env}
-    yield ctx
-    os.environ.update(env)
-    main(["destroy", ctx["spec"], "--out", ctx["build"], "--yes", "--data"])
+    def edit(spec: dict) -> None:
+        spec["name"], spec["target"]["network"] = "upg", NETWORK
+
+    yield from local_platform(tmp_path_factory.mktemp("upg"), EXAMPLES / "local" / "platform.yaml", edit)
 
 
 @pytest.fixture(autouse=True)
 def _env(isolated_state, platform: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k, v in platform["env"].items():
-        monkeypatch.setenv(k, v)
+    module_env(platform, monkeypatch)
 
 
 def _pin(ctx: dict, version: str) -> None:
     path = Path(ctx["spec"])
     data = yaml.safe_load(path.read_text())
-    data["name"], data["target"]["network"] = "upg", NETWORK
     data.setdefault("broker", {})["version"] = version
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def _run(capfd, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capfd.readouterr()
-    return int(code), out, err
 
 
 def _broker_package(ctx: dict) -> str:
@@ -71,7 +54,7 @@ def _broker_package(ctx: dict) -> str:
 
 def test_01_deploy_the_older_package(platform: dict, capfd) -> None:
     _pin(platform, OLD)
-    code, out, err = _run(capfd, "up", platform["spec"], "--out", platform["build"], "--json")
+    code, out, err = run_cli(capfd, "up", platform["spec"], "--out", platform["build"], "--json")
     assert code == 0, (out + err)[-3000:]
     result = json.loads(out)
     assert result["ok"] is True and result["upgraded"] == []
@@ -80,7 +63,7 @@ def test_01_deploy_the_older_package(platform: dict, capfd) -> None:
 
 def test_02_plan_names_the_upgrade(platform: dict, capfd) -> None:
     _pin(platform, NEW)
-    code, out, err = _run(capfd, "plan", platform["spec"], "--out", platform["build"], "--json")
+    code, out, err = run_cli(capfd, "plan", platform["spec"], "--out", platform["build"], "--json")
     assert code == 3, (out + err)[-3000:]
     result = json.loads(out)
     assert result["upgrades"] == [{"service": "mosquitto", "old": OLD, "new": NEW}]
@@ -88,7 +71,7 @@ def test_02_plan_names_the_upgrade(platform: dict, capfd) -> None:
 
 
 def test_03_up_rolls_host_by_host_with_the_canary_after_each(platform: dict, capfd) -> None:
-    code, out, err = _run(capfd, "up", platform["spec"], "--out", platform["build"], "--json")
+    code, out, err = run_cli(capfd, "up", platform["spec"], "--out", platform["build"], "--json")
     assert code == 0, (out + err)[-3000:]
     result = json.loads(out)
     assert result["upgraded"] == [{"service": "mosquitto", "old": OLD, "new": NEW}]
@@ -98,13 +81,13 @@ def test_03_up_rolls_host_by_host_with_the_canary_after_each(platform: dict, cap
     positions = [text.index(f"canary ok after {h}") for h in ("edge", "tsdb", "dash")]
     assert positions == sorted(positions), text[-3000:]
     assert _broker_package(platform).startswith(NEW + " hi"), _broker_package(platform)
-    code, out, _ = _run(capfd, "plan", platform["spec"], "--out", platform["build"], "--json")
+    code, out, _ = run_cli(capfd, "plan", platform["spec"], "--out", platform["build"], "--json")
     assert code == 0 and json.loads(out)["upgrades"] == []
 
 
 def test_04_a_failed_upgrade_stops_on_the_first_host_and_says_how_to_roll_back(platform: dict, capfd) -> None:
     _pin(platform, MISSING)
-    code, out, err = _run(capfd, "up", platform["spec"], "--out", platform["build"])
+    code, out, err = run_cli(capfd, "up", platform["spec"], "--out", platform["build"])
     assert code == 1, (out + err)[-3000:]
     message = out + err
     assert "upgrade stopped on edge (hosts not yet upgraded: tsdb, dash)" in message, message[-3000:]
@@ -112,5 +95,5 @@ def test_04_a_failed_upgrade_stops_on_the_first_host_and_says_how_to_roll_back(p
     assert "canary ok after" not in message
     assert _broker_package(platform).startswith(NEW + " hi")  # nothing was changed on the broker
     _pin(platform, NEW)
-    code, out, err = _run(capfd, "status", platform["spec"], "--out", platform["build"], "--json")
+    code, out, err = run_cli(capfd, "status", platform["spec"], "--out", platform["build"], "--json")
     assert code == 0 and json.loads(out)["ok"] is True, (out + err)[-3000:]
