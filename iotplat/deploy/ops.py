@@ -121,35 +121,36 @@ def _rolling(ctx: Context, hosts: list, wheelhouse: Path, changed: list, progres
     stop at the first failure with the roll-back hint."""
     from iotplat.deploy.ansible import PlaybookResult, run_playbook
 
-    by_name = {h.name: h for h in hosts}
-    order = upgrade.rolling_order(ctx.platform, list(by_name), changed)
+    order = upgrade.rolling_order(ctx.platform, [h.name for h in hosts], changed)
+    hint = upgrade.rollback_hint(changed, ctx.platform.spec_file)
     total = PlaybookResult(returncode=0)
-    outputs = []
+    outputs: list[str] = []
+
+    def stop(why: str) -> DeployFailed:
+        return DeployFailed(f"{why}; {hint}", {h: vars(x) for h, x in sorted(total.recap.items())})
+
     for i, name in enumerate(order, 1):
         progress(f"      [{i}/{len(order)}] {name}")
         r = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, wheelhouse, limit=name, progress=progress)
         total.recap.update(r.recap)
         total.changed_tasks += r.changed_tasks
         total.failures += r.failures
-        outputs.append(r.output)
         total.returncode = max(total.returncode, r.returncode)
-        total.output = "\n".join(outputs)
-        hint = upgrade.rollback_hint(changed, ctx.platform.spec_file)
+        outputs.append(r.output)
+        left = ", ".join(order[i:]) or "none"
         if r.returncode != 0 or r.failed:
             detail = "; ".join(r.failures[:2]) or "see output"
-            raise DeployFailed(f"upgrade stopped on {name} (hosts not yet upgraded: {', '.join(order[i:]) or 'none'}): "
-                               f"{detail}; {hint}", {h: vars(x) for h, x in sorted(total.recap.items())})
+            raise stop(f"upgrade stopped on {name} (hosts not yet upgraded: {left}): {detail}")
         if set(order[:i]) & set(ctx.platform.placement["grafana"]):
-            grafana_deployed, grafana_reason = _grafana_outcome(total.output)
+            grafana_deployed, grafana_reason = _grafana_outcome("\n".join(outputs))
             report = status_of(ctx, hosts, grafana_deployed, grafana_reason=grafana_reason)
         else:  # Grafana's host not reached yet: as the last deploy left it
             report = status_of(ctx, hosts)
-        bad = [f"{c.host} {c.name}: {c.detail}" for c in report.checks if not c.ok and not c.skipped]
-        if bad:
-            raise DeployFailed(f"upgrade stopped after {name}: the canary/status failed ({'; '.join(bad[:3])}); hosts not "
-                               f"yet upgraded: {', '.join(order[i:]) or 'none'}; {hint}",
-                               {h: vars(x) for h, x in sorted(total.recap.items())})
+        if not report.ok:
+            bad = "; ".join([f"{c.host} {c.name}: {c.detail}" for c in report.checks if not (c.ok or c.skipped)][:3])
+            raise stop(f"upgrade stopped after {name}: the canary/status failed ({bad}); hosts not yet upgraded: {left}")
         progress(f"      canary ok after {name}")
+    total.output = "\n".join(outputs)
     return total
 
 
