@@ -124,8 +124,9 @@ def ansible_playbook() -> str:
 
 
 def run_playbook(build: Path, hosts: list[Host], materials: Materials, state_dir: Path, wheelhouse: Path | None,
-                 *, check: bool = False, limit: str | None = None, extra_vars: dict | None = None,
-                 progress: Progress | None = None, playbook: str = "site.yml", timeout: float = 3600) -> PlaybookResult:
+                 *, check: bool = False, limit: str | None = None, skip_tags: str | None = None,
+                 extra_vars: dict | None = None, progress: Progress | None = None, playbook: str = "site.yml",
+                 timeout: float = 3600) -> PlaybookResult:
     manifest_secrets = _manifest_secrets(build)
     mask = masker_for(materials)
     with run_folder(state_dir) as run:
@@ -150,6 +151,8 @@ def run_playbook(build: Path, hosts: list[Host], materials: Materials, state_dir
             argv += ["--check", "--diff"]
         if limit:
             argv += ["--limit", limit]
+        if skip_tags:
+            argv += ["--skip-tags", skip_tags]
         argv.append(str(build / "ansible" / playbook))
         env = {
             **os.environ,

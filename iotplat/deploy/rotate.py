@@ -20,12 +20,9 @@ rotation leaves the new values in the state; `iotplat up` or the same command ag
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import time
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +40,6 @@ PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
 # subscription (UNSUBSCRIBE, then DISCONNECT with session expiry 0) before its password can change.
 MQTT_WORKER_NOTE = ("Mosquitto 2.0.11 drops the messages queued for a session whose password changes; "
                     "see iotplat/deploy/rotate.py")
-
-
-@contextlib.contextmanager
-def _skip_tags(tags: str) -> Iterator[None]:
-    """ansible-playbook reads ANSIBLE_SKIP_TAGS (= --skip-tags); run_playbook passes the environment on. The
-    roles tag every task with their name, and their restart handlers are notified only by their own tasks."""
-    saved = os.environ.get("ANSIBLE_SKIP_TAGS")
-    os.environ["ANSIBLE_SKIP_TAGS"] = tags
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("ANSIBLE_SKIP_TAGS", None)
-        else:
-            os.environ["ANSIBLE_SKIP_TAGS"] = saved
 
 
 def _deployed_context(spec: str | None, env: str | None, state_dir: str | None, out_dir: str | None,
@@ -92,8 +74,9 @@ def deploy_rolling(spec: str | None, env: str | None, *, state_dir: str | None, 
         hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=False)
         if services:
             progress("[rotate] services (the broker and the worker replicas come next)")
-            with _skip_tags("mosquitto,worker"):
-                first = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, progress=progress)
+            # the roles tag every task with their name; their restart handlers are notified only by their own tasks
+            first = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, skip_tags="mosquitto,worker",
+                                 progress=progress)
             _check(first, "deploying the new state to the services")
             out["services_changed"] = first.changed
         progress("[rotate] broker: new key and password file, then a reload (no restart)")

@@ -50,11 +50,6 @@ def renew_server_certs(state: State) -> list[str]:
     return hosts
 
 
-def ca_rotation(state: State) -> dict[str, Any] | None:
-    nxt = _secrets(state).get("ca_next")
-    return {"started": nxt["started"], "subject": pki.CertKey(nxt["cert"], "").cert.subject.rfc4514_string()} if nxt else None
-
-
 def _check_own_ca(platform: Platform) -> None:
     if platform.spec.tls.ca == "files":
         raise InvalidInput(f"{platform.spec_file}: tls.ca is files: iotplat does not own this CA; replace "
@@ -112,11 +107,10 @@ def set_service_secret(state: State, name: str, value: str) -> None:
     state.mark("secrets")
 
 
-def rotate_mqtt_passwords(state: State, usernames: list[str]) -> list[str]:
+def rotate_mqtt_passwords(state: State, usernames: list[str]) -> None:
     """New passwords for these MQTT users (their $7$ hashes are recomputed by ensure_materials)."""
     users = state.doc("users").setdefault("users", {})
     for name in usernames:
         users[name] = {"password": generate_password()}
     if usernames:
         state.mark("users")
-    return list(usernames)

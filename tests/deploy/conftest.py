@@ -1,13 +1,16 @@
 """Shared by this folder's host tests: a spec of their own deployed to throw-away local hosts from its own
-state directory and vault key, the CLI run in-process, and the state's materials."""
+state directory and vault key, the CLI run in-process, the state's materials, and a device's MQTT connect."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import ssl
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
@@ -69,3 +72,30 @@ def platform_materials(ctx: dict) -> tuple:
     p = load_platform(Path(ctx["spec"]))
     st = State.open(Path(ctx["env"]["IOTPLAT_STATE_DIR"]), p.name, p.environment)
     return p, ensure_materials(p, st), st
+
+
+def mqtt_connect(addr: str, ca_file: str, user: str | None, password: str | None, *, port: int = 8883,
+                 protocol: int = mqtt.MQTTv5, clean: bool = True) -> tuple[mqtt.Client, dict]:
+    """Connect over TLS trusting only `ca_file` and wait up to 8 s for the CONNACK. seen["rc"] is the reason code
+    (or the exception), seen["disconnects"] counts drops. The certificate's name is not checked: the tests
+    dial addresses (names are checked where that is the point). `clean` applies to MQTT 3.1.1 only."""
+    seen: dict = {"rc": None, "disconnects": 0}
+    session = {"clean_session": clean} if protocol != mqtt.MQTTv5 else {}
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user or "anon", protocol=protocol, **session)
+    tls = ssl.create_default_context(cafile=ca_file)
+    tls.check_hostname = False
+    c.tls_set_context(tls)
+    if user:
+        c.username_pw_set(user, password)
+    c.on_connect = lambda cl, ud, fl, rc, pr=None: seen.__setitem__("rc", rc)
+    c.on_disconnect = lambda cl, ud, fl, rc, pr=None: seen.__setitem__("disconnects", seen["disconnects"] + 1)
+    try:
+        c.connect(addr, port, keepalive=20)
+    except OSError as exc:  # ssl.SSLError included
+        seen["rc"] = exc
+        return c, seen
+    c.loop_start()
+    deadline = time.monotonic() + 8
+    while seen["rc"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return c, seen

@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 
-from tests.deploy.conftest import local_platform, module_env, platform_materials, run_cli
+from tests.deploy.conftest import local_platform, module_env, mqtt_connect, platform_materials, run_cli
 from tests.helpers import PLATFORM_DIR
 from tests.support.mqttload import LoadPublisher
 
@@ -68,35 +68,13 @@ def _ca_file(ctx: dict, pem: str, name: str) -> str:
     return str(path)
 
 
-def _connect(addr: str, ca_file: str, user: str, password: str, clean: bool = True) -> tuple[mqtt.Client, dict]:
-    """Connect and wait for the CONNACK; seen["rc"] is the reason code (or the exception)."""
-    seen: dict = {"rc": None, "disconnects": 0}
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv311, clean_session=clean)
-    tls = ssl.create_default_context(cafile=ca_file)
-    tls.check_hostname = False  # names are checked by _tls_verifies; paho connects to the address
-    c.tls_set_context(tls)
-    c.username_pw_set(user, password)
-    c.on_connect = lambda cl, ud, fl, rc, pr=None: seen.__setitem__("rc", rc)
-    c.on_disconnect = lambda cl, ud, fl, rc, pr=None: seen.__setitem__("disconnects", seen["disconnects"] + 1)
-    try:
-        c.connect(addr, 8883, keepalive=20)
-    except (OSError, ssl.SSLError) as exc:
-        seen["rc"] = exc
-        return c, seen
-    c.loop_start()
-    deadline = time.time() + 8
-    while seen["rc"] is None and time.time() < deadline:
-        time.sleep(0.05)
-    return c, seen
-
-
 def _accepted(seen: dict) -> bool:
     rc = seen["rc"]
     return rc is not None and not isinstance(rc, Exception) and not rc.is_failure
 
 
 def _try(addr: str, ca_file: str, user: str, password: str) -> bool:
-    c, seen = _connect(addr, ca_file, user, password)
+    c, seen = mqtt_connect(addr, ca_file, user, password, protocol=mqtt.MQTTv311)
     ok = _accepted(seen)
     c.loop_stop()
     c.disconnect()
@@ -272,12 +250,12 @@ def test_03_reissued_and_revoked_devices_are_refused_others_unaffected(rot: dict
     p, before = _materials(rot)
     addr = rot["addr"]
     ca = _ca_file(rot, before.ca_cert_pem, "ca.crt")
-    bystander, seen_b = _connect(addr, ca, "dev-b", before.mqtt_users["dev-b"][0])
+    bystander, seen_b = mqtt_connect(addr, ca, "dev-b", before.mqtt_users["dev-b"][0], protocol=mqtt.MQTTv311)
     assert _accepted(seen_b)
     old_c = before.mqtt_users["dev-c"][0]
     broker_pid = _broker_pid(rot)
     # dev-c leaves a persistent session behind (offline): the case that made Mosquitto 2.0.11 abort
-    c, seen = _connect(addr, ca, "dev-c", old_c, clean=False)
+    c, seen = mqtt_connect(addr, ca, "dev-c", old_c, protocol=mqtt.MQTTv311, clean=False)
     assert _accepted(seen)
     c.loop_stop()
     c.disconnect()

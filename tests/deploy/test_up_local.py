@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.deploy.conftest import local_platform, module_env, platform_materials, run_cli
+from tests.deploy.conftest import local_platform, module_env, mqtt_connect, platform_materials, run_cli
 from tests.helpers import EXAMPLES
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
@@ -55,28 +54,6 @@ def test_01_up_deploys_and_verifies(deployed: dict, capfd) -> None:
     assert ("edge", "unit iotplat-worker@1") in names and ("edge", "unit iotplat-worker@2") in names
 
 
-def _connect(addr: str, ca: str, user: str | None, password: str | None, port: int = 8883,
-             protocol=mqtt.MQTTv5) -> tuple[mqtt.Client, dict]:
-    seen: dict = {"rc": None}
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user or "anon", protocol=protocol)
-    ctx = ssl.create_default_context(cafile=ca)
-    ctx.check_hostname = False
-    c.tls_set_context(ctx)
-    if user:
-        c.username_pw_set(user, password)
-    c.on_connect = lambda cl, ud, fl, rc, pr=None: seen.__setitem__("rc", rc)
-    try:
-        c.connect(addr, port, keepalive=20)
-    except OSError as exc:
-        seen["rc"] = exc
-        return c, seen
-    c.loop_start()
-    deadline = time.time() + 8
-    while seen["rc"] is None and time.time() < deadline:
-        time.sleep(0.05)
-    return c, seen
-
-
 def test_02_isolation_auth_and_firewall(deployed: dict) -> None:
     from iotplat.verify.status import _Ctx, influx_query
 
@@ -85,7 +62,7 @@ def test_02_isolation_auth_and_firewall(deployed: dict) -> None:
     edge, tsdb = hosts["edge"], hosts["tsdb"]
     ca = str(Path(deployed["build"]) / "hosts/edge/etc/iotplat/tls/ca.crt")
     # device A publishes its own point and tries to write into device B's topic (MQTT 3.1.1: acked either way)
-    a, seen = _connect(edge, ca, "dev-a", m.mqtt_users["dev-a"][0], protocol=mqtt.MQTTv311)
+    a, seen = mqtt_connect(edge, ca, "dev-a", m.mqtt_users["dev-a"][0], protocol=mqtt.MQTTv311)
     assert seen["rc"] == 0
     ts = int(time.time() * 1000)
     a.publish("devices/dev-a/telemetry", json.dumps({"temperature": 1.25, "humidity": 2, "ts": ts}), qos=1).wait_for_publish(10)
@@ -109,7 +86,7 @@ def test_02_isolation_auth_and_firewall(deployed: dict) -> None:
     ctxf.close()
     # anonymous, wrong password, plaintext: refused
     for user, pw in ((None, None), ("dev-a", "wrong"), ("dev-a", m.mqtt_users["dev-b"][0])):
-        c, seen = _connect(edge, ca, user, pw)
+        c, seen = mqtt_connect(edge, ca, user, pw)
         assert seen["rc"] is not None and not (hasattr(seen["rc"], "is_failure") and not seen["rc"].is_failure), user
         c.loop_stop()
     for port in (1883, 8086):  # no plaintext MQTT; InfluxDB is not on edge, and nothing else is open
