@@ -19,13 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import image, machine, network, proxy, sysutil
 from .api import Host, HostProviderError, HostState
-from .machine import PROPAGATE_DIR, STOP_GRACE, Machine, MachineSpec
-from .settings import LocalSettings, apt_mirrors, check_hostname
+from .machine import PROPAGATE_DIR, STOP_GRACE, Bind, Machine, MachineSpec
+from .settings import ImageSpec, LocalSettings, apt_mirrors, check_hostname
 
 NSPAWN_LOCK_DIR = Path("/run/systemd/nspawn/locks")  # nspawn leaves one lock file per boot here
 BOOT_TIMEOUT = 90  # seconds from starting nspawn to "sshd accepts our key"
@@ -45,16 +45,21 @@ class LocalProvider:
 
     # --- the HostProvider interface ------------------------------------------------------------------
 
-    def up(self, names: Sequence[str], owner: str | None = None) -> list[Host]:
+    def up(self, names: Sequence[str], owner: str | None = None, *, images: Mapping[str, ImageSpec] | None = None,
+           binds: Mapping[str, Sequence[Bind]] | None = None) -> list[Host]:
         """Create or start the named hosts. `owner` (an id of the iotplat state asking) is recorded by the first
-        `up`; an instance recorded for another owner is refused, so one state cannot take over another's hosts."""
+        `up`; an instance recorded for another owner is refused, so one state cannot take over another's hosts.
+        `images` gives a host another image than the settings' one, `binds` extra files or devices (e.g. a disk);
+        both are fixed when a host is created."""
         names = list(dict.fromkeys(names))
         for name in names:
             check_hostname(name)
         sysutil.preflight()
         with self._lock():
             mirror, security = self._mirrors()
-            base = image.ensure_base(self.settings.image, self.settings.state_dir, mirror, security)
+            bases = {spec: image.ensure_base(spec, self.settings.state_dir, mirror, security)
+                     for spec in {self.settings.image, *(images or {}).values()}}
+            base = bases[self.settings.image]
             state = self._load() or self._new_state(mirror, security)
             self._check_owner(state, owner, "use")
             if owner and not state.get("owner"):
@@ -71,9 +76,11 @@ class LocalProvider:
             state.update(network=self.settings.network, mirror=mirror, security=security)
             for name in names:
                 if name not in state["hosts"]:
-                    state["hosts"][name] = self._allocate(state, name, base)
+                    rec = self._allocate(state, name, bases[(images or {}).get(name, self.settings.image)])
+                    rec["binds"] = [[b.source, b.target, b.read_only] for b in (binds or {}).get(name, ())]
+                    state["hosts"][name] = rec
             self._save(state)  # record intent before creating anything, so `down` can find it
-            image.garbage_collect(self.settings.state_dir, self._bases_in_use() | {base.parent.name})
+            image.garbage_collect(self.settings.state_dir, self._bases_in_use() | {b.parent.name for b in bases.values()})
             started = []
             try:
                 self._ensure_shared(state)
@@ -220,7 +227,9 @@ class LocalProvider:
 
     def _start(self, name: str, rec: dict) -> None:
         """(Re)create the host's network and boot it; keeps its upper layer (its "disk")."""
-        m = Machine(MachineSpec(name=name, dir=self._hdir(name), base=Path(rec["base"]), netns=rec["netns"]))
+        binds = tuple(Bind(src, dst, bool(ro)) for src, dst, ro in rec.get("binds", []))
+        m = Machine(MachineSpec(name=name, dir=self._hdir(name), base=Path(rec["base"]), netns=rec["netns"],
+                                binds=binds))
         m.stop(grace=2)  # leftovers of a crash: orphans, mounts
         s = self.settings
         network.ensure_host_net(rec["netns"], rec["veth"], s.bridge, rec["address"], s.net.prefixlen, s.gateway)
