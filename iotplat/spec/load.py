@@ -18,7 +18,7 @@ from iotplat.errors import InvalidInput, Problem, SpecInvalid
 from iotplat.spec.checks import run_checks
 from iotplat.spec.devices import load_registry
 from iotplat.spec.errors_map import problems_from
-from iotplat.spec.model import DNS_LABEL_RE, PlatformSpec
+from iotplat.spec.model import DNS_LABEL, PlatformSpec, fullmatch_re
 from iotplat.spec.platform_model import Platform
 from iotplat.spec.yamlio import Document, PathT, dotted, load_yaml_file
 
@@ -28,6 +28,9 @@ DEFAULT_ENVIRONMENT = "default"
 # iotplat/v1 exists; `iotplat migrate` will apply these in order.
 MIGRATIONS: dict[str, tuple[str, Any]] = {}
 _OVERLAY_FORBIDDEN = ("apiVersion", "name", "environments")
+# An environment names state and build folders and cloud stacks: a DNS label, the whole name (never `$`,
+# which would let "prod\n" through).
+_ENV_NAME = fullmatch_re(DNS_LABEL)
 
 
 def read_document(path: Path, display: str | None = None) -> Document:
@@ -133,7 +136,7 @@ def select_environment(doc: Document, env: str | None) -> list[tuple[str, Docume
     if envs is not None and not isinstance(envs, dict):
         raise SpecInvalid([doc.problem(("environments",), "environments is a mapping of name -> overrides")])
     bad = [doc.problem(("environments", n), f"environment name {n!r} must be a DNS label", key=True)
-           for n in names if not re.match(DNS_LABEL_RE, n)]
+           for n in names if not _ENV_NAME.fullmatch(n)]
     if bad:
         raise SpecInvalid(bad)
     if env is None:
