@@ -231,6 +231,11 @@ def check_influxdb(p: Platform, doc: Document) -> list[Problem]:
         if ix.package and ix.package.source == "distro":
             out.append(doc.problem(("influxdb", "package", "source"), "Debian does not package InfluxDB 2",
                                    "use source: upstream for InfluxData's repository, or local"))
+    if ix.version == 1 and p.spec.tls.min_version == "1.3":
+        out.append(doc.problem(("tls", "min_version"), "InfluxDB 1.x cannot refuse TLS 1.2 (1.6.7's [tls] min-version "
+                               "stops at TLS1.2 and its cipher list cannot name TLS 1.3 suites)",
+                               "use tls.min_version: 1.2 (TLS 1.3 is still negotiated with clients that offer it), "
+                               "or influxdb.version: 2"))
     if ix.retention < 3600:
         out.append(doc.problem(("influxdb", "retention"), "retention shorter than 1h is refused by InfluxDB"))
     if p.spec.grafana.enabled and p.spec.grafana.package.source == "distro":
