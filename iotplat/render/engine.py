@@ -14,6 +14,7 @@ deploy step reads them from.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -229,7 +230,9 @@ FILTERS = {"toml": _toml, "ini": _ini, "mosquitto": _mosquitto, "comment": _comm
            "path": _path, "sh": _sh, "systemd": _systemd}
 
 
+@functools.lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
+    """One environment per process: templates are compiled once, not on every render."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
         undefined=jinja2.StrictUndefined,

@@ -25,6 +25,7 @@ ATTRIBUTE_NAME_RE = fullmatch_re(ATTRIBUTE_NAME)
 ATTRIBUTE_VALUE_RE = fullmatch_re(ATTRIBUTE_VALUE)
 RESERVED_PREFIX = "iotplat-"
 MAX_REGISTRY_BYTES = 64 * 1024 * 1024
+REGISTRY_SUFFIXES = (".csv", ".yaml", ".yml")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from iotplat import API_VERSION
 from iotplat.errors import InvalidInput, Problem, SpecInvalid
 from iotplat.spec.checks import run_checks
-from iotplat.spec.devices import load_registry
+from iotplat.spec.devices import REGISTRY_SUFFIXES, load_registry
 from iotplat.spec.errors_map import problems_from
 from iotplat.spec.model import DNS_LABEL, PlatformSpec, fullmatch_re
 from iotplat.spec.platform_model import Platform
@@ -92,7 +92,8 @@ def _in_overlay(problems: list[Problem], doc: Document) -> list[Problem]:
     out = []
     for p in problems:
         if (p.line, p.column) in doc.overlay_positions and p.file == doc.file:
-            p = Problem(p.file, p.line, p.column, f"{prefix}.{p.path}" if p.path else prefix, p.message, p.hint)
+            path = (prefix + p.path if p.path.startswith("[") else f"{prefix}.{p.path}") if p.path else prefix
+            p = Problem(p.file, p.line, p.column, path, p.message, p.hint)
         out.append(p)
     return out
 
@@ -166,6 +167,11 @@ def build_platform(doc: Document, env: str, spec_path: Path) -> Platform:
         reg = Path(spec.devices.registry)
         reg_path = reg if reg.is_absolute() else spec_dir / reg
         display = str(Path(doc.file).parent / reg) if not reg.is_absolute() else str(reg)
+        if reg.suffix.lower() not in REGISTRY_SUFFIXES:
+            line, col = doc.where(("devices", "registry"))
+            raise SpecInvalid([Problem(doc.file, line, col, "devices.registry",
+                                       f"unknown registry format {reg.suffix or '(no extension)'!r}",
+                                       "use a .csv or .yaml file")])
         try:
             devices, problems = load_registry(reg_path, display)
         except InvalidInput as exc:

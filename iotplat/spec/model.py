@@ -15,6 +15,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -477,8 +478,14 @@ def _check_option_value(value: object, depth: int = 0) -> None:
             _check_option_value(v, depth + 1)
 
 
+def _option_value(value: Any) -> Any:
+    _check_option_value(value)
+    return value
+
+
 _ONE_LINE = fullmatch_re(ONE_LINE + "{0,4096}")
 _KEY = fullmatch_re(ONE_LINE + "{1,128}")
+OptionValue = Annotated[Any, AfterValidator(_option_value)]
 
 
 class TimestampSpec(Base):
@@ -498,13 +505,7 @@ class Subscription(Base):
         None, description="The device's own timestamp; redeliveries then overwrite instead of duplicating."
     )
     fields: dict[Key, FieldDecl] = Field({}, description="Typed fields: `name: float` or `name: {type, path, required}`.")
-    options: dict[Key, Any] = Field({}, description="Decoder-specific options.")
-
-    @field_validator("options")
-    @classmethod
-    def _options_writable(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _check_option_value(v)
-        return v
+    options: dict[Key, OptionValue] = Field({}, description="Decoder-specific options.")
 
 
 class Batch(Base):
