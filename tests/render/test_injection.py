@@ -387,7 +387,10 @@ PARSERS: list[tuple[Callable[[str], bool], Callable[[str, dict[str, str]], Any]]
 def _parse(name: str, data: bytes, keys: dict[str, str]) -> Any:
     for match, parse in PARSERS:
         if match(name):
-            return parse(data.decode("utf-8"), keys)
+            try:
+                return parse(data.decode("utf-8"), keys)
+            except (ValueError, AssertionError, configparser.Error, yaml.YAMLError) as exc:
+                return f"unparseable: {type(exc).__name__}: {exc}"  # differs from any baseline structure
     raise AssertionError(f"no parser for {name}: add one to PARSERS")
 
 
@@ -492,6 +495,8 @@ def test_every_rendered_file_is_parsed(baseline) -> None:
     for name in BASELINES:
         files, structure = baseline(name)
         assert {"manifest.json", "secret:mosquitto_passwd"} <= set(files) and len(files) > 15
+        unparsed = {n: v for n, v in structure.items() if isinstance(v, str) and v.startswith("unparseable")}
+        assert not unparsed, unparsed
         assert any(n.endswith("/acl") for n in files) and any(n.endswith("/grafana.ini") for n in files)
 
 
@@ -556,7 +561,8 @@ def test_hostile_string_is_refused_or_inert(slot: Slot, work: Work, baseline, cl
         structure = _structure(files, keys)
         for name in sorted(structure):
             if structure[name] != base_structure.get(name):
-                failures.append(f"{label}: {name} changed structure: the value was not escaped for its format")
+                why = structure[name] if isinstance(structure[name], str) else "the value was not escaped for its format"
+                failures.append(f"{label}: {name} changed structure: {why}"[:300])
     assert not failures, f"{slot.label} (baseline {slot.baseline}):\n" + "\n".join(failures)
 
 
