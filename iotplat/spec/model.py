@@ -335,7 +335,9 @@ class Tls(Base):
     )
     ca_cert_file: ControllerPath | None = Field(None, description="With ca: files, your CA certificate (PEM).")
     ca_key_file: ControllerPath | None = Field(None, description="With ca: files, your CA key (PEM); used to issue server certificates.")
-    min_version: Literal["1.2", "1.3"] = Field("1.2", description="Oldest TLS version any service accepts.")
+    min_version: Literal["1.2", "1.3"] = Field(
+        "1.2", description="Oldest TLS version any service accepts (Mosquitto, InfluxDB, Grafana). 1.3 needs "
+        "influxdb.version 2: InfluxDB 1.6.7 cannot refuse TLS 1.2.")
     server_cert_days: int = Field(397, ge=1, le=825, description="Validity of issued server certificates.")
 
     @model_validator(mode="after")
