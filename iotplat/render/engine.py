@@ -14,9 +14,13 @@ deploy step reads them from.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
+import shlex
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,21 +83,156 @@ class FileEntry:
         return out
 
 
-def _toml(value: Any) -> str:
+class UnsafeValue(Exception):
+    """A template was given a value its format cannot hold safely (a newline for a line-based file, ...).
+
+    The spec's schema refuses such values first (tests/render/test_injection.py proves it for every string
+    field), so this is a bug in iotplat: it surfaces as an internal error (exit 1), never as a rendered file."""
+
+
+class Escaped(str):
+    """A value a format filter has checked or escaped; the only strings a template may print (see _finalize)."""
+
+
+def _text(value: Any, fmt: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UnsafeValue(f"{fmt}: cannot write {type(value).__name__} {value!r}")
+    text = str(value)
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+        raise UnsafeValue(f"{fmt}: {text!r} holds a lone surrogate")
+    return text
+
+
+def _breaks_line(ch: str) -> bool:
+    """Control and format characters, line and paragraph separators: nothing a one-line value may hold."""
+    return unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+
+
+def _one_line(value: Any, fmt: str, space: bool = True) -> str:
+    text = _text(value, fmt)
+    bad = next((ch for ch in text if _breaks_line(ch) or (not space and ch.isspace())), None)
+    if bad is not None:
+        raise UnsafeValue(f"{fmt}: {text!r} holds {bad!r}")
+    return text
+
+
+def _mosquitto(value: Any) -> Escaped:
+    """A value on a mosquitto.conf or ACL line. Neither format has quoting or escapes: a line is split at
+    spaces and ends at a newline (an ACL topic is the rest of its line, trimmed). So the filter escapes
+    nothing; it refuses what would change the line (whitespace, control characters, an empty value)."""
+    text = _one_line(value, "mosquitto", space=False)
+    if not text:
+        raise UnsafeValue("mosquitto: empty value")
+    return Escaped(text)
+
+
+def _comment(value: Any) -> Escaped:
+    """Text inside a comment line of any format: one line (spaces allowed)."""
+    return Escaped(_one_line(value, "comment"))
+
+
+_INI_SAFE = re.compile(r"\A[A-Za-z0-9._:/@+,=~-]*\Z")
+
+
+def _ini(value: Any) -> Escaped:
+    """A value in grafana.ini (go-ini). INI has no escapes, and Grafana gives meaning to more than newlines:
+    `;`/`#` start inline comments, quotes are stripped, `$__env{}`/`$__file{}`/`${VAR}` are expanded and
+    go-ini expands `%(key)s`. Values here are closed (DNS names, ports, paths, user names), so the filter
+    admits only characters none of that applies to."""
+    text = _text(value, "ini")
+    if not _INI_SAFE.match(text):
+        raise UnsafeValue(f"ini: {text!r} holds a character grafana.ini would interpret")
+    return Escaped(text)
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string. Hand-written because the project has no TOML writer (tomllib only reads) and
+    json.dumps is not TOML: it writes characters outside the BMP as surrogate pairs (\\ud83d\\ude00),
+    which TOML refuses. Every control character (U+0000-001F, U+007F, and C1) is escaped."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif code < 0x20 or 0x7F <= code <= 0x9F:
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml(value: Any) -> Escaped:
     if isinstance(value, bool):
-        return "true" if value else "false"
+        return Escaped("true" if value else "false")
     if isinstance(value, (int, float)):
-        return repr(value)
+        return Escaped(repr(value))
     if isinstance(value, str):
-        return json.dumps(value)
+        return Escaped(_toml_string(_text(value, "toml")))
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return Escaped("[" + ", ".join(_toml(v) for v in value) + "]")
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in sorted(value.items())) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+        return Escaped("{" + ", ".join(f"{_toml(str(k))} = {_toml(v)}" for k, v in sorted(value.items())) + "}")
+    raise UnsafeValue(f"toml: cannot write {type(value).__name__}")
 
 
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _grafana_yaml(value: Any) -> Escaped:
+    """A scalar in a Grafana provisioning file: YAML double-quoted (yaml escapes every control character) with
+    `$` doubled, Grafana's escape for its $VAR / ${VAR} / $__file{} interpolation of provisioning values."""
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return Escaped(yaml.dump(value, Dumper=_YAML_DUMPER).removesuffix("\n...\n").strip())
+    text = _text(value, "yaml").replace("$", "$$")
+    dumped = yaml.dump(text, Dumper=_YAML_DUMPER, default_style='"', allow_unicode=True, width=1 << 30)
+    return Escaped(dumped.rstrip("\n"))
+
+
+_PATH_SAFE = re.compile(r"\A/[A-Za-z0-9._/-]*\Z")
+
+
+def _path(value: Any) -> Escaped:
+    """An absolute path of letters, digits and . _ / - only: it reads the same raw in every format (inside
+    a Grafana $__file{} reference, an ini value, a YAML double-quoted string)."""
+    text = _text(value, "path")
+    if not _PATH_SAFE.match(text):
+        raise UnsafeValue(f"path: {text!r} is not a plain absolute path")
+    return Escaped(text)
+
+
+def _sh(value: Any) -> Escaped:
+    """A word in a POSIX shell script."""
+    return Escaped(shlex.quote(_one_line(value, "sh")))
+
+
+def _systemd(value: Any) -> Escaped:
+    """A value in a systemd unit file: one line, no backslash (it would continue the line) and `%` doubled
+    (systemd expands %-specifiers)."""
+    text = _one_line(value, "systemd")
+    if "\\" in text:
+        raise UnsafeValue(f"systemd: {text!r} holds a backslash")
+    return Escaped(text.replace("%", "%%"))
+
+
+def _finalize(value: Any) -> Any:
+    """Every `{{ }}` in a template prints a number or the output of a format filter: a template that prints
+    a bare string (and so writes it unescaped) fails on its first render, in every test."""
+    if isinstance(value, Escaped) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    raise UnsafeValue(f"a template prints {value!r} without a format filter (toml, ini, mosquitto, comment, "
+                      "grafana_yaml, path, sh, systemd)")
+
+
+FILTERS = {"toml": _toml, "ini": _ini, "mosquitto": _mosquitto, "comment": _comment, "grafana_yaml": _grafana_yaml,
+           "path": _path, "sh": _sh, "systemd": _systemd}
+
+
+@functools.lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
+    """One environment per process: templates are compiled once, not on every render."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
         undefined=jinja2.StrictUndefined,
@@ -101,8 +240,9 @@ def _env() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         autoescape=False,
+        finalize=_finalize,
     )
-    env.filters["toml"] = _toml
+    env.filters.update(FILTERS)
     return env
 
 
@@ -184,7 +324,7 @@ class Renderer:
     def influxdb_files(self) -> list[tuple[str, bytes, str, str, str]]:
         ix = self.p.spec.influxdb
         if ix.version == 1:
-            data = self._t("influxdb/influxdb.conf.j2", port=ix.port)
+            data = self._t("influxdb/influxdb.conf.j2", port=ix.port, tls_min=self.p.spec.tls.min_version)
             return [(PATHS["influxdb1_conf"], data, "0644", "root", "root")]
         data = self._t("influxdb/config.toml.j2", port=ix.port, tls_min=self.p.spec.tls.min_version)
         return [(PATHS["influxdb2_conf"], data, "0644", "root", "root")]
@@ -196,7 +336,8 @@ class Renderer:
         files = [
             (PATHS["grafana_ini"], self._t("grafana/grafana.ini.j2", port=g.port,
                                           domain=g.domain or self.p.service_name("grafana"),
-                                          admin_user=g.admin_user, home_dashboard="platform-health.json"),
+                                          admin_user=g.admin_user, home_dashboard="platform-health.json",
+                                          tls_min=self.p.spec.tls.min_version),
              "0640", "root", "grafana"),
             (PATHS["grafana_datasource"], self._t("grafana/datasource.yaml.j2", uid=dashboards.DATASOURCE_UID,
                                                  url=self.influx_url(), version=ix.version, user=GRAFANA_INFLUX_USER,

@@ -6,6 +6,7 @@ means adding a function and one line in CHECKS (and a golden case under tests/sp
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 from importlib import metadata
@@ -14,6 +15,10 @@ from iotplat.errors import Problem
 from iotplat.spec.errors_map import did_you_mean
 from iotplat.spec.model import AWS_REGIONS, AZURE_LOCATIONS, SERVICES
 from iotplat.spec.platform_model import (
+    GRAFANA_INFLUX_USER,
+    INFLUX_ADMIN_USER,
+    WORKER_INFLUX_USER,
+    WORKER_USER_PREFIX,
     Platform,
     filter_covers,
     template_filter,
@@ -27,9 +32,14 @@ BUILTIN_DECODERS = ("json", "line", "raw")
 SENSITIVE_PORTS = (22, 3389, 8086, 3000)
 
 
+@functools.lru_cache(maxsize=1)
+def _plugin_decoders() -> frozenset[str]:
+    """Scanning the installed distributions' entry points takes ~20 ms: once per process."""
+    return frozenset(ep.name for ep in metadata.entry_points(group="iotplat.decoders"))
+
+
 def installed_decoders() -> list[str]:
-    names = {ep.name for ep in metadata.entry_points(group="iotplat.decoders")}
-    return sorted(names | set(BUILTIN_DECODERS))
+    return sorted(_plugin_decoders() | set(BUILTIN_DECODERS))
 
 
 def _column_hint(name: str, columns: set[str]) -> str:
@@ -227,6 +237,11 @@ def check_influxdb(p: Platform, doc: Document) -> list[Problem]:
         if ix.package and ix.package.source == "distro":
             out.append(doc.problem(("influxdb", "package", "source"), "Debian does not package InfluxDB 2",
                                    "use source: upstream for InfluxData's repository, or local"))
+    if ix.version == 1 and p.spec.tls.min_version == "1.3":
+        out.append(doc.problem(("tls", "min_version"), "InfluxDB 1.x cannot refuse TLS 1.2 (1.6.7's [tls] min-version "
+                               "stops at TLS1.2 and its cipher list cannot name TLS 1.3 suites)",
+                               "use tls.min_version: 1.2 (TLS 1.3 is still negotiated with clients that offer it), "
+                               "or influxdb.version: 2"))
     if ix.retention < 3600:
         out.append(doc.problem(("influxdb", "retention"), "retention shorter than 1h is refused by InfluxDB"))
     if p.spec.grafana.enabled and p.spec.grafana.package.source == "distro":
@@ -292,15 +307,55 @@ def check_target(p: Platform, doc: Document) -> list[Problem]:
 
 
 def check_names(p: Platform, doc: Document) -> list[Problem]:
+    """The canary is an MQTT user like any device: its id names no registry device and no internal user.
+    (broker.server_names are DNS names by their schema pattern.)"""
     out: list[Problem] = []
     ids = {d.id for d in p.devices}
-    if p.canary.id in ids:
-        out.append(doc.problem(("devices", "canary", "id"), f"the canary id {p.canary.id!r} is also a registry device"))
-    for i, name in enumerate(p.spec.broker.server_names):
-        labels = name.split(".")
-        if not all(lbl and len(lbl) <= 63 and lbl.replace("-", "").isalnum() for lbl in labels) or len(name) > 253:
-            out.append(doc.problem(("broker", "server_names", i), f"{name!r} is not a DNS name"))
+    cid = p.canary.id
+    if cid in ids:
+        out.append(doc.problem(("devices", "canary", "id"), f"the canary id {cid!r} is also a registry device"))
+    internal = (INFLUX_ADMIN_USER, GRAFANA_INFLUX_USER, WORKER_INFLUX_USER)
+    if cid.startswith(WORKER_USER_PREFIX) or cid in internal:
+        out.append(doc.problem(("devices", "canary", "id"),
+                               f"the canary id {cid!r} is reserved for iotplat's own users ({WORKER_USER_PREFIX}N for "
+                               f"the worker replicas, {', '.join(internal)}): the canary would share that user's "
+                               "credential", "keep the default iotplat-canary, or choose another id"))
     return out
+
+
+def _levels(template: str) -> list[str | None]:
+    """The name of each {name} level of a topic template, None for a literal level."""
+    return [lvl[1:-1] if lvl.startswith("{") else None for lvl in template.split("/")]
+
+
+def check_topic_levels(p: Platform, doc: Document) -> list[Problem]:
+    """Where a subscription and a device topic overlap, each level means the same thing in both: a level that
+    is {device} in one is {device} in the other (else one device's data is stored under another id, or
+    under a literal level's text), and a level that is a {name} in both carries the same name."""
+    out: list[Problem] = []
+    for si, sub in enumerate(p.spec.ingestion.subscriptions):
+        sub_levels = _levels(sub.topic)
+        sf = template_filter(sub.topic)
+        for ti, tmpl in enumerate(p.spec.devices.topics):
+            if not _overlap(sf, template_filter(tmpl)):
+                continue
+            for n, (s_name, t_name) in enumerate(zip(sub_levels, _levels(tmpl)), start=1):
+                if s_name == t_name or ("device" not in (s_name, t_name) and None in (s_name, t_name)):
+                    continue
+                said = f"{{{s_name}}}" if s_name else f"the text {sub.topic.split('/')[n - 1]!r}"
+                there = f"{{{t_name}}}" if t_name else f"the text {tmpl.split('/')[n - 1]!r}"
+                out.append(doc.problem(("ingestion", "subscriptions", si, "topic"),
+                                       f"level {n} is {said} here but {there} in devices.topics[{ti}] {tmpl!r}: the "
+                                       "worker would store one value under the other's name",
+                                       "use the same {name} at the same level as devices.topics"))
+                break
+    return out
+
+
+def _overlap(a: str, b: str) -> bool:
+    """True if some topic matches both filters (templates hold no #: same length, each level equal or a +)."""
+    la, lb = a.split("/"), b.split("/")
+    return len(la) == len(lb) and all(x == y or "+" in (x, y) for x, y in zip(la, lb))
 
 
 def check_measurements(p: Platform, doc: Document) -> list[Problem]:
@@ -329,6 +384,7 @@ CHECKS: tuple[Check, ...] = (
     check_target,
     check_names,
     check_measurements,
+    check_topic_levels,
 )
 
 

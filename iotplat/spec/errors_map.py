@@ -14,18 +14,38 @@ from typing import Any
 from pydantic import ValidationError
 
 from iotplat.errors import Problem
-from iotplat.spec.model import DNS_LABEL_RE, MEASUREMENT_RE, TOPIC_TEMPLATE_RE, PlatformSpec
+from iotplat.spec import model as m
 from iotplat.spec.yamlio import Document, PathT, dotted
 
 _PATTERN_TEXT = {
-    DNS_LABEL_RE: "must be a DNS label: lowercase letters, digits and '-', starting with a letter, at most 32 characters",
-    TOPIC_TEMPLATE_RE: "must be an MQTT topic without wildcards (+ #), not starting with $, "
-    "with optional {name} levels, e.g. devices/{device}/telemetry",
-    MEASUREMENT_RE: "must start with a letter or _ and hold only letters, digits, _ . -",
-    r"^[A-Za-z0-9_-]{1,64}$": "use 1-64 letters, digits, _ or -",
-    r"^[A-Z_][A-Z0-9_]*$": "must be an environment variable name (A-Z, 0-9, _)",
-    r"^[a-z][a-z0-9_-]{0,31}$": "use lowercase letters, digits, _ or -, starting with a letter",
-    r"^[a-z][a-z0-9_-]{2,31}$": "use 3-32 lowercase letters, digits, _ or -, starting with a letter",
+    m.DNS_LABEL_RE: "must be a DNS label: lowercase letters, digits and '-', starting with a letter, at most 32 characters",
+    m.TOPIC_TEMPLATE_RE: "must be an MQTT topic without wildcards (+ #), not starting with $, "
+    "with optional {name} levels, e.g. devices/{device}/telemetry; no spaces, control characters or %",
+    m.MEASUREMENT_RE: "must start with a letter or _ and hold only letters, digits, _ . -",
+    m.DEVICE_ID_PATTERN: "is not valid: use 1-64 letters, digits, _ or -",
+    m.INFLUX_NAME_RE: "is not valid: use 1-64 letters, digits, _ or -",
+    m.full(m.ENV_VAR): "must be an environment variable name (A-Z, 0-9, _)",
+    m.full(r"[a-z][a-z0-9_-]{0,31}"): "is not valid: use lowercase letters, digits, _ or -, starting with a letter",
+    m.full(r"[a-z][a-z0-9_-]{2,31}"): "is not valid: use 3-32 lowercase letters, digits, _ or -, starting with a letter",
+    m.DNS_NAME_RE: "must be a DNS name: lowercase ASCII letters, digits, '-' and '.' (write an internationalised "
+    "name in its xn-- form)",
+    m.DOMAIN_RE: "must be a DNS domain of two or more labels: lowercase ASCII letters, digits, '-' and '.'",
+    m.DEB_VERSION_RE: "must be a Debian package version, e.g. 2.0.11-1.2+deb12u2 (digits first; letters, digits "
+    "and . + ~ - :)",
+    m.CONTROLLER_PATH_RE: "must be a path without control characters or { }",
+    m.ONE_LINE_RE: "must be one line of at most 256 printable characters (no control characters)",
+    m.KEY_RE: "must be 1-128 printable characters on one line (no control characters)",
+    m.ATTRIBUTE_NAME_PATTERN: "must be an attribute name: lowercase letters, digits and _, starting with a letter or _",
+    m.ATTRIBUTE_VALUE_PATTERN: "is not valid: use 1-64 letters, digits, _ . : or -; it becomes a topic level and a tag",
+    m.POSIX_USER_RE: "must be a user name: lowercase letters, digits, _ and -, starting with a letter or _",
+    m.MACHINE_SIZE_RE: "must be a machine size name: letters, digits, . _ and -",
+    m.full(m.MIRROR_URL): "must be an http:// or https:// URL: a host name, an optional port and a path of letters, "
+    "digits and . _ ~ % + / -",
+    m.full(r"[a-z0-9-]{1,32}"): "must be an AWS region name, e.g. eu-west-1",
+    m.full(r"[a-z0-9]{1,32}"): "must be an Azure location name, e.g. westeurope",
+    m.full(r"[A-Za-z0-9*:.,/~ -]{1,64}"): "must be a systemd calendar expression of at most 64 letters, digits, "
+    "spaces and * : . , / ~ -",
+    m.full(r"/[A-Za-z0-9._/-]{1,255}"): "must be an absolute path of letters, digits and . _ / -",
 }
 
 _TYPE_NAMES = {
@@ -43,7 +63,9 @@ _TYPE_NAMES = {
 
 @lru_cache(maxsize=1)
 def _schema() -> dict[str, Any]:
-    return PlatformSpec.model_json_schema()
+    from iotplat.spec.schema import json_schema  # the published schema (maps as additionalProperties)
+
+    return json_schema()
 
 
 def _resolve(node: dict[str, Any]) -> dict[str, Any]:
