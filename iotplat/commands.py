@@ -97,7 +97,7 @@ class Prepared:
 def prepare(spec: str | None, env: str | None, out_dir: str | None = None, state_dir: str | None = None,
             notify: Notify | None = None) -> Prepared:
     """The shared first step of render, up, plan, status, ...: load, secrets (locked), render, write."""
-    from iotplat.render.engine import render_platform, write_build_dir
+    from iotplat.render.engine import check_build_dir, render_platform, write_build_dir
     from iotplat.secrets.materials import ensure_materials
     from iotplat.secrets.state import State, resolve_state_root
     from iotplat.spec.load import load_platform
@@ -105,6 +105,8 @@ def prepare(spec: str | None, env: str | None, out_dir: str | None = None, state
     path, display = _spec_path(spec)
     platform = load_platform(path, env, display)
     root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
+    out = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
+    check_build_dir(out, root)  # refused before the state is touched: nothing changes
     state = State.open(root, platform.name, platform.environment)
     if state.key_created_at and notify:
         notify(f"created a new vault password at {state.key_created_at}; keep it safe, the state directory "
@@ -114,9 +116,8 @@ def prepare(spec: str | None, env: str | None, out_dir: str | None = None, state
         state.save()
     files, entries, _ = render_platform(platform, materials)
     assert_no_secrets(files, materials.secret_values())
-    out = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
     try:
-        written, removed = write_build_dir(out, files)
+        written, removed = write_build_dir(out, files, state_root=root)
     except OSError as exc:
         raise IotplatError(f"{out}: cannot write the build directory: {exc.strerror}") from None
     return Prepared(platform, state, materials, out, files, entries, written, removed)
