@@ -364,12 +364,33 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
     return ExitCode.OK
 
 
+def _attributes(items: Sequence[str]) -> dict[str, str]:
+    """--attr NAME=VALUE (repeatable) -> {NAME: VALUE}; names and values are checked by the use case."""
+    attrs: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"--attr {item!r}: write NAME=VALUE, e.g. --attr site=north")
+        if name in attrs:
+            raise InvalidInput(f"--attr {name}: given twice")
+        attrs[name] = value
+    return attrs
+
+
 def cmd_device(args: argparse.Namespace, out: Output) -> int:
     from iotplat.deploy import devices
 
     if not args.device_command:
         raise InvalidInput("choose an action: iotplat device add|list|revoke|kit (see --help)")
-    result = devices.run(args.device_command, args)
+    ref = devices.SpecRef(spec=args.spec, env=args.env, state_dir=args.state_dir)
+    if args.device_command == "add":
+        result = devices.add(ref, args.id, _attributes(args.attr))
+    elif args.device_command == "revoke":
+        result = devices.revoke(ref, args.id)
+    elif args.device_command == "kit":
+        result = devices.kit(ref, args.id)
+    else:
+        result = devices.list_devices(ref)
     out.data.update(result)
     for line in result.get("lines", []):
         out.line(line)
