@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,24 +59,18 @@ def validate(spec: str, env: str | None) -> dict[str, Any]:
     }
 
 
-_TOKEN = re.compile(rb"[A-Za-z0-9_\-+/=]{16,}")
-
-
 def assert_no_secrets(files: dict[str, bytes], secrets: set[str]) -> None:
     """Refuse to write a build directory that contains any secret value (defence in depth).
 
-    Every secret iotplat generates is a 16+ character token; the files are split into such tokens and
-    each is looked up in a set, so the scan stays linear for 100,000 device passwords. PEM keys are
-    checked by their base64 body lines.
+    The same matcher that masks output (iotplat.deploy.ansible.Masker): every secret in every form it masks,
+    whatever its length or characters, in time linear in the files for 100,000 device passwords.
     """
-    needles = {s.encode() for s in secrets if len(s) >= 16 and "\n" not in s}
-    for s in secrets:
-        if "\n" in s:
-            needles.update(line.encode() for line in s.splitlines() if len(line) >= 16 and "-----" not in line)
+    from iotplat.deploy.ansible import Masker
+
+    finder = Masker(secrets)
     for name, data in files.items():
-        for token in _TOKEN.findall(data):
-            if token in needles:
-                raise IotplatError(f"refusing to write {name}: it would contain a secret value; this is a bug in iotplat")
+        if finder.finds(data.decode("utf-8", "surrogateescape")):
+            raise IotplatError(f"refusing to write {name}: it would contain a secret value; this is a bug in iotplat")
 
 
 @dataclass
