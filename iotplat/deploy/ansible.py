@@ -86,6 +86,8 @@ class Masker:
             if not s:
                 continue
             values.add(s)
+            if _URLSAFE.fullmatch(s):
+                continue  # no other form: the common case (every generated secret)
             if "\n" in s:
                 values.update(line.strip() for line in s.splitlines()
                               if len(line.strip()) >= 16 and "-----" not in line)
