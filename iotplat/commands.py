@@ -25,6 +25,11 @@ def _spec_path(spec: str | None) -> tuple[Path, str]:
 
 
 def init(directory: str, force: bool = False) -> dict[str, Any]:
+    """Write a starter spec, registry and schema into `directory`. All files or none: each is written to a temp
+    file first and renamed into place only when every one was written; a folder that cannot be written is
+    invalid input (exit 2), nothing changed."""
+    import os
+
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise InvalidInput(f"{directory}: exists and is not a folder")
@@ -37,11 +42,21 @@ def init(directory: str, force: bool = False) -> dict[str, Any]:
     existing = [name for name in ("platform.yaml", "devices.csv") if (target / name).exists()]
     if existing and not force:
         raise InvalidInput(f"{target / existing[0]}: already exists; use --force to overwrite, or choose another folder")
-    target.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in files.items():
-        (target / name).write_text(text)
-        written.append(str(target / name))
+    temps: list[Path] = []
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            tmp = target / f".{name}.iotplat-tmp"
+            temps.append(tmp)
+            tmp.write_text(text)
+        for name, tmp in zip(files, temps):
+            os.replace(tmp, target / name)
+    except OSError as exc:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise InvalidInput(f"{directory}: cannot write the starter files there: {exc.strerror}; choose a folder "
+                           "you can write (no file was written)") from None
+    written = [str(target / name) for name in files]
     return {"written": written, "spec": str(target / "platform.yaml")}
 
 
