@@ -143,7 +143,7 @@ def _leaf_commands() -> list[list[str]]:
     a command added later is covered too."""
     from iotplat.cli import build_parser
 
-    def walk(parser, path: list[str]) -> list[list[str]]:  # noqa: ANN001
+    def walk(parser, path: list[str]) -> list[list[str]]:
         subs = [a for a in parser._actions if isinstance(getattr(a, "choices", None), dict)]
         if not subs:
             return [path]
@@ -195,7 +195,7 @@ def test_runtime_failures_print_one_json_document_for_every_command(cli, tmp_pat
 def test_an_internal_error_is_one_json_document_too(cli, monkeypatch) -> None:
     import iotplat.commands
 
-    def boom(*a, **k):  # noqa: ANN002, ANN003
+    def boom(*a, **k):
         raise RuntimeError("unexpected")
 
     monkeypatch.setattr(iotplat.commands, "validate", boom)

@@ -97,8 +97,8 @@ def add(ref: SpecRef, device_id: str, attributes: Mapping[str, str] | None = Non
 
     _, registry = _change(ref, "add", lambda path, text: reg.add_device(path, text, device_id, attrs), prepare_state)
     return {"added": device_id, "registry": str(registry),
-            "lines": [f"added {device_id} to {registry}", "run `iotplat up` to install its credential on the broker; "
-                      f"`iotplat device kit {device_id}` prints its onboarding kit"]}
+            "lines": [f"added {device_id} to {registry}", ("run `iotplat up` to install its credential on the broker; "
+                                                           f"`iotplat device kit {device_id}` prints its onboarding kit")]}
 
 
 def list_devices(ref: SpecRef) -> dict[str, Any]:

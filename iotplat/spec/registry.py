@@ -241,7 +241,7 @@ def _dash_line(lines: list[str], line: int, col: int) -> int:
         return line
     for i in range(line - 1, -1, -1):
         stripped = lines[i].strip()
-        if stripped == "-" or stripped.startswith("- #") or stripped.startswith("-\t#"):
+        if stripped == "-" or stripped.startswith(("- #", "-\t#")):
             return i
         if stripped and not stripped.startswith("#"):
             break

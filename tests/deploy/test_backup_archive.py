@@ -93,7 +93,7 @@ def test_archive_of_another_platform_or_influxdb_version_is_refused_before_anyth
 
 
 def _good(tmp_path: Path, name: str = "a.iotplat-backup", state: bytes | None = None,
-          info_edit=None) -> Path:  # noqa: ANN001
+          info_edit=None) -> Path:
     members = _members(state if state is not None else _tar({"secrets.vault": b"s"}))
     info = _info(members)
     if info_edit:
@@ -154,7 +154,7 @@ def test_an_archive_larger_than_the_cap_is_refused_unread(tmp_path: Path, monkey
     (lambda i: i.pop("platform"), "no `platform`"),
     (lambda i: i["members"].pop("mosquitto.db"), "no mosquitto.db member"),
 ])
-def test_archive_info_without_what_restore_reads_is_refused(tmp_path: Path, edit, words: str) -> None:  # noqa: ANN001
+def test_archive_info_without_what_restore_reads_is_refused(tmp_path: Path, edit, words: str) -> None:
     with pytest.raises(InvalidInput, match=words):
         open_archive(_good(tmp_path, info_edit=edit))
 

@@ -193,7 +193,7 @@ def test_a_failed_state_commit_puts_the_old_registry_back(cli, spec: Path, isola
     assert cli("render", str(spec), "--out", str(spec.parent / "b")).code == 0
     before, users = reg.read_bytes(), dict(_users(isolated_state))
 
-    def broken_save(self) -> None:  # noqa: ANN001
+    def broken_save(self) -> None:
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
@@ -234,7 +234,7 @@ def _crash_each_step(spec: Path, args: tuple[str, ...], before_each, after_each)
     for n in range(1, 40):
         before_each()
         r = subprocess.run([sys.executable, "-c", _CRASHER, str(n), "device", *args, str(spec)], cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, check=False)
         after_each(n, r.returncode)
         if r.returncode != 99:
             assert n >= 4, n  # it crashed at least at: load, temp fsync, validation, rename
