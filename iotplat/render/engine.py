@@ -14,6 +14,7 @@ deploy step reads them from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -795,10 +796,12 @@ def write_build_dir(out: Path, files: dict[str, bytes], *, state_root: Path | No
             for leftover in leftovers:
                 os.unlink(leftover, dir_fd=fd)
         dirs.close()
-        # folders that held only removed files go too (never a folder that still holds anything)
-        emptied = {name.rpartition("/")[0] for name in removed}
-        for rel in sorted({"/".join(r.split("/")[:i]) for r in emptied if r for i in range(1, r.count("/") + 2)},
-                          key=lambda r: -r.count("/")):
+        # folders that held only removed files go too, deepest first (never a folder that still holds anything)
+        folders: set[str] = set()
+        for name in removed:
+            parts = name.split("/")[:-1]
+            folders.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+        for rel in sorted(folders, key=lambda r: r.count("/"), reverse=True):
             parent, _, base = rel.rpartition("/")
             fd = dirs.get(parent, create=False)
             if fd is None:
@@ -807,7 +810,7 @@ def write_build_dir(out: Path, files: dict[str, bytes], *, state_root: Path | No
                 os.rmdir(base, dir_fd=fd)
             except OSError:
                 pass
-        if journal:
+        with contextlib.suppress(FileNotFoundError):  # this render's journal, or one an interrupted render left
             os.unlink(PENDING, dir_fd=root_fd)
     finally:
         dirs.close()

@@ -249,8 +249,9 @@ def _dash_line(lines: list[str], line: int, col: int) -> int:
 
 
 def _is_filler(line: str) -> bool:
+    """A line that belongs to no entry: blank, a comment, or the document end marker."""
     s = line.strip()
-    return not s or s.startswith("#")
+    return not s or s.startswith("#") or s == "..."
 
 
 def _spans(lines: list[str], seq: CommentedSeq) -> list[tuple[int, int]]:
@@ -311,11 +312,11 @@ def _yaml_remove(path: Path, text: str, device_id: str) -> str:
     matches = [i for i, dev in enumerate(_ids(seq)) if dev == device_id]
     if not matches:
         raise InvalidInput(f"{path.name}: no device {device_id!r}")
+    lines = io.StringIO(text, newline="").readlines()
     if seq.fa.flow_style():
         for i in reversed(matches):
             del seq[i]
-        return _round_trip(data, text)
-    lines = io.StringIO(text, newline="").readlines()
+        return _round_trip(data, text).replace("\n", _newline(lines))
     spans = _spans(lines, seq)
     gone = {n for i in matches for n in range(*spans[i])}
     return "".join(line for n, line in enumerate(lines) if n not in gone)

@@ -187,6 +187,14 @@ def test_an_interrupted_first_render_leaves_a_folder_the_next_render_owns(cli, t
     assert not any(n.startswith(("hosts/dash/", "hosts/edge/", "hosts/tsdb/")) for n in left)
     assert ".iotplat-pending.json" not in left and not any(n.endswith(".iotplat-tmp") for n in left)
 
+    # interrupted again, this time before anything new was written: the next render still removes the journal
+    (out / ".iotplat-pending.json").write_text(json.dumps({"apiVersion": "iotplat/v1", "pending": ["hosts/x/y"]}))
+    (out / "hosts" / "x").mkdir()
+    (out / "hosts" / "x" / "y").write_text("written by the interrupted render")
+    r = cli("render", SPEC, "--out", str(out), "--json")
+    assert r.code == 0 and json.loads(r.out)["removed"] == ["hosts/x/y"] and json.loads(r.out)["written"] == []
+    assert not (out / ".iotplat-pending.json").exists() and not (out / "hosts" / "x").exists()
+
 
 def test_out_that_is_a_file_is_refused(cli, tmp_path: Path) -> None:
     f = tmp_path / "file"

@@ -132,6 +132,13 @@ def test_yaml_add_writes_one_flow_line_with_the_list_indent(tmp_path: Path) -> N
     assert yaml.safe_load(out) == {"devices": [{"id": "a"}, {"id": "yes"}]}
 
 
+def test_yaml_document_markers_stay_where_they_are(tmp_path: Path) -> None:
+    text = "---\ndevices:\n  - {id: a}\n  - {id: b}\n...\n"
+    assert add_device(YML, text, "c", {}) == "---\ndevices:\n  - {id: a}\n  - {id: b}\n  - {id: c}\n...\n"
+    assert remove_device(YML, text, "b") == "---\ndevices:\n  - {id: a}\n...\n"
+    assert [d for d, _ in _devices(YML, add_device(YML, text, "c", {}), tmp_path)] == ["a", "b", "c"]
+
+
 def test_yaml_empty_or_flow_lists_are_edited_by_round_trip(tmp_path: Path) -> None:
     out = add_device(YML, "# none yet\ndevices: []  # fill me\n", "d-1", {"site": "on"})
     assert out.startswith("# none yet\n") and yaml.safe_load(out) == {"devices": [{"id": "d-1", "site": "on"}]}
