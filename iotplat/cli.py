@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from iotplat import __version__
 from iotplat.errors import ExitCode, InvalidInput, IotplatError, SpecInvalid
+from iotplat.errors import _one_line as one_line  # escapes control characters: a message is always one line
 
 EPILOG = """exit codes: 0 ok, 1 failure, 2 invalid input (nothing changed), 3 drift found (plan), 130 interrupted.
 Every command accepts --json for machine-readable output on stdout."""
@@ -492,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _wants_json(arguments):
             _fail_json(ExitCode.INVALID, str(exc))
         sys.stderr.write(exc.usage)
-        print(f"{exc.prog}: error: {exc.message}", file=sys.stderr)
+        print(one_line(f"{exc.prog}: error: {exc.message}"), file=sys.stderr)
         return ExitCode.INVALID
     if not getattr(args, "func", None):
         parser.print_help()
@@ -517,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IotplatError as exc:
         if out.as_json:
             _fail_json(exc.exit_code, str(exc))
-        print(f"iotplat: error: {exc}", file=sys.stderr)
+        print(one_line(f"iotplat: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         if out.as_json:
@@ -532,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = f"internal error: {type(exc).__name__}: {exc}"
         if out.as_json:
             _fail_json(ExitCode.FAILURE, text)
-        print(f"iotplat: {text} (rerun with --debug for details, and please report it)", file=sys.stderr)
+        print(one_line(f"iotplat: {text} (rerun with --debug for details, and please report it)"), file=sys.stderr)
         return ExitCode.FAILURE
 
 

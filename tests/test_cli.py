@@ -232,3 +232,10 @@ def test_state_folders_are_created_private(cli, tmp_path: Path, monkeypatch) -> 
     assert cli("render", str(PLATFORM_DIR / "platform.yaml"), "--out", str(tmp_path / "b2"),
                "--state-dir", str(existing)).code == 0
     assert existing.stat().st_mode & 0o777 == 0o755 and (existing / "demo").stat().st_mode & 0o777 == 0o700
+
+
+def test_an_error_naming_user_input_with_a_newline_is_still_one_line(cli, tmp_path: Path) -> None:
+    r = cli("init", "/proc/no\nsuch")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and "\\n" in r.err, r.err
+    r = cli("device", "add", "x", str(tmp_path / "a\nb.yaml"))
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
