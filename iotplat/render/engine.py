@@ -14,6 +14,7 @@ deploy step reads them from.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -691,32 +692,269 @@ def render_platform(platform: Platform, materials: Materials) -> tuple[dict[str,
     return files, entries, manifest
 
 
-def write_build_dir(out: Path, files: dict[str, bytes]) -> tuple[list[str], list[str]]:
-    """Make `out` hold exactly `files`: unchanged files are left alone, changed ones replaced atomically,
-    stale ones removed; manifest.json is written last so a crash leaves the old manifest in place."""
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[str] = []
-    order = sorted(n for n in files if n != "manifest.json") + ["manifest.json"]
-    for name in order:
-        data = files[name]
-        path = out / name
+# ---------------------------------------------------------------------------- the build directory
+#
+# The build directory is iotplat's alone. iotplat writes into a folder only when it is absent, empty, or holds a
+# manifest.json (or a pending journal) of its own; it never writes into or over the state root; it never follows a
+# symbolic link below the folder (every directory is opened with O_NOFOLLOW relative to its parent, after a scan
+# that refuses links before anything is written); and it removes only files that its previous manifest (or an
+# interrupted render's journal) lists, plus its own temp files. A refusal is an InvalidInput: one line, exit 2,
+# nothing changed.
+
+MANIFEST = "manifest.json"
+PENDING = ".iotplat-pending.json"  # names a render is about to write; removed when the render completes
+_TMP_SUFFIX = ".iotplat-tmp"
+_TOP_FOLDERS = ("hosts", "ansible", "pulumi")
+_MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _is_build_name(name: object) -> bool:
+    """A name render writes: manifest.json or hosts|ansible|pulumi/<...>, no empty, `.` or `..` parts."""
+    if not isinstance(name, str) or "\0" in name:
+        return False
+    if name == MANIFEST:
+        return True
+    parts = name.split("/")
+    return len(parts) >= 2 and parts[0] in _TOP_FOLDERS and all(p not in ("", ".", "..") for p in parts)
+
+
+def _read_own(dir_fd: int, name: str) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(_MAX_MANIFEST_BYTES + 1)
+        return data if len(data) <= _MAX_MANIFEST_BYTES else None
+    finally:
+        os.close(fd)
+
+
+def _owned_names(dir_fd: int) -> set[str] | None:
+    """The names iotplat wrote into this folder, from its manifest.json and an interrupted render's journal;
+    None when the folder has neither (it is not a build directory of iotplat's)."""
+    owned: set[str] | None = None
+    raw = _read_own(dir_fd, MANIFEST)
+    if raw is not None:
         try:
-            if path.read_bytes() == data:
-                continue
-        except OSError:
-            pass
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        written.append(name)
-    removed: list[str] = []
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if (isinstance(doc, dict) and doc.get("apiVersion") == API_VERSION and isinstance(doc.get("files"), list)
+                and isinstance(doc.get("artifacts"), dict)):
+            owned = {MANIFEST, *(n for n in doc["artifacts"] if _is_build_name(n))}
+            owned.update(f["path"] for f in doc["files"] if isinstance(f, dict) and _is_build_name(f.get("path")))
+    raw = _read_own(dir_fd, PENDING)
+    if raw is not None:
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("apiVersion") == API_VERSION and isinstance(doc.get("pending"), list):
+            owned = (owned or set()) | {n for n in doc["pending"] if _is_build_name(n)}
+    return owned
+
+
+def check_build_dir(out: Path, state_root: Path | None = None) -> set[str]:
+    """Refuse (InvalidInput) a build directory iotplat may not write; return the names it wrote there before.
+
+    Changes nothing, so `prepare` calls it before the state is touched. A symbolic link given as `out` itself is
+    followed (the user chose that folder); links below it are refused by write_build_dir.
+    """
+    real = Path(os.path.realpath(out))
+    if state_root is not None:
+        root = Path(os.path.realpath(state_root))
+        if real == root or root in real.parents or real in root.parents:
+            where = "is" if real == root else ("is inside" if root in real.parents else "contains")
+            raise InvalidInput(f"{out}: the build directory {where} the state root {state_root}; render into another "
+                               "folder (--out), the state holds the CA and every credential (nothing was changed)")
+    try:
+        dir_fd = os.open(real, _DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        if isinstance(exc, NotADirectoryError) and real.exists():
+            raise InvalidInput(f"{out}: exists and is not a folder; choose another build directory (--out)") from None
+        return set()  # absent (or under a file: creating it fails with a clear error later)
+    try:
+        entries = os.listdir(dir_fd)
+        if not entries:
+            return set()
+        owned = _owned_names(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if owned is None:
+        raise InvalidInput(f"{out}: holds files iotplat did not write (no manifest.json of its own); render into a new "
+                           "or empty folder (--out), iotplat removes what it finds in its build directory (nothing was "
+                           "changed)")
+    return owned
+
+
+def _refuse_links(real: Path, out: Path, names: set[str]) -> None:
+    """Before anything is written: no folder on the way to a name, and no name itself, may be a symbolic link
+    (or a folder where a file goes, or a file where a folder goes)."""
+    import stat
+
+    seen: dict[str, int] = {}
+    for name in sorted(names):
+        parts = name.split("/")
+        for depth in range(1, len(parts) + 1):
+            rel = "/".join(parts[:depth])
+            if rel not in seen:
+                try:
+                    seen[rel] = os.lstat(real / rel).st_mode
+                except FileNotFoundError:
+                    seen[rel] = 0
+                except NotADirectoryError:
+                    seen[rel] = 0  # a parent is a file: reported for that parent below
+            mode = seen[rel]
+            if mode == 0:
+                break
+            last = depth == len(parts)
+            if stat.S_ISLNK(mode):
+                raise InvalidInput(f"{out / rel}: is a symbolic link; iotplat never follows links in its build "
+                                   "directory: remove it and render again (nothing was changed)")
+            if last and stat.S_ISDIR(mode):
+                raise InvalidInput(f"{out / rel}: is a folder where iotplat writes a file; remove it and render again "
+                                   "(nothing was changed)")
+            if not last and not stat.S_ISDIR(mode):
+                raise InvalidInput(f"{out / rel}: is not a folder but iotplat writes files below it; remove it and "
+                                   "render again (nothing was changed)")
+
+
+class _Dirs:
+    """Folders below the build directory, each opened relative to its parent without following links."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.fds: dict[str, int] = {"": root_fd}
+
+    def get(self, rel: str, create: bool) -> int | None:
+        if rel in self.fds:
+            return self.fds[rel]
+        parent, _, base = rel.rpartition("/")
+        pfd = self.get(parent, create)
+        if pfd is None:
+            return None
+        try:
+            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        except FileNotFoundError:
+            if not create:
+                return None
+            os.mkdir(base, 0o755, dir_fd=pfd)
+            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        self.fds[rel] = fd
+        return fd
+
+    def close(self) -> None:
+        for rel, fd in self.fds.items():
+            if rel:
+                os.close(fd)
+        self.fds = {"": self.fds[""]}
+
+
+def _write_at(dir_fd: int, base: str, data: bytes) -> None:
+    tmp = f".{base}{_TMP_SUFFIX}"
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)  # left by an interrupted render
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as fh:
+            fh.write(data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def _same_bytes(dir_fd: int, base: str, data: bytes) -> bool:
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(len(data) + 1) == data
+    finally:
+        os.close(fd)
+
+
+def write_build_dir(out: Path, files: dict[str, bytes], *, state_root: Path | None = None) -> tuple[list[str], list[str]]:
+    """Make `out` hold `files`: unchanged files are left alone, changed ones replaced atomically, files the
+    previous render wrote and this one does not are removed (nothing else is); manifest.json is written last.
+
+    A render that is interrupted leaves the previous manifest and, when it was about to write names that
+    manifest does not list, a journal (.iotplat-pending.json) naming them, so the next render still knows
+    every file it owns. Refusals (see check_build_dir, _refuse_links) are InvalidInput and change nothing.
+    """
+    owned = check_build_dir(out, state_root)
+    bad = sorted(n for n in files if not _is_build_name(n))
+    if bad:
+        raise ValueError(f"not a build directory name: {bad[0]!r}")  # a bug in the renderer, not user input
     wanted = set(files)
-    for path in sorted(out.rglob("*"), reverse=True):
-        rel = path.relative_to(out).as_posix()
-        if path.is_file() and rel not in wanted:
-            path.unlink()
-            removed.append(rel)
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+    stale = owned - wanted - {PENDING}
+    real = Path(os.path.realpath(out))
+    if real.exists():
+        _refuse_links(real, out, wanted | stale)
+    real.mkdir(parents=True, exist_ok=True)
+    root_fd = os.open(real, _DIR_FLAGS)
+    dirs = _Dirs(root_fd)
+    written: list[str] = []
+    removed: list[str] = []
+    try:
+        journal = bool(wanted - owned)
+        if journal:
+            doc = {"apiVersion": API_VERSION, "pending": sorted(owned | wanted)}
+            _write_at(root_fd, PENDING, (json.dumps(doc, indent=1) + "\n").encode())
+        order = sorted(n for n in files if n != MANIFEST) + [MANIFEST]
+        for name in order:
+            data = files[name]
+            parent, _, base = name.rpartition("/")
+            fd = dirs.get(parent, create=True)
+            assert fd is not None
+            if _same_bytes(fd, base, data):
+                continue
+            _write_at(fd, base, data)
+            written.append(name)
+        for name in sorted(stale, reverse=True):
+            parent, _, base = name.rpartition("/")
+            fd = dirs.get(parent, create=False)
+            if fd is None:
+                continue
+            try:
+                os.unlink(base, dir_fd=fd)
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            removed.append(name)
+        for fd in list(dirs.fds.values()):  # temp files an interrupted render left behind
+            with os.scandir(fd) as entries:
+                leftovers = [e.name for e in entries if e.name.startswith(".") and e.name.endswith(_TMP_SUFFIX)
+                             and not e.is_dir(follow_symlinks=False)]
+            for leftover in leftovers:
+                os.unlink(leftover, dir_fd=fd)
+        dirs.close()
+        # folders that held only removed files go too, deepest first (never a folder that still holds anything)
+        folders: set[str] = set()
+        for name in removed:
+            parts = name.split("/")[:-1]
+            folders.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+        for rel in sorted(folders, key=lambda r: r.count("/"), reverse=True):
+            parent, _, base = rel.rpartition("/")
+            fd = dirs.get(parent, create=False)
+            if fd is None:
+                continue
+            try:
+                os.rmdir(base, dir_fd=fd)
+            except OSError:
+                pass
+        with contextlib.suppress(FileNotFoundError):  # this render's journal, or one an interrupted render left
+            os.unlink(PENDING, dir_fd=root_fd)
+    finally:
+        dirs.close()
+        os.close(root_fd)
+    removed.sort()
     return written, removed

@@ -7,6 +7,7 @@ at once. The result is a frozen Platform.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,11 @@ def select_environment(doc: Document, env: str | None) -> list[tuple[str, Docume
     return [(env, merge_environment(doc, env))]
 
 
-def build_platform(doc: Document, env: str, spec_path: Path) -> Platform:
-    """Schema-validate one merged document, load its registry, run cross-checks."""
+def build_platform(doc: Document, env: str, spec_path: Path, registry_override: tuple[Path, Path] | None = None) -> Platform:
+    """Schema-validate one merged document, load its registry, run cross-checks.
+
+    registry_override (registry, candidate): read that registry's content from the candidate file instead
+    (`iotplat device add|revoke` validates a registry change before it replaces the file)."""
     try:
         spec = PlatformSpec.model_validate(doc.data)
     except ValidationError as exc:
@@ -172,6 +176,8 @@ def build_platform(doc: Document, env: str, spec_path: Path) -> Platform:
             raise SpecInvalid([Problem(doc.file, line, col, "devices.registry",
                                        f"unknown registry format {reg.suffix or '(no extension)'!r}",
                                        "use a .csv or .yaml file")])
+        if registry_override and Path(os.path.realpath(reg_path)) == Path(os.path.realpath(registry_override[0])):
+            reg_path = registry_override[1]
         try:
             devices, problems = load_registry(reg_path, display)
         except InvalidInput as exc:
@@ -198,7 +204,8 @@ def load_platform(spec_path: Path, env: str | None = None, display: str | None =
     return build_platform(merged, name, spec_path)
 
 
-def validate_spec(spec_path: Path, env: str | None = None, display: str | None = None) -> list[Platform]:
+def validate_spec(spec_path: Path, env: str | None = None, display: str | None = None,
+                  registry_override: tuple[Path, Path] | None = None) -> list[Platform]:
     """Validate one environment, or every declared environment; all problems are raised together."""
     doc = read_document(spec_path, display)
     check_api_version(doc)
@@ -206,7 +213,7 @@ def validate_spec(spec_path: Path, env: str | None = None, display: str | None =
     problems: list[Problem] = []
     for name, merged in select_environment(doc, env):
         try:
-            platforms.append(build_platform(merged, name, spec_path))
+            platforms.append(build_platform(merged, name, spec_path, registry_override))
         except SpecInvalid as exc:
             problems.extend(exc.problems)
     if problems:
