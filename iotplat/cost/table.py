@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from iotplat.errors import Problem, SpecInvalid
+from iotplat.errors import InvalidInput, Problem, SpecInvalid
 from iotplat.spec.errors_map import did_you_mean
 from iotplat.spec.yamlio import Document, PathT, dotted, load_yaml_file
 
@@ -42,8 +42,6 @@ SIZE_PATTERNS: dict[Cloud, re.Pattern[str]] = {
 # Debian's x64 gen2 image).
 STACK_ARCH: dict[Cloud, Arch] = {"aws": "x86_64", "azure": "x86_64"}
 
-_REGION = r"^[a-z][a-z0-9-]{1,40}$"
-_SIZE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class _Base(BaseModel):
@@ -51,6 +49,8 @@ class _Base(BaseModel):
 
 
 Price = Annotated[float, Field(ge=0, le=1_000_000)]
+SizeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+RegionName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{1,40}$")]
 
 
 class SizeFacts(_Base):
@@ -88,21 +88,13 @@ class EgressTier(_Base):
 
 
 class RegionPrices(_Base):
-    counterpart: str | None = Field(None, pattern=_REGION)
-    compute: dict[str, Price] = Field(default_factory=dict)
+    counterpart: RegionName | None = None
+    compute: dict[SizeName, Price] = Field(default_factory=dict)
     disk: DiskPrices
     public_ipv4_hour: Price
     nat_gateway_hour: Price
     nat_gateway_gb: Price
     egress: list[EgressTier] = Field(min_length=1)
-
-    @field_validator("compute")
-    @classmethod
-    def _compute(cls, v: dict[str, float]) -> dict[str, float]:
-        for name in v:
-            if not re.fullmatch(_SIZE, name):
-                raise ValueError(f"{name!r} is not a size name")
-        return v
 
     @field_validator("egress")
     @classmethod
@@ -119,9 +111,9 @@ class RegionPrices(_Base):
 class CloudPrices(_Base):
     label: str = Field(min_length=1, max_length=20)
     root_disk_gib: int = Field(ge=1, le=4096)
-    default_region: str = Field(pattern=_REGION)
-    sizes: dict[str, SizeFacts]
-    regions: dict[str, RegionPrices]
+    default_region: RegionName
+    sizes: dict[SizeName, SizeFacts]
+    regions: dict[RegionName, RegionPrices]
 
     @model_validator(mode="after")
     def _default_known(self) -> CloudPrices:
@@ -180,6 +172,8 @@ def merge_patch(base: Any, patch: Any) -> Any:
 
 
 def _read(path: Path, display: str) -> Document:
+    if not path.exists():
+        raise InvalidInput(f"{display}: no such price file (start from the layout of {SHIPPED.name} in iotplat/cost/)")
     return load_yaml_file(path, display, max_bytes=MAX_PRICE_FILE)
 
 
@@ -239,11 +233,12 @@ _TYPE_TEXT = {
 def _problems(exc: ValidationError, doc: Document) -> list[Problem]:
     out: list[Problem] = []
     for err in exc.errors(include_url=False):
-        path: PathT = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(err["loc"])
+        key = "[key]" in loc
+        path: PathT = tuple(p for p in loc if not (isinstance(p, str) and (p.startswith("function-") or p == "[key]")))
         etype = err["type"]
         ctx = err.get("ctx") or {}
         hint = ""
-        key = False
         if etype == "extra_forbidden":
             name = str(path[-1])
             message = f"unknown key {name!r}"
@@ -261,6 +256,9 @@ def _problems(exc: ValidationError, doc: Document) -> list[Problem]:
         elif etype in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
             op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[etype]
             message = f"must be {op} {next(iter(ctx.values()), '')} (got {err.get('input')!r})"
+        elif etype == "string_pattern_mismatch":
+            what = "name" if key else "value"
+            message = f"{err.get('input')!r} is not a valid {what} here (letters, digits, '.', '_' and '-')"
         elif etype == "value_error":
             message = str(ctx.get("error") or err["msg"]).removeprefix("Value error, ")
         else:
