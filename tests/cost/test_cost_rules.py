@@ -173,3 +173,13 @@ def test_the_spec_price_file_is_read_relative_to_the_spec(cli, tmp_path: Path) -
     result = cli("cost", str(case / "platform.yaml"), "--json")
     assert result.code == 0, result.err
     assert f"{case}/team-prices.yaml" in result.out
+
+
+def test_the_readme_example_is_true(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("$ iotplat cost ", 1)[1].split("```", 1)[0].splitlines()
+    args, shown = block[0].split(), [line for line in block[1:] if line and line != "..."]
+    monkeypatch.chdir(REPO)
+    result = cli("cost", *args)
+    assert result.code == 0, result.err
+    assert shown and all(line in result.out.splitlines() for line in shown), shown
