@@ -36,7 +36,7 @@ from iotplat.cost.table import (
 )
 from iotplat.errors import InvalidInput
 from iotplat.resources import default_spec_path
-from iotplat.spec.model import AwsTarget
+from iotplat.spec.model import AwsTarget, AzureTarget
 from iotplat.spec.units import parse_size
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ HOW_TO_ADD = "to a price file and pass it with --prices FILE or cost.prices in t
 
 
 def fmt(value: Decimal) -> str:
-    """A quantity as people read it: no exponent, no trailing zeros, thousands separated (2,628,000; 0.0228)."""
+    """A quantity as people read it: no exponent, no trailing zeros, thousands separated: 2,628,000 and 0.0228."""
     text = format(value, ",f")
     return text.rstrip("0").rstrip(".") if "." in text else text
 
@@ -192,7 +192,10 @@ def traffic(p: Platform, table: PriceTable) -> Traffic:
 def data_disk_gib(p: Platform) -> int:
     """The data disk per host, in GiB, as the rendered stack config asks for it (diskGb)."""
     t = p.spec.target
-    size = t.disk_size if t.kind in ("aws", "azure") else parse_size(AwsTarget.model_fields["disk_size"].default)
+    if isinstance(t, (AwsTarget, AzureTarget)):
+        size = t.disk_size
+    else:  # bare metal, local: compared with the cloud targets' default disk
+        size = parse_size(AwsTarget.model_fields["disk_size"].default)
     return max(1, size // GIB)
 
 
@@ -203,7 +206,8 @@ def _region(cloud: Cloud, prices: CloudPrices, region: str) -> RegionPrices:
     found = prices.regions.get(region)
     if found is None:
         raise _Unpriced(f"no {cloud} prices for region {region} (the table has {', '.join(prices.regions)}): add "
-                        f"{cloud}: {{regions: {{{region}: ...}}}} with the keys of iotplat/cost/prices.yaml {HOW_TO_ADD}")
+                        f"{cloud}: {{regions: {{{region}: ...}}}} with the keys of iotplat/cost/prices.yaml "
+                        f"{HOW_TO_ADD}")
     return found
 
 
@@ -249,8 +253,9 @@ def price_cloud(p: Platform, table: PriceTable, cloud: Cloud, region_name: str, 
         size = sizes[host]
         rate = region.compute.get(size)
         if rate is None:
-            raise _Unpriced(f"no price for {cloud} {NOUN[cloud]} {size} in {region_name} (host {host}): add "
-                            f"{cloud}: {{regions: {{{region_name}: {{compute: {{{size}: USD_PER_HOUR}}}}}}}} {HOW_TO_ADD}")
+            add = f"{cloud}: {{regions: {{{region_name}: {{compute: {{{size}: USD_PER_HOUR}}}}}}}}"
+            raise _Unpriced(f"no price for {cloud} {NOUN[cloud]} {size} in {region_name} (host {host}): add {add} "
+                            f"{HOW_TO_ADD}")
         lines.append(Line(host, "compute", f"{size}: {h} h x {fmt(money(rate))}/h", cents(hours * money(rate))))
         detail, amount = _disk(region, prices.root_disk_gib)
         lines.append(Line(host, "root disk", detail, cents(amount)))
@@ -279,10 +284,12 @@ def _hardware(p: Platform, flags: Mapping[str, Decimal]) -> tuple[dict[str, Deci
     found: dict[str, Decimal] = {}
     missing: list[str] = []
     for host in p.host_names:
-        if host in flags or "default" in flags:
-            found[host] = flags.get(host, flags.get("default", Decimal(0)))
+        if host in flags:
+            found[host] = flags[host]
+        elif "default" in flags:
+            found[host] = flags["default"]
         elif host in spec or "default" in spec:
-            found[host] = money(spec.get(host, spec.get("default")).monthly)  # type: ignore[union-attr]
+            found[host] = money((spec.get(host) or spec["default"]).monthly)
         else:
             missing.append(host)
     return found, missing
@@ -313,12 +320,24 @@ def _shapes(p: Platform, table: PriceTable) -> dict[str, HostShape | None]:
 
 
 def _spec_sizes(p: Platform) -> dict[str, str]:
+    """Each host's size on the spec's own cloud (validate guarantees a `default` or an entry per host)."""
     t = p.spec.target
-    sizes = t.instance_types if t.kind == "aws" else t.vm_sizes  # type: ignore[union-attr]
-    return {h: sizes.get(h, sizes.get("default", "")) for h in p.host_names}
+    if isinstance(t, AwsTarget):
+        sizes = t.instance_types
+    elif isinstance(t, AzureTarget):
+        sizes = t.vm_sizes
+    else:
+        return {}
+    return {h: sizes[h] if h in sizes else sizes["default"] for h in p.host_names}
 
 
-def _equivalents(p: Platform, table: PriceTable, cloud: Cloud, shapes: Mapping[str, HostShape | None]) -> dict[str, str]:
+def _spec_region(p: Platform) -> str | None:
+    t = p.spec.target
+    return t.region if isinstance(t, AwsTarget) else t.location if isinstance(t, AzureTarget) else None
+
+
+def _equivalents(p: Platform, table: PriceTable, cloud: Cloud,
+                 shapes: Mapping[str, HostShape | None]) -> dict[str, str]:
     sizes = table.cloud(cloud).sizes
     out: dict[str, str] = {}
     own = _spec_sizes(p) if p.target in CLOUDS else {}
@@ -338,14 +357,13 @@ def _equivalents(p: Platform, table: PriceTable, cloud: Cloud, shapes: Mapping[s
 
 def _region_for(p: Platform, table: PriceTable, cloud: Cloud) -> tuple[str, str]:
     """(region, why) where `cloud` is priced: the spec's own, its counterpart, or the table's default."""
-    t = p.spec.target
-    if t.kind == cloud:
-        return (t.region if cloud == "aws" else t.location), "the spec's target"  # type: ignore[union-attr]
-    if t.kind in CLOUDS:
-        spec_region = t.region if t.kind == "aws" else t.location  # type: ignore[union-attr]
-        counterpart = table.cloud(t.kind).regions.get(spec_region)
-        if counterpart is not None and counterpart.counterpart:
-            return counterpart.counterpart, f"equivalent sizes, in the counterpart of {spec_region}"
+    kind, spec_region = p.spec.target.kind, _spec_region(p)
+    if kind == cloud and spec_region:
+        return spec_region, "the spec's target"
+    if (kind == "aws" or kind == "azure") and spec_region:
+        prices = table.cloud(kind).regions.get(spec_region)
+        if prices is not None and prices.counterpart:
+            return prices.counterpart, f"equivalent sizes, in the counterpart of {spec_region}"
     return table.cloud(cloud).default_region, "equivalent sizes, in the price table's default region"
 
 
@@ -364,17 +382,15 @@ def estimate(p: Platform, table: PriceTable, *, hardware: Mapping[str, Decimal] 
     flow = traffic(p, table)
     shapes = _shapes(p, table)
     options: list[Option] = []
-    order: list[TargetName] = ["aws", "azure", "baremetal"]
-    if p.target in order:
-        order.remove(p.target)  # type: ignore[arg-type]
-        order.insert(0, p.target)  # type: ignore[arg-type]
+    targets: tuple[TargetName, ...] = ("aws", "azure", "baremetal")
+    order = sorted(targets, key=lambda t: t != p.target)  # the spec's own target first, the rest in this order
     for target in order:
         own = target == p.target
         if target == "baremetal":
             costs, missing = _hardware(p, flags)
             if missing:
-                error = (f"no hardware cost for host(s) {', '.join(missing)}: give --hardware-cost AMOUNT (per host and "
-                         "month) or cost.hardware in the spec")
+                error = (f"no hardware cost for host(s) {', '.join(missing)}: give --hardware-cost AMOUNT "
+                         "(per host and month) or cost.hardware in the spec")
                 if own:
                     raise InvalidInput(f"{p.spec_file}: cost: {error}")
                 options.append(Option("baremetal", None, "your hardware", own, error=error))
@@ -429,14 +445,16 @@ def _assumptions(p: Platform, table: PriceTable, expo: Exposure, flow: Traffic,
         "traffic between hosts stays on private addresses in one zone (AWS) or one virtual network (Azure): free",
         f"data disk: {data_disk_gib(p)} GiB per host"
         + (" (target.disk_size)" if p.target in CLOUDS else " (the cloud targets' default disk_size)")
-        + f"; root disk: {table.aws.root_disk_gib} GiB on AWS, {table.azure.root_disk_gib} GiB on Azure (the Debian images)",
+        + f"; root disk: {table.aws.root_disk_gib} GiB on AWS, {table.azure.root_disk_gib} GiB on Azure "
+        "(the Debian images)",
         "equivalent sizes: the smallest of the same kind (burstable, general, compute) with at least as many vCPUs "
         "and as much memory",
     ]
     if p.target not in CLOUDS:
         described = "; ".join(f"{h} {s.vcpus} vCPU, {s.memory_gib:g} GiB ({s.origin})" for h, s in shapes.items() if s)
         out.append(f"hosts without a cloud size are compared as {a.bare_metal_family}-purpose sizes: {described}")
-    out.append(f"bare metal: your cost per host and month (hardware, power, rack space, bandwidth), in {table.currency}")
+    out.append("bare metal: your cost per host and month (hardware, power, rack space, bandwidth), "
+               f"in {table.currency}")
     return tuple(out)
 
 

@@ -12,10 +12,10 @@ sizes validate accepts and the sizes cost prices come from one place.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -247,7 +247,8 @@ def _problems(exc: ValidationError, doc: Document) -> list[Problem]:
         elif etype == "missing":
             message = f"missing required key {str(path[-1])!r}"
             line, col = doc.where(path[:-1])
-            out.append(Problem(doc.file, line, col, dotted(path), message, "see iotplat/cost/prices.yaml for the layout"))
+            out.append(Problem(doc.file, line, col, dotted(path), message,
+                               "see iotplat/cost/prices.yaml for the layout"))
             continue
         elif etype in _TYPE_TEXT:
             message = f"expected {_TYPE_TEXT[etype]}, got {err.get('input')!r}"

@@ -17,7 +17,8 @@ def _headline(report: CostReport) -> str:
     if own is None:
         return (f"{key}: the local target runs throw-away hosts on this machine; the same hosts elsewhere, "
                 f"in {report.currency} a month:")
-    return f"{key} on {own.title}: {_amount(own.monthly)} {report.currency} a month (figures below in {report.currency})"
+    return (f"{key} on {own.title}: {_amount(own.monthly)} {report.currency} a month "
+            f"(figures below in {report.currency})")
 
 
 def _prices(report: CostReport) -> str:

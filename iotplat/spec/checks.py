@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable
 from importlib import metadata
+from typing import Literal, TypeVar
 
 from iotplat.errors import Problem
 from iotplat.spec.errors_map import did_you_mean
@@ -324,32 +325,34 @@ def check_measurements(p: Platform, doc: Document) -> list[Problem]:
 # this many public addresses in the union of the networks they are opened to: a /8 of IPv4, a /32 of IPv6.
 # stacks/common/iotplat_stack/config.py applies the same rule to the stack config (a test keeps them equal).
 MAX_PUBLIC_ADDRESSES = {4: 2**24, 6: 2**96}
-NOT_PUBLIC = {
-    4: tuple(ipaddress.ip_network(n) for n in (
-        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-        "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4")),
-    6: tuple(ipaddress.ip_network(n) for n in ("::/127", "fc00::/7", "fe80::/10", "ff00::/8")),
-}
+NOT_PUBLIC_IPV4 = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
+NOT_PUBLIC_IPV6 = tuple(ipaddress.IPv6Network(n) for n in ("::/127", "fc00::/7", "fe80::/10", "ff00::/8"))
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _public_in(nets: list[_Net], hidden_blocks: tuple[_Net, ...]) -> int:
+    """Two CIDR blocks are either disjoint or one holds the other, so the non-public part of each
+    collapsed network is all of it, or the sum of the non-public blocks inside it."""
+    total = 0
+    for net in ipaddress.collapse_addresses(nets):
+        hidden = 0
+        for block in hidden_blocks:
+            if net.subnet_of(block):
+                hidden = net.num_addresses
+                break
+            if block.subnet_of(net):
+                hidden += block.num_addresses
+        total += net.num_addresses - hidden
+    return total
 
 
 def public_addresses(cidrs: Iterable[str]) -> dict[int, int]:
-    """Public addresses in the union of `cidrs`, per IP version; overlapping networks count once.
-
-    Two CIDR blocks are either disjoint or one contains the other, so after collapsing the list the
-    non-public part of each block is the sum of the non-public blocks inside it (or all of it)."""
+    """Public addresses in the union of `cidrs`, per IP version (4, 6); overlapping networks count once."""
     nets = [ipaddress.ip_network(c) for c in cidrs]
-    out = {4: 0, 6: 0}
-    for version in (4, 6):
-        for net in ipaddress.collapse_addresses(n for n in nets if n.version == version):
-            hidden = 0
-            for block in NOT_PUBLIC[version]:
-                if net.subnet_of(block):  # type: ignore[arg-type]
-                    hidden = net.num_addresses
-                    break
-                if block.subnet_of(net):  # type: ignore[arg-type]
-                    hidden += block.num_addresses
-            out[version] += net.num_addresses - hidden
-    return out
+    return {4: _public_in([n for n in nets if isinstance(n, ipaddress.IPv4Network)], NOT_PUBLIC_IPV4),
+            6: _public_in([n for n in nets if isinstance(n, ipaddress.IPv6Network)], NOT_PUBLIC_IPV6)}
 
 
 def _too_open(cidrs: Iterable[str]) -> str:
@@ -393,8 +396,8 @@ def check_vm_sizes(p: Platform, doc: Document) -> list[Problem]:
     t = p.spec.target
     if t.kind not in ("aws", "azure"):
         return []
-    cloud = t.kind
-    other = "azure" if cloud == "aws" else "aws"
+    cloud: Literal["aws", "azure"] = "aws" if t.kind == "aws" else "azure"
+    other: Literal["aws", "azure"] = "azure" if cloud == "aws" else "aws"
     key, sizes = ("instance_types", t.instance_types) if t.kind == "aws" else ("vm_sizes", t.vm_sizes)
     own, theirs = shipped_sizes(cloud), shipped_sizes(other)
     example = "t3.small" if cloud == "aws" else "Standard_B2s"

@@ -75,7 +75,8 @@ def _private_host_spec(tmp_path: Path, kind: str) -> Path:
     folder = tmp_path / kind
     folder.mkdir()
     text = (CASES / "spec_and_flag_overrides" / "platform.yaml").read_text()
-    text = text.replace("  prices: team-prices.yaml\n", "  prices: null\n").replace("tsdb: r6i.large", "tsdb: m6i.large")
+    text = text.replace("  prices: team-prices.yaml\n", "  prices: null\n")
+    text = text.replace("tsdb: r6i.large", "tsdb: m6i.large")
     if kind == "azure":
         text = text.replace("kind: aws\n  region: eu-west-1", "kind: azure\n  location: westeurope")
         text = text.replace("instance_types: {default: t3.small, tsdb: m6i.large}", "vm_sizes: {default: Standard_B2s}")
@@ -126,7 +127,8 @@ def test_egress_tiers_add_up() -> None:
     assert _egress(region, Decimal(100))[1] == 0
     detail, amount = _egress(region, Decimal(60_000))
     # 100 free, 10,140 x 0.09, 40,960 x 0.085, 8,800 x 0.07
-    assert amount == Decimal(10_140) * Decimal("0.09") + Decimal(40_960) * Decimal("0.085") + Decimal(8_800) * Decimal("0.07")
+    expected = Decimal(10_140) * Decimal("0.09") + Decimal(40_960) * Decimal("0.085") + Decimal(8_800) * Decimal("0.07")
+    assert amount == expected
     assert detail == "60,000 GB: 100 GB free + 10,140 GB x 0.09/GB + 40,960 GB x 0.085/GB + 8,800 GB x 0.07/GB"
 
 

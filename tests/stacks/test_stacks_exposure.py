@@ -114,7 +114,7 @@ def test_the_stack_and_validate_count_public_addresses_alike(nets: list[ipaddres
 
 def test_the_stack_and_validate_share_the_limit_and_the_ranges() -> None:
     assert checks.MAX_PUBLIC_ADDRESSES[4] == config.MAX_PUBLIC_IPV4
-    assert checks.NOT_PUBLIC[4] == config.NOT_PUBLIC_IPV4
+    assert checks.NOT_PUBLIC_IPV4 == config.NOT_PUBLIC_IPV4
     assert set(checks.SENSITIVE_PORTS) == set(config.NEVER_WORLD_OPEN)
 
 
@@ -122,3 +122,16 @@ def test_the_stack_and_validate_share_the_limit_and_the_ranges() -> None:
 def test_validate_names_sizes_like_the_stack(cloud: str) -> None:
     """`iotplat validate` refuses the sizes the stack config would refuse (same naming rule)."""
     assert SIZE_PATTERNS[cloud].pattern == config.TARGETS[cloud].size_pattern.pattern  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "v4", "v6"),
+    [
+        (["2001:db8::/32"], 0, 2**96),  # exactly the IPv6 limit (bare metal may list IPv6 admin networks)
+        (["fc00::/7", "fe80::/10", "::1/128"], 0, 0),  # unique-local, link-local, loopback: not public
+        (["::/0"], 0, 2**128 - 2**121 - 2**118 - 2**120 - 2),
+        (["10.0.0.0/8", "2001:db8::/48"], 0, 2**80),
+    ],
+)
+def test_validate_counts_ipv6_too(cidrs: list[str], v4: int, v6: int) -> None:
+    assert checks.public_addresses(cidrs) == {4: v4, 6: v6}
