@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
 from typing import Any, NoReturn
 
 from iotplat import __version__
@@ -205,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     for action in rsub.choices.values():
         action.set_defaults(func=cmd_rotate)
 
+    p = sub.add_parser("cost", help="monthly infrastructure cost on the spec's target, side by side with the other "
+                       "cloud and bare metal", epilog=EPILOG)
+    _add_spec(p, optional=True)
+    p.add_argument("--prices", metavar="FILE", help="a price file merged over iotplat's price table (after the "
+                   "spec's cost.prices); same layout as iotplat/cost/prices.yaml")
+    p.add_argument("--hardware-cost", action="append", default=[], type=_hardware_cost, metavar="[HOST=]AMOUNT",
+                   help="your own cost per host and month, for the bare-metal column (repeat; AMOUNT alone: every "
+                   "host without its own); overrides the spec's cost.hardware")
+    _add_common(p)
+    p.set_defaults(func=cmd_cost)
+
     p = sub.add_parser("schema", help="print the spec's JSON Schema", epilog=EPILOG)
     _add_common(p)
     p.set_defaults(func=cmd_schema)
@@ -219,6 +231,19 @@ def _add_deploy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", help="build directory (default: build/<platform>/<environment>)")
     p.add_argument("--state-dir", help="state root (default: $IOTPLAT_STATE_DIR, the spec's state.dir, "
                    "else ~/.local/state/iotplat)")
+
+
+def _hardware_cost(text: str) -> tuple[str, Decimal]:
+    """`--hardware-cost 45` (every host) or `--hardware-cost tsdb=80`."""
+    host, _, amount = text.rpartition("=")
+    try:
+        value = Decimal(amount.strip())
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite() or not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: write AMOUNT or HOST=AMOUNT, AMOUNT a number from 0 to 1000000 "
+                                         "(your cost per host and month)")
+    return (host.strip() or "default", value)
 
 
 def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
@@ -430,6 +455,17 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
     for line in result.get("lines", []):
         out.line(line)
     return ExitCode.OK if result.get("ok", True) else ExitCode.FAILURE
+
+
+def cmd_cost(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.cost.estimate import run
+    from iotplat.cost.text import render_text
+
+    report = run(args.spec, args.env, prices=args.prices, hardware=dict(args.hardware_cost))
+    out.data.update(report.as_dict())
+    for line in render_text(report):
+        out.line(line)
+    return ExitCode.OK
 
 
 def cmd_schema(args: argparse.Namespace, out: Output) -> int:

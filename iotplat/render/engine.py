@@ -259,6 +259,23 @@ def _mosquitto_duration(seconds: float) -> str:
     return f"{hours // 24}d" if hours % 24 == 0 else f"{hours}h"
 
 
+def host_ingress(p: Platform, host: str) -> list[dict[str, Any]]:
+    """The ports `host` accepts and from whom (source devices, admin or internal): the stack config's
+    `iotplat:hosts[].ingress` and the hosts' firewall. Needs no materials, so `iotplat cost` uses it too."""
+    rules: list[dict[str, Any]] = []
+    services = p.services_on(host)
+    if "broker" in services:
+        for lst in p.spec.broker.listeners:
+            label = "MQTT over TLS" if lst.protocol == "mqtt" else "MQTT over secure WebSockets"
+            rules.append({"port": lst.port, "protocol": "tcp", "source": "devices", "description": label})
+            rules.append({"port": lst.port, "protocol": "tcp", "source": "internal", "description": f"{label} (worker, canary)"})
+    if "influxdb" in services:
+        rules.append({"port": p.spec.influxdb.port, "protocol": "tcp", "source": "internal", "description": "InfluxDB HTTPS"})
+    if "grafana" in services:
+        rules.append({"port": p.spec.grafana.port, "protocol": "tcp", "source": "admin", "description": "Grafana HTTPS"})
+    return rules
+
+
 class Renderer:
     def __init__(self, platform: Platform, materials: Materials) -> None:
         self.p = platform
@@ -469,18 +486,7 @@ class Renderer:
                 ("/etc/systemd/system/iotplat-backup.timer", self._t("backup/iotplat-backup.timer.j2", **ctx), "0644")]
 
     def host_ingress(self, host: str) -> list[dict[str, Any]]:
-        rules: list[dict[str, Any]] = []
-        services = self.p.services_on(host)
-        if "broker" in services:
-            for lst in self.p.spec.broker.listeners:
-                label = "MQTT over TLS" if lst.protocol == "mqtt" else "MQTT over secure WebSockets"
-                rules.append({"port": lst.port, "protocol": "tcp", "source": "devices", "description": label})
-                rules.append({"port": lst.port, "protocol": "tcp", "source": "internal", "description": f"{label} (worker, canary)"})
-        if "influxdb" in services:
-            rules.append({"port": self.p.spec.influxdb.port, "protocol": "tcp", "source": "internal", "description": "InfluxDB HTTPS"})
-        if "grafana" in services:
-            rules.append({"port": self.p.spec.grafana.port, "protocol": "tcp", "source": "admin", "description": "Grafana HTTPS"})
-        return rules
+        return host_ingress(self.p, host)
 
     def firewall_sources(self) -> dict[str, list[str]]:
         """Where each ingress `source` may come from, for the hosts' nftables firewall (common role).

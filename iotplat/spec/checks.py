@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
+from typing import Literal, TypeVar
 
 from iotplat.errors import Problem
 from iotplat.spec.errors_map import did_you_mean
@@ -375,6 +376,117 @@ def check_measurements(p: Platform, doc: Document) -> list[Problem]:
     return out
 
 
+# The ports no spec may open to the internet (SENSITIVE_PORTS: SSH, RDP, InfluxDB, Grafana) accept at most
+# this many public addresses in the union of the networks they are opened to: a /8 of IPv4, a /32 of IPv6.
+# stacks/common/iotplat_stack/config.py applies the same rule to the stack config (a test keeps them equal).
+MAX_PUBLIC_ADDRESSES = {4: 2**24, 6: 2**96}
+NOT_PUBLIC_IPV4 = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
+NOT_PUBLIC_IPV6 = tuple(ipaddress.IPv6Network(n) for n in ("::/127", "fc00::/7", "fe80::/10", "ff00::/8"))
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _public_in(nets: list[_Net], hidden_blocks: tuple[_Net, ...]) -> int:
+    """Two CIDR blocks are either disjoint or one holds the other, so the non-public part of each
+    collapsed network is all of it, or the sum of the non-public blocks inside it."""
+    total = 0
+    for net in ipaddress.collapse_addresses(nets):
+        hidden = 0
+        for block in hidden_blocks:
+            if net.subnet_of(block):
+                hidden = net.num_addresses
+                break
+            if block.subnet_of(net):
+                hidden += block.num_addresses
+        total += net.num_addresses - hidden
+    return total
+
+
+def public_addresses(cidrs: Iterable[str]) -> dict[int, int]:
+    """Public addresses in the union of `cidrs`, per IP version (4, 6); overlapping networks count once."""
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    return {4: _public_in([n for n in nets if isinstance(n, ipaddress.IPv4Network)], NOT_PUBLIC_IPV4),
+            6: _public_in([n for n in nets if isinstance(n, ipaddress.IPv6Network)], NOT_PUBLIC_IPV6)}
+
+
+def _too_open(cidrs: Iterable[str]) -> str:
+    """'' when the networks stay within MAX_PUBLIC_ADDRESSES, else what they hold."""
+    counts = public_addresses(cidrs)
+    if counts[4] > MAX_PUBLIC_ADDRESSES[4]:
+        return f"{counts[4]:,} public IPv4 addresses, more than a /8 ({MAX_PUBLIC_ADDRESSES[4]:,})"
+    if counts[6] > MAX_PUBLIC_ADDRESSES[6]:
+        return "more global IPv6 addresses than a /32"
+    return ""
+
+
+def check_cidr_exposure(p: Platform, doc: Document) -> list[Problem]:
+    """admin_cidrs (SSH, Grafana) and device_cidrs on a never-world-open port: not (nearly) the whole internet."""
+    t = p.spec.target
+    if t.kind == "local":
+        return []
+    out: list[Problem] = []
+    literal_world = t.kind != "baremetal" and any(ipaddress.ip_network(c).prefixlen == 0 for c in t.admin_cidrs)
+    what = _too_open(t.admin_cidrs)
+    if what and not literal_world:  # a cloud's literal /0 is already reported by check_target
+        out.append(doc.problem(("target", "admin_cidrs"), f"together these networks hold {what}: SSH and Grafana "
+                               "would be open to a large part of the internet",
+                               "list your operators' networks; private ranges (e.g. 10/8, 172.16/12, 192.168/16, fc00::/7) do not count"))
+    ports = sorted({lst.port for lst in p.spec.broker.listeners if lst.port in SENSITIVE_PORTS})
+    what = _too_open(t.device_cidrs)
+    if ports and what:
+        out.append(doc.problem(("target", "device_cidrs"), f"devices reach port {ports[0]} (a broker listener), which is "
+                               f"never opened to the internet, but these networks hold {what}",
+                               "move the listener to another port (8883 is MQTT over TLS), or list the devices' networks"))
+    return out
+
+
+_SIZE_NOUN = {"aws": "an EC2 instance type", "azure": "an Azure VM size"}
+
+
+def check_vm_sizes(p: Platform, doc: Document) -> list[Problem]:
+    """Each host's size belongs to the spec's cloud, and runs the image its stack launches."""
+    from iotplat.cost.table import SIZE_PATTERNS, STACK_ARCH, equivalent, shipped_sizes
+
+    t = p.spec.target
+    if t.kind not in ("aws", "azure"):
+        return []
+    cloud: Literal["aws", "azure"] = "aws" if t.kind == "aws" else "azure"
+    other: Literal["aws", "azure"] = "azure" if cloud == "aws" else "aws"
+    key, sizes = ("instance_types", t.instance_types) if t.kind == "aws" else ("vm_sizes", t.vm_sizes)
+    own, theirs = shipped_sizes(cloud), shipped_sizes(other)
+    example = "t3.small" if cloud == "aws" else "Standard_B2s"
+    out: list[Problem] = []
+    for host, size in sizes.items():
+        path = ("target", key, host)
+        if not SIZE_PATTERNS[cloud].match(size):
+            foreign = theirs.get(size)
+            if foreign is None and not SIZE_PATTERNS[other].match(size):
+                out.append(doc.problem(path, f"{size!r} is not {_SIZE_NOUN[cloud]}", f"e.g. {example}"))
+                continue
+            message = f"{size} is {_SIZE_NOUN[other]}, not {_SIZE_NOUN[cloud]}"
+            match = foreign and equivalent(own, vcpus=foreign.vcpus, memory_gib=foreign.memory_gib, family=foreign.family)
+            hint = (f"on {cloud}, the equivalent of {size} ({foreign.vcpus} vCPU, {foreign.memory_gib:g} GiB, "
+                    f"{foreign.family}) is {match}") if foreign and match else f"e.g. {example}"
+            out.append(doc.problem(path, message, hint))
+            continue
+        facts = own.get(size)
+        if facts is not None and facts.arch != STACK_ARCH[cloud]:
+            match = equivalent(own, vcpus=facts.vcpus, memory_gib=facts.memory_gib, family=facts.family,
+                               arch=STACK_ARCH[cloud])
+            out.append(doc.problem(path, f"{size} is an {facts.arch} size, but stacks/{cloud} launches the "
+                                   f"{STACK_ARCH[cloud]} Debian image",
+                                   f"its {STACK_ARCH[cloud]} equivalent is {match}" if match else f"e.g. {example}"))
+    return out
+
+
+def check_cost_settings(p: Platform, doc: Document) -> list[Problem]:
+    names = sorted(p.host_names)
+    return [doc.problem(("cost", "hardware", n), f"{n!r} is not one of the spec's hosts",
+                        did_you_mean(n, [*names, "default"]), key=True)
+            for n in sorted(set(p.spec.cost.hardware) - set(names) - {"default"})]
+
+
 CHECKS: tuple[Check, ...] = (
     check_placement,
     check_ports,
@@ -385,6 +497,9 @@ CHECKS: tuple[Check, ...] = (
     check_names,
     check_measurements,
     check_topic_levels,
+    check_cidr_exposure,
+    check_vm_sizes,
+    check_cost_settings,
 )
 
 

@@ -242,9 +242,13 @@ class BaremetalTarget(Base):
     ssh_user: PosixUser = Field("deploy", description="Default login user (needs passwordless sudo).")
     admin_cidrs: list[Cidr] = Field(
         ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"], min_length=1,
-        description="Where operators connect from: the host firewall opens SSH and Grafana only to these.",
+        description="Where operators connect from: the host firewall opens SSH and Grafana only to these. "
+        "Together they may hold at most 16,777,216 public IPv4 addresses (a /8) and at most a /32 of global IPv6 "
+        "addresses; private, shared (100.64/10), loopback, link-local, multicast and reserved ranges do not count.",
     )
-    device_cidrs: list[Cidr] = Field(["0.0.0.0/0"], min_length=1, description="Where devices connect from (MQTT over TLS only).")
+    device_cidrs: list[Cidr] = Field(["0.0.0.0/0"], min_length=1,
+                                     description="Where devices connect from (MQTT over TLS only). A listener on a port that is "
+        "never open to the internet (22, 3389, 8086, 3000) is held to the admin_cidrs limit.")
     hosts: dict[DnsLabel, BaremetalHost] = Field(description="Address of every logical host, keyed by host name.")
 
 
@@ -266,9 +270,13 @@ AZURE_LOCATIONS = (
 
 class CloudCommon(Base):
     admin_cidrs: list[Cidr] = Field(
-        min_length=1, description="Where operators connect from: SSH and Grafana are reachable only from here."
+        min_length=1, description="Where operators connect from: SSH and Grafana are reachable only from here. "
+        "Together they may hold at most 16,777,216 public IPv4 addresses (a /8) and at most a /32 of global IPv6 "
+        "addresses; private, shared (100.64/10), loopback, link-local, multicast and reserved ranges do not count.",
     )
-    device_cidrs: list[Cidr] = Field(["0.0.0.0/0"], min_length=1, description="Where devices connect from (MQTT over TLS only).")
+    device_cidrs: list[Cidr] = Field(["0.0.0.0/0"], min_length=1,
+                                     description="Where devices connect from (MQTT over TLS only). A listener on a port that is "
+        "never open to the internet (22, 3389, 8086, 3000) is held to the admin_cidrs limit.")
     network_cidr: Cidr = Field("10.42.0.0/16", description="The private network (VPC/VNet) of the platform.")
     ssh_public_key_file: ControllerPath = Field(description="Public key installed for the admin user (path, relative to the spec).")
     disk_size: Size = Field("20GiB", description="Data disk per host (encrypted).")
@@ -670,6 +678,30 @@ class ScheduledBackups(Base):
                      description="Directory on the host (root-only) that holds one timestamped folder per backup.")
 
 
+class HardwareCost(Base):
+    monthly: float = Field(
+        ge=0, description="What one such host costs you a month (hardware written off, power, rack space, bandwidth), "
+        "in the price table's currency (USD)."
+    )
+    vcpus: int | None = Field(None, ge=1, le=1024, description="Its CPU cores, to choose the equivalent cloud size; "
+                              "default: the price table's bare-metal host (2).")
+    memory: Size | None = Field(None, description="Its memory, to choose the equivalent cloud size; default: the price "
+                                "table's bare-metal host (4GiB).")
+
+
+class CostSettings(Base):
+    """What `iotplat cost` needs besides the hosts: your price file and what your own hardware costs."""
+
+    prices: ControllerPath | None = Field(
+        None, description="A price file merged over iotplat's price table (relative to the spec); "
+        "`iotplat cost --prices FILE` is merged after it."
+    )
+    hardware: dict[str, HardwareCost] = Field(
+        {}, description="Bare metal: your cost per host name; the key `default` applies to the rest. "
+        "`iotplat cost --hardware-cost` overrides it."
+    )
+
+
 class StateSettings(Base):
     dir: ControllerPath | None = Field(
         None,
@@ -702,6 +734,7 @@ class PlatformSpec(Base):
     secrets: Secrets = Field(Secrets(), description="Secrets are generated into the state directory unless referenced here.")
     state: StateSettings = Field(StateSettings(), description="Where iotplat keeps state for this platform.")
     backup: ScheduledBackups = Field(ScheduledBackups(), description="Scheduled backups on the hosts (systemd timer, retention count).")
+    cost: CostSettings = Field(CostSettings(), description="Price file and own-hardware cost for `iotplat cost`.")
     environments: dict[str, dict[str, Any]] = Field(
         {},
         description="Named overlays (e.g. staging, production) merged onto this spec with JSON merge-patch rules: "

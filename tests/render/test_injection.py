@@ -136,6 +136,7 @@ def _baremetal() -> dict[str, Any]:
                      "package": {"source": "upstream", "version": "2.7.11-1"}}
     d["secrets"] = {"influxdb_admin_password": {"env": "INJ_INFLUX_PASSWORD"},
                     "grafana_admin_password": {"file": "admin-password.txt"}}
+    d["cost"] = {"prices": "prices.yaml", "hardware": {"core": {"monthly": 40.0, "vcpus": 2, "memory": "4GiB"}}}
     return d
 
 
