@@ -13,13 +13,31 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from decimal import Decimal, InvalidOperation
+from typing import Any, NoReturn
 
 from iotplat import __version__
 from iotplat.errors import ExitCode, InvalidInput, IotplatError, SpecInvalid
+from iotplat.errors import _one_line as one_line  # escapes control characters: a message is always one line
 
 EPILOG = """exit codes: 0 ok, 1 failure, 2 invalid input (nothing changed), 3 drift found (plan), 130 interrupted.
 Every command accepts --json for machine-readable output on stdout."""
+
+
+class UsageError(InvalidInput):
+    """A command line argparse cannot parse (unknown flag, missing argument, bad value)."""
+
+    def __init__(self, prog: str, message: str, usage: str) -> None:
+        super().__init__(f"{prog}: {message}")
+        self.prog, self.message, self.usage = prog, message, usage
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting, so main() reports it like every other
+    failure (one JSON document under --json); subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message, self.format_usage())
 
 
 class Output:
@@ -52,7 +70,7 @@ def _add_spec(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="iotplat",
         description="Describe an IoT platform once; deploy Mosquitto, the ingestion worker, InfluxDB and Grafana "
         "identically to AWS, Azure or bare metal; prove it works.",
@@ -194,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     for action in rsub.choices.values():
         action.set_defaults(func=cmd_rotate)
 
+    p = sub.add_parser("cost", help="monthly infrastructure cost on the spec's target, side by side with the other "
+                       "cloud and bare metal", epilog=EPILOG)
+    _add_spec(p, optional=True)
+    p.add_argument("--prices", metavar="FILE", help="a price file merged over iotplat's price table (after the "
+                   "spec's cost.prices); same layout as iotplat/cost/prices.yaml")
+    p.add_argument("--hardware-cost", action="append", default=[], type=_hardware_cost, metavar="[HOST=]AMOUNT",
+                   help="your own cost per host and month, for the bare-metal column (repeat; AMOUNT alone: every "
+                   "host without its own); overrides the spec's cost.hardware")
+    _add_common(p)
+    p.set_defaults(func=cmd_cost)
+
     p = sub.add_parser("schema", help="print the spec's JSON Schema", epilog=EPILOG)
     _add_common(p)
     p.set_defaults(func=cmd_schema)
@@ -208,6 +237,19 @@ def _add_deploy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", help="build directory (default: build/<platform>/<environment>)")
     p.add_argument("--state-dir", help="state root (default: $IOTPLAT_STATE_DIR, the spec's state.dir, "
                    "else ~/.local/state/iotplat)")
+
+
+def _hardware_cost(text: str) -> tuple[str, Decimal]:
+    """`--hardware-cost 45` (every host) or `--hardware-cost tsdb=80`."""
+    host, _, amount = text.rpartition("=")
+    try:
+        value = Decimal(amount.strip())
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite() or not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: write AMOUNT or HOST=AMOUNT, AMOUNT a number from 0 to 1000000 "
+                                         "(your cost per host and month)")
+    return (host.strip() or "default", value)
 
 
 def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
@@ -375,12 +417,33 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
     return ExitCode.OK
 
 
+def _attributes(items: Sequence[str]) -> dict[str, str]:
+    """--attr NAME=VALUE (repeatable) -> {NAME: VALUE}; names and values are checked by the use case."""
+    attrs: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"--attr {item!r}: write NAME=VALUE, e.g. --attr site=north")
+        if name in attrs:
+            raise InvalidInput(f"--attr {name}: given twice")
+        attrs[name] = value
+    return attrs
+
+
 def cmd_device(args: argparse.Namespace, out: Output) -> int:
     from iotplat.deploy import devices
 
     if not args.device_command:
         raise InvalidInput("choose an action: iotplat device add|list|revoke|kit (see --help)")
-    result = devices.run(args.device_command, args)
+    ref = devices.SpecRef(spec=args.spec, env=args.env, state_dir=args.state_dir)
+    if args.device_command == "add":
+        result = devices.add(ref, args.id, _attributes(args.attr))
+    elif args.device_command == "revoke":
+        result = devices.revoke(ref, args.id)
+    elif args.device_command == "kit":
+        result = devices.kit(ref, args.id)
+    else:
+        result = devices.list_devices(ref)
     out.data.update(result)
     for line in result.get("lines", []):
         out.line(line)
@@ -403,6 +466,17 @@ def cmd_rotate(args: argparse.Namespace, out: Output) -> int:
     for line in result.get("lines", []):
         out.line(line)
     return ExitCode.OK if result.get("ok", True) else ExitCode.FAILURE
+
+
+def cmd_cost(args: argparse.Namespace, out: Output) -> int:
+    from iotplat.cost.estimate import run
+    from iotplat.cost.text import render_text
+
+    report = run(args.spec, args.env, prices=args.prices, hardware=dict(args.hardware_cost))
+    out.data.update(report.as_dict())
+    for line in render_text(report):
+        out.line(line)
+    return ExitCode.OK
 
 
 def cmd_schema(args: argparse.Namespace, out: Output) -> int:
@@ -443,9 +517,31 @@ def _join_dash_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _wants_json(argv: Sequence[str]) -> bool:
+    """--json anywhere before a `--` (for failures found before the arguments are parsed)."""
+    for a in argv:
+        if a == "--":
+            return False
+        if a == "--json":
+            return True
+    return False
+
+
+def _fail_json(code: int, error: str) -> None:
+    print(json.dumps({"ok": False, "exit_code": int(code), "error": error}, indent=2, sort_keys=True), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_join_dash_values(sys.argv[1:] if argv is None else argv))
+    arguments = _join_dash_values(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(arguments)
+    except UsageError as exc:
+        if _wants_json(arguments):
+            _fail_json(ExitCode.INVALID, str(exc))
+        sys.stderr.write(exc.usage)
+        print(one_line(f"{exc.prog}: error: {exc.message}"), file=sys.stderr)
+        return ExitCode.INVALID
     if not getattr(args, "func", None):
         parser.print_help()
         return ExitCode.INVALID
@@ -468,10 +564,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except IotplatError as exc:
         if out.as_json:
-            print(json.dumps({"ok": False, "exit_code": int(exc.exit_code), "error": str(exc)}, indent=2, sort_keys=True))
-        print(f"iotplat: error: {exc}", file=sys.stderr)
+            _fail_json(exc.exit_code, str(exc))
+        print(one_line(f"iotplat: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        if out.as_json:
+            _fail_json(ExitCode.INTERRUPTED, "interrupted")
         print("iotplat: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except BrokenPipeError:
@@ -479,8 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place unexpected errors become exit 1
         if getattr(args, "debug", False) or os.environ.get("IOTPLAT_DEBUG"):
             traceback.print_exc()
-        print(f"iotplat: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details, "
-              "and please report it)", file=sys.stderr)
+        text = f"internal error: {type(exc).__name__}: {exc}"
+        if out.as_json:
+            _fail_json(ExitCode.FAILURE, text)
+        print(one_line(f"iotplat: {text} (rerun with --debug for details, and please report it)"), file=sys.stderr)
         return ExitCode.FAILURE
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,11 @@ def _spec_path(spec: str | None) -> tuple[Path, str]:
 
 
 def init(directory: str, force: bool = False) -> dict[str, Any]:
+    """Write a starter spec, registry and schema into `directory`. All files or none: each is written to a temp
+    file first and renamed into place only when every one was written; a folder that cannot be written is
+    invalid input (exit 2), nothing changed."""
+    import os
+
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise InvalidInput(f"{directory}: exists and is not a folder")
@@ -38,11 +42,21 @@ def init(directory: str, force: bool = False) -> dict[str, Any]:
     existing = [name for name in ("platform.yaml", "devices.csv") if (target / name).exists()]
     if existing and not force:
         raise InvalidInput(f"{target / existing[0]}: already exists; use --force to overwrite, or choose another folder")
-    target.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in files.items():
-        (target / name).write_text(text)
-        written.append(str(target / name))
+    temps: list[Path] = []
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            tmp = target / f".{name}.iotplat-tmp"
+            temps.append(tmp)
+            tmp.write_text(text)
+        for name, tmp in zip(files, temps):
+            os.replace(tmp, target / name)
+    except OSError as exc:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise InvalidInput(f"{directory}: cannot write the starter files there: {exc.strerror}; choose a folder "
+                           "you can write (no file was written)") from None
+    written = [str(target / name) for name in files]
     return {"written": written, "spec": str(target / "platform.yaml")}
 
 
@@ -60,24 +74,18 @@ def validate(spec: str, env: str | None) -> dict[str, Any]:
     }
 
 
-_TOKEN = re.compile(rb"[A-Za-z0-9_\-+/=]{16,}")
-
-
 def assert_no_secrets(files: dict[str, bytes], secrets: set[str]) -> None:
     """Refuse to write a build directory that contains any secret value (defence in depth).
 
-    Every secret iotplat generates is a 16+ character token; the files are split into such tokens and
-    each is looked up in a set, so the scan stays linear for 100,000 device passwords. PEM keys are
-    checked by their base64 body lines.
+    The same matcher that masks output (iotplat.deploy.ansible.Masker): every secret in every form it masks,
+    whatever its length or characters, in time linear in the files for 100,000 device passwords.
     """
-    needles = {s.encode() for s in secrets if len(s) >= 16 and "\n" not in s}
-    for s in secrets:
-        if "\n" in s:
-            needles.update(line.encode() for line in s.splitlines() if len(line) >= 16 and "-----" not in line)
+    from iotplat.deploy.ansible import Masker
+
+    finder = Masker(secrets)
     for name, data in files.items():
-        for token in _TOKEN.findall(data):
-            if token in needles:
-                raise IotplatError(f"refusing to write {name}: it would contain a secret value; this is a bug in iotplat")
+        if finder.finds(data.decode("utf-8", "surrogateescape")):
+            raise IotplatError(f"refusing to write {name}: it would contain a secret value; this is a bug in iotplat")
 
 
 @dataclass
@@ -97,7 +105,7 @@ class Prepared:
 def prepare(spec: str | None, env: str | None, out_dir: str | None = None, state_dir: str | None = None,
             notify: Notify | None = None) -> Prepared:
     """The shared first step of render, up, plan, status, ...: load, secrets (locked), render, write."""
-    from iotplat.render.engine import render_platform, write_build_dir
+    from iotplat.render.engine import check_build_dir, render_platform, write_build_dir
     from iotplat.secrets.materials import ensure_materials
     from iotplat.secrets.state import State, resolve_state_root
     from iotplat.spec.load import load_platform
@@ -105,6 +113,8 @@ def prepare(spec: str | None, env: str | None, out_dir: str | None = None, state
     path, display = _spec_path(spec)
     platform = load_platform(path, env, display)
     root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
+    out = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
+    check_build_dir(out, root)  # refused before the state is touched: nothing changes
     state = State.open(root, platform.name, platform.environment)
     if state.key_created_at and notify:
         notify(f"created a new vault password at {state.key_created_at}; keep it safe, the state directory "
@@ -114,9 +124,8 @@ def prepare(spec: str | None, env: str | None, out_dir: str | None = None, state
         state.save()
     files, entries, _ = render_platform(platform, materials)
     assert_no_secrets(files, materials.secret_values())
-    out = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
     try:
-        written, removed = write_build_dir(out, files)
+        written, removed = write_build_dir(out, files, state_root=root)
     except OSError as exc:
         raise IotplatError(f"{out}: cannot write the build directory: {exc.strerror}") from None
     return Prepared(platform, state, materials, out, files, entries, written, removed)

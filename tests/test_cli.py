@@ -133,3 +133,109 @@ def test_since_takes_a_value_that_starts_with_a_dash() -> None:
     args = build_parser().parse_args(argv)
     assert args.since == "-1h" and args.host == "edge"
     assert _join_dash_values(["logs", "--since"]) == ["logs", "--since"]  # argparse then names the missing value
+
+
+# ---------------------------------------------------------------------------- every failure is one line / one JSON
+
+
+def _leaf_commands() -> list[list[str]]:
+    """Every runnable command path (`render`, `device add`, `rotate certs`, ...), read from the parser itself, so
+    a command added later is covered too."""
+    from iotplat.cli import build_parser
+
+    def walk(parser, path: list[str]) -> list[list[str]]:
+        subs = [a for a in parser._actions if isinstance(getattr(a, "choices", None), dict)]
+        if not subs:
+            return [path]
+        return [leaf for a in subs for name, p in a.choices.items() for leaf in walk(p, path + [name])]
+
+    leaves = walk(build_parser(), [])
+    assert len(leaves) >= 18 and ["device", "add"] in leaves and ["rotate", "device"] in leaves
+    return leaves
+
+
+def _one_json_failure(r, code: int = 2) -> dict:
+    data = json.loads(r.out)  # the whole of stdout is exactly one JSON document
+    assert isinstance(data, dict) and data["ok"] is False and data["exit_code"] == code, r.out
+    assert r.code == code and "Traceback" not in r.err
+    return data
+
+
+def test_argparse_errors_print_one_json_document_under_json_for_every_command(cli) -> None:
+    """Unknown flags, missing arguments and bad values: argparse printed usage text and no JSON."""
+    for path in _leaf_commands():
+        data = _one_json_failure(cli(*path, "--json", "--no-such-flag"))
+        assert "--no-such-flag" in data["error"] or "are required" in data["error"], path
+    for argv in (["device", "add", "--json"], ["rotate", "device", "--json"], ["restore", "--json"],
+                 ["logs", "--lines", "many", "--json"], ["logs", "--service", "nope", "--json"], ["--json"],
+                 ["nosuchcommand", "--json"]):
+        _one_json_failure(cli(*argv))
+    r = cli("validate", "--no-such-flag")  # without --json: argparse's usage and message on stderr, no stdout
+    assert r.code == 2 and r.out == "" and "usage: iotplat" in r.err and "unrecognized arguments" in r.err
+
+
+def test_runtime_failures_print_one_json_document_for_every_command(cli, tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-spec.yaml")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    needs = {("device", "add"): ["dev-1"], ("device", "revoke"): ["dev-1"], ("device", "kit"): ["dev-1"],
+             ("rotate", "device"): ["dev-1"], ("restore",): ["--from", str(blocker), "--yes"],
+             ("destroy",): ["--yes"]}
+    for path in _leaf_commands():
+        if path in (["schema"], ["worker"]):
+            continue  # schema cannot fail; worker takes no --json (its argparse error is covered above)
+        if path == ["init"]:
+            argv = ["init", str(blocker), "--json"]
+        else:
+            argv = [*path, *needs.get(tuple(path), []), missing, "--json"]
+        data = _one_json_failure(cli(*argv))
+        assert data.get("error") or data.get("problems"), path
+
+
+def test_an_internal_error_is_one_json_document_too(cli, monkeypatch) -> None:
+    import iotplat.commands
+
+    def boom(*a, **k):
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(iotplat.commands, "validate", boom)
+    data = _one_json_failure(cli("validate", "--json"), code=1)
+    assert "internal error: RuntimeError: unexpected" in data["error"]
+
+
+def test_init_into_an_unwritable_place_is_one_line_exit_2(cli, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for target in ("/sys/iotplat-init-test", "/proc/1", str(blocker / "sub")):
+        r = cli("init", target)
+        assert r.code == 2 and "cannot write the starter files" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+        assert "internal error" not in r.err
+    assert not Path("/sys/iotplat-init-test").exists() and blocker.read_text() == "x"
+
+
+def test_state_folders_are_created_private(cli, tmp_path: Path, monkeypatch) -> None:
+    """The state root and the platform's folder were created 0755 (only the environment's was 0700)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        root = tmp_path / "new" / "state-root"
+        r = cli("render", str(PLATFORM_DIR / "platform.yaml"), "--out", str(tmp_path / "b"), "--state-dir", str(root))
+        assert r.code == 0, r.err
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "new", root, root / "demo", root / "demo" / "default"):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    existing = tmp_path / "shared"  # a folder that exists is left as it is
+    existing.mkdir(mode=0o755)
+    existing.chmod(0o755)
+    assert cli("render", str(PLATFORM_DIR / "platform.yaml"), "--out", str(tmp_path / "b2"),
+               "--state-dir", str(existing)).code == 0
+    assert existing.stat().st_mode & 0o777 == 0o755 and (existing / "demo").stat().st_mode & 0o777 == 0o700
+
+
+def test_an_error_naming_user_input_with_a_newline_is_still_one_line(cli, tmp_path: Path) -> None:
+    r = cli("init", "/proc/no\nsuch")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and "\\n" in r.err, r.err
+    r = cli("device", "add", "x", str(tmp_path / "a\nb.yaml"))
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err

@@ -9,6 +9,7 @@ and host, with every known secret value masked, and the PLAY RECAP is parsed int
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,9 @@ _RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\
                     r"(?:\s+rescued=(\d+))?(?:\s+ignored=(\d+))?")
 _TASK = re.compile(r"^(TASK|RUNNING HANDLER) \[(.+?)\]")
 _RESULT = re.compile(r"^(ok|changed|fatal|failed|skipping|unreachable): \[([^\]]+)\]")
-_TOKEN = re.compile(r"[A-Za-z0-9_\-+/=]{16,}")
+_URLSAFE = re.compile(r"[A-Za-z0-9_-]+")  # the alphabet of generated secrets (token_urlsafe, hex)
+_RUN_MIN = 16
+MASK = "********"
 
 Progress = Callable[[str], None]
 
@@ -65,22 +68,73 @@ class PlaybookResult:
 
 
 class Masker:
-    """Replaces every known secret value in text with ********."""
+    """Replaces every known secret value in text with ********, whatever its length or characters.
 
-    def __init__(self, secrets: set[str]) -> None:
-        self.secrets = {s for s in secrets if len(s) >= 8}
-        self.lines = {line for s in self.secrets for line in s.splitlines() if len(line) >= 16 and "-----" not in line}
+    Also masked: each line (16+ characters, not the `-----BEGIN` lines) of a multi-line secret such as a PEM key,
+    since output arrives line by line, and the JSON-escaped form of a secret with quotes, backslashes or non-ASCII
+    characters (Ansible prints task results as JSON).
+
+    Hand-written because no library does this in linear time for 100,000 values: generated secrets (url-safe,
+    16+ characters: every device password) are found by set lookups over the text's runs of url-safe characters
+    (also inside a longer run, e.g. `password=...`); every other value (a user's secret, key lines, escaped forms)
+    by one regular expression of the escaped values, longest first.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        values: set[str] = set()
+        for s in secrets:
+            if not s:
+                continue
+            values.add(s)
+            if _URLSAFE.fullmatch(s):
+                continue  # no other form: the common case (every generated secret)
+            if "\n" in s:
+                values.update(line.strip() for line in s.splitlines()
+                              if len(line.strip()) >= 16 and "-----" not in line)
+            escaped = json.dumps(s)[1:-1]
+            if escaped != s:
+                values.add(escaped)
+        self._by_length: dict[int, set[str]] = {}
+        others: list[str] = []
+        for v in values:
+            if len(v) >= _RUN_MIN and _URLSAFE.fullmatch(v):
+                self._by_length.setdefault(len(v), set()).add(v)
+            else:
+                others.append(v)
+        self._lengths = sorted(self._by_length, reverse=True)
+        self._runs = re.compile(f"[A-Za-z0-9_-]{{{min(self._lengths)},}}") if self._lengths else None
+        self._others = (re.compile("|".join(re.escape(v) for v in sorted(others, key=lambda v: (-len(v), v))))
+                        if others else None)
+
+    def _run(self, m: re.Match[str]) -> str:
+        run = m.group(0)
+        n = len(run)
+        if run in self._by_length.get(n, ()):
+            return MASK
+        hits: list[tuple[int, int]] = []
+        for length in self._lengths:
+            bucket = self._by_length[length]
+            hits.extend((i, i + length) for i in range(n - length + 1) if run[i:i + length] in bucket)
+        if not hits:
+            return run
+        out, pos = [], 0
+        for start, end in sorted(hits):
+            if start >= pos:
+                out.append(run[pos:start] + MASK)
+            pos = max(pos, end)  # an overlapping hit widens the span the last mask stands for
+        out.append(run[pos:])
+        return "".join(out)
 
     def __call__(self, text: str) -> str:
-        def sub(m: re.Match[str]) -> str:
-            tok = m.group(0)
-            return "********" if tok in self.secrets or tok in self.lines else tok
-
-        text = _TOKEN.sub(sub, text)
-        for s in self.secrets:
-            if len(s) < 16 and s in text:
-                text = text.replace(s, "********")
+        if self._others is not None:
+            text = self._others.sub(MASK, text)
+        if self._runs is not None:
+            text = self._runs.sub(self._run, text)
         return text
+
+    def finds(self, text: str) -> bool:
+        """Does `text` contain a secret value (in any form this masker masks)?"""
+        return self(text) != text
 
 
 def masker_for(materials: Materials) -> Masker:
@@ -176,8 +230,6 @@ def run_playbook(build: Path, hosts: list[Host], materials: Materials, state_dir
 
 
 def _manifest_secrets(build: Path) -> set[str]:
-    import json
-
     manifest = json.loads((build / "manifest.json").read_text())
     return {f["secret"] for f in manifest["files"] if f["class"] == "secret"}
 

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import subprocess
 import tarfile
 import time
@@ -126,14 +127,114 @@ def create(ctx: Any, hosts: list[Host], dest: Path, progress=print) -> dict[str,
     return {"archive": str(dest), "sha256": digest, "bytes": len(sealed), "members": info["members"]}
 
 
-def open_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Verify and unpack an archive: checksum file (if present), vault HMAC, every member's sha256."""
+MAX_ARCHIVE_BYTES = 8 * 1024**3  # read whole into memory (ansible-vault is not a stream): refuse larger files
+MAX_SUMS_BYTES = 4096
+_SHA256_HEX = frozenset("0123456789abcdef")
+RESTORE_MEMBERS = ("state.tar", "influxdb.tar", "mosquitto.db")  # what `restore` needs (grafana.db is optional)
+
+
+def _read_regular(path: Path, limit: int, what: str) -> bytes:
+    """Read a regular file of at most `limit` bytes: never a device (/dev/zero), FIFO or folder, never unbounded."""
     try:
-        sealed = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise InvalidInput(f"{path}: cannot read the archive: {exc.strerror}") from None
+        raise InvalidInput(f"{path}: cannot read the {what}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"{path}: the {what} is not a regular file; give the .iotplat-backup file `iotplat "
+                               "backup` wrote")
+        if st.st_size > limit:
+            raise InvalidInput(f"{path}: the {what} is larger than {limit:,} bytes; this is not an iotplat backup")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read the {what}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise InvalidInput(f"{path}: the {what} is larger than {limit:,} bytes; this is not an iotplat backup")
+    return data
+
+
+def _expected_digest(sums: Path) -> str:
+    """The sha256 in a `<sha256>  <name>` checksum file (sha256sum's format)."""
+    raw = _read_regular(sums, MAX_SUMS_BYTES, "checksum file")
+    try:
+        fields = raw.decode("ascii").split()
+    except UnicodeDecodeError:
+        fields = []
+    digest = fields[0].lower() if fields else ""
+    if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
+        raise InvalidInput(f"{sums}: not a checksum file (expected `<64 hex digits>  <archive name>`, as `iotplat "
+                           "backup` writes it); restore it or remove it, then run the command again")
+    return digest
+
+
+def _check_info(path: Path, info: object) -> dict[str, Any]:
+    """archive.json: the keys restore reads, with their types (an archive is untrusted input until checked)."""
+    def bad(what: str) -> InvalidInput:
+        return InvalidInput(f"{path}: not an iotplat backup archive (archive.json: {what})")
+
+    if not isinstance(info, dict):
+        raise bad("not a JSON object")
+    if info.get("format") != FORMAT:
+        raise InvalidInput(f"{path}: archive format {info.get('format')!r} is not supported by this iotplat")
+    for key in ("platform", "environment", "created"):
+        if not isinstance(info.get(key), str):
+            raise bad(f"no `{key}` string")
+    members = info.get("members")
+    if not isinstance(members, dict) or not members:
+        raise bad("no `members` with their sha256")
+    for name, digest in members.items():
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _SHA256_HEX):
+            raise bad(f"member {name!r} has no sha256")
+    missing = [m for m in RESTORE_MEMBERS if m not in members]
+    if missing:
+        raise bad(f"no {missing[0]} member")
+    return info
+
+
+def check_state_tar(path: Path, data: bytes) -> list[tarfile.TarInfo]:
+    """Every member of the state's tar, checked before any is extracted: regular files and folders only, each
+    inside the state directory (tarfile's `data` filter rules), no duplicates."""
+    dest = "/iotplat-state-check"
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = tar.getmembers()
+    except tarfile.TarError as exc:
+        raise InvalidInput(f"{path}: the archive's state.tar is not readable ({exc}); refusing to restore") from None
+    seen: set[str] = set()
+    for m in members:
+        if not (m.isfile() or m.isdir()):
+            raise InvalidInput(f"{path}: state.tar member {m.name!r} is not a file or folder; refusing to restore")
+        parts = m.name.split("/")
+        if m.name.startswith("/") or ".." in parts or "\0" in m.name:
+            raise InvalidInput(f"{path}: state.tar member {m.name!r} points outside the state directory; refusing to "
+                               "restore")
+        try:
+            tarfile.data_filter(m, dest)
+        except tarfile.FilterError as exc:
+            raise InvalidInput(f"{path}: state.tar member {m.name!r} is refused ({exc}); refusing to restore") from None
+        name = os.path.normpath(m.name)
+        if name in seen:
+            raise InvalidInput(f"{path}: state.tar holds {m.name!r} twice; refusing to restore")
+        seen.add(name)
+    return members
+
+
+def open_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Verify and unpack an archive: checksum file (if present), vault HMAC, archive.json, every member's sha256,
+    every member of the state's tar. Any problem is InvalidInput (exit 2), found before anything changes."""
+    sealed = _read_regular(path, MAX_ARCHIVE_BYTES, "archive")
     sums = path.with_name(path.name + ".sha256")
-    if sums.exists() and sums.read_text().split()[0] != hashlib.sha256(sealed).hexdigest():
+    if os.path.lexists(sums) and _expected_digest(sums) != hashlib.sha256(sealed).hexdigest():
         raise InvalidInput(f"{path}: the archive does not match its checksum file {sums.name}; refusing to restore")
     try:
         raw = Vault(key_file_path().read_bytes().strip()).decrypt(sealed, str(path))
@@ -142,19 +243,25 @@ def open_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
                            f"key): {str(exc).split(';')[0]}") from None
     members: dict[str, bytes] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r") as tar:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
             for m in tar.getmembers():
+                if not m.isfile():
+                    raise InvalidInput(f"{path}: archive member {m.name!r} is not a file; refusing to restore")
+                if m.name in members:
+                    raise InvalidInput(f"{path}: archive member {m.name!r} appears twice; refusing to restore")
                 f = tar.extractfile(m)
-                if f is not None:
-                    members[m.name] = f.read()
+                members[m.name] = f.read() if f is not None else b""
         info = json.loads(members.pop("archive.json"))
     except (tarfile.TarError, KeyError, ValueError):
         raise InvalidInput(f"{path}: not an iotplat backup archive (no readable archive.json)") from None
-    if info.get("format") != FORMAT:
-        raise InvalidInput(f"{path}: archive format {info.get('format')!r} is not supported by this iotplat")
+    info = _check_info(path, info)
+    extra = sorted(set(members) - set(info["members"]))
+    if extra:
+        raise InvalidInput(f"{path}: member {extra[0]} is not listed in archive.json; refusing to restore")
     for name, digest in info["members"].items():
         if hashlib.sha256(members.get(name, b"")).hexdigest() != digest:
             raise InvalidInput(f"{path}: member {name} does not match its checksum; refusing to restore")
+    check_state_tar(path, members["state.tar"])
     return info, members
 
 
@@ -166,8 +273,12 @@ def check_fits(info: dict[str, Any], platform: Any, move: bool = False) -> None:
                 "onto another target), pass --move" if info["platform"] == platform.name else "")
         raise InvalidInput(f"the archive is of {info['platform']}/{info['environment']}, not "
                            f"{platform.name}/{platform.environment}{hint}")
-    if info["influxdb"]["version"] != platform.spec.influxdb.version:
-        raise InvalidInput(f"the archive holds an InfluxDB {info['influxdb']['version']} backup but the spec deploys "
+    influx = info.get("influxdb")
+    if not (isinstance(influx, dict) and isinstance(influx.get("version"), int)
+            and isinstance(influx.get("database"), (str, type(None)))):
+        raise InvalidInput("not an iotplat backup archive (archive.json: no `influxdb` version and database)")
+    if influx["version"] != platform.spec.influxdb.version:
+        raise InvalidInput(f"the archive holds an InfluxDB {influx['version']} backup but the spec deploys "
                            f"InfluxDB {platform.spec.influxdb.version}; restore onto a platform of the same version")
 
 
@@ -175,9 +286,10 @@ def restore_state(info: dict[str, Any], members: dict[str, bytes], state_dir: Pa
                   move: bool = False) -> None:
     if info["platform"] != platform or (info["environment"] != env and not move):
         raise InvalidInput(f"the archive is of {info['platform']}/{info['environment']}, not {platform}/{env}")
+    check_state_tar(state_dir, members["state.tar"])  # every member checked before the first is extracted
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     skip = HOST_BOUND + (TARGET_BOUND if move else ())
-    with tarfile.open(fileobj=io.BytesIO(members["state.tar"]), mode="r") as tar:
+    with tarfile.open(fileobj=io.BytesIO(members["state.tar"]), mode="r:") as tar:
         keep = [m for m in tar.getmembers() if m.name.split("/", 1)[0] not in skip]
         tar.extractall(state_dir, members=keep, filter="data")
     for name in HOST_BOUND:  # the deploy record of what was there before the restore is stale too

@@ -1,101 +1,108 @@
 """`iotplat device add|list|revoke|kit`: the registry file is the source of truth, the state holds credentials.
 
-Edits keep the registry reviewable: a CSV row is appended (or removed) without rewriting the other lines; a
-YAML registry gets one flow-style entry per line. Every edit is validated with the whole spec before the file is
-replaced (write to a temp file, validate, rename), so a bad `add` leaves the registry untouched.
+A registry change and the state's credentials change together or not at all (iotplat/spec/registry.py keeps the
+file's format): under the state's lock and a lock on the registry's folder, the new registry is written to a temp
+file, the whole spec (every environment) is validated with it and the state's change is prepared; only then is
+the file renamed into place and the state saved — if saving fails, the old registry is put back. `add` drops any
+credential the state still holds for the id (left by a revoke), so a re-added device always gets a new one.
+
+The use cases take typed values (a SpecRef and plain parameters); argparse stays in iotplat/cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iotplat.errors import InvalidInput, IotplatError
-from iotplat.spec.devices import ATTRIBUTE_VALUE_RE, DEVICE_ID_RE
+from iotplat.spec import registry as reg
+
+if TYPE_CHECKING:
+    from iotplat.secrets.state import State
+    from iotplat.spec.platform_model import Platform
 
 
-def _platform(args: argparse.Namespace):
+@dataclass(frozen=True)
+class SpecRef:
+    """Which platform: the spec file (None: ./platform.yaml, else the shipped default), environment, state root."""
+
+    spec: str | None = None
+    env: str | None = None
+    state_dir: str | None = None
+
+
+def _platform(ref: SpecRef) -> tuple[Platform, Path, str]:
     from iotplat.commands import _spec_path
     from iotplat.spec.load import load_platform
 
-    path, display = _spec_path(args.spec)
-    return load_platform(path, args.env, display), path, display
+    path, display = _spec_path(ref.spec)
+    return load_platform(path, ref.env, display), path, display
 
 
-def _registry(platform) -> Path:
-    reg = platform.spec.devices.registry
-    if not reg:
+def _registry(platform: Platform) -> Path:
+    path = platform.spec.devices.registry
+    if not path:
         raise InvalidInput(f"{platform.spec_file}: devices.registry is not set; add `registry: devices.csv` under devices")
-    p = Path(reg)
+    p = Path(path)
     return p if p.is_absolute() else platform.spec_dir / p
 
 
-def _state(platform, args: argparse.Namespace):
+def _state(platform: Platform, ref: SpecRef) -> State:
     from iotplat.secrets.state import State, resolve_state_root
 
-    root = resolve_state_root(getattr(args, "state_dir", None), platform.spec.state.dir, platform.spec_dir)
+    root = resolve_state_root(ref.state_dir, platform.spec.state.dir, platform.spec_dir)
     return State.open(root, platform.name, platform.environment)
 
 
-def _replace_validated(registry: Path, new_text: str, spec_path: Path, env: str | None, display: str) -> None:
-    from iotplat.spec.load import load_platform
+def _change(ref: SpecRef, operation: str, edit: Callable[[Path, str], str],
+            prepare_state: Callable[[State, Platform], None]) -> tuple[Platform, Path]:
+    """Change the registry with `edit` and the state with `prepare_state`, together or not at all."""
+    from iotplat.spec.load import validate_spec
 
-    tmp = registry.with_name(f".{registry.name}.new")
-    backup = registry.read_text()
-    tmp.write_text(new_text)
-    os.replace(tmp, registry)
-    try:
-        load_platform(spec_path, env, display)
-    except Exception:
-        registry.write_text(backup)
-        raise
-
-
-def add(args: argparse.Namespace) -> dict[str, Any]:
-    platform, spec_path, display = _platform(args)
+    platform, spec_path, display = _platform(ref)
     registry = _registry(platform)
-    dev_id = args.id
-    if not DEVICE_ID_RE.match(dev_id):
-        raise InvalidInput(f"device id {dev_id!r} is not valid: use 1-64 letters, digits, _ or -")
-    if any(d.id == dev_id for d in platform.devices):
-        raise InvalidInput(f"{registry.name}: device {dev_id!r} is already registered")
-    attrs: dict[str, str] = {}
-    for item in args.attr:
-        name, sep, value = item.partition("=")
-        if not sep or not ATTRIBUTE_VALUE_RE.match(value):
-            raise InvalidInput(f"--attr {item!r}: write NAME=VALUE with 1-64 letters, digits, _ . : or - in VALUE")
-        attrs[name] = value
-    text = registry.read_text()
-    if registry.suffix.lower() == ".csv":
-        header = next(r for r in csv.reader(io.StringIO(text)) if r and not r[0].lstrip().startswith("#"))
-        unknown = sorted(set(attrs) - set(header))
-        if unknown:
-            raise InvalidInput(f"{registry.name}: no column {unknown[0]!r}; columns: {', '.join(header)}")
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow([dev_id if c == "id" else attrs.get(c, "") for c in header])
-        new = text + ("" if text.endswith("\n") else "\n") + buf.getvalue()
-    else:
-        entry = ", ".join([f"id: {dev_id}"] + [f"{k}: {v}" for k, v in sorted(attrs.items())])
-        new = text + ("" if text.endswith("\n") else "\n") + f"  - {{{entry}}}\n"
-    _replace_validated(registry, new, spec_path, args.env, display)
-    platform, _, _ = _platform(args)
-    from iotplat.secrets.materials import ensure_materials
+    state = _state(platform, ref)  # a missing or wrong vault key fails here: nothing changed
+    with state.lock(f"device {operation}"), reg.editing(registry):
+        try:
+            text = registry.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"{registry}: cannot read the device registry: {exc}") from None
+        new_text = edit(registry, text)
+        changed: dict[str, Platform] = {}
 
-    state = _state(platform, args)
-    with state.lock("device add"):
+        def check(candidate: Path) -> None:
+            platforms = validate_spec(spec_path, None, display, registry_override=(registry, candidate))
+            changed["platform"] = next(p for p in platforms if p.environment == platform.environment)
+            prepare_state(state, changed["platform"])
+
+        reg.replace_validated(registry, new_text.encode("utf-8"), check, state.save)
+    return changed["platform"], registry
+
+
+def add(ref: SpecRef, device_id: str, attributes: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Register a device and create its credential."""
+    attrs = dict(attributes or {})
+    reg.check_device_id(device_id)
+    reg.check_attributes(attrs)
+
+    def prepare_state(state: State, platform: Platform) -> None:
+        from iotplat.secrets.materials import ensure_materials
+
+        users = state.doc("users").setdefault("users", {})
+        if users.pop(device_id, None) is not None:  # left by a revoke: a re-added device gets a new credential
+            state.mark("users")
         ensure_materials(platform, state)
-        state.save()
-    return {"added": dev_id, "registry": str(registry),
-            "lines": [f"added {dev_id} to {registry}", "run `iotplat up` to install its credential on the broker; "
-                      f"`iotplat device kit {dev_id}` prints its onboarding kit"]}
+
+    _, registry = _change(ref, "add", lambda path, text: reg.add_device(path, text, device_id, attrs), prepare_state)
+    return {"added": device_id, "registry": str(registry),
+            "lines": [f"added {device_id} to {registry}", ("run `iotplat up` to install its credential on the broker; "
+                                                           f"`iotplat device kit {device_id}` prints its onboarding kit")]}
 
 
-def list_devices(args: argparse.Namespace) -> dict[str, Any]:
-    platform, _, _ = _platform(args)
+def list_devices(ref: SpecRef) -> dict[str, Any]:
+    platform, _, _ = _platform(ref)
     devices = [{"id": d.id, **dict(d.attributes)} for d in platform.devices]
     lines = [d["id"] + ("  " + " ".join(f"{k}={v}" for k, v in d.items() if k != "id") if len(d) > 1 else "")
              for d in devices]
@@ -103,48 +110,32 @@ def list_devices(args: argparse.Namespace) -> dict[str, Any]:
     return {"devices": devices, "lines": lines}
 
 
-def revoke(args: argparse.Namespace) -> dict[str, Any]:
-    platform, spec_path, display = _platform(args)
-    registry = _registry(platform)
-    if not any(d.id == args.id for d in platform.devices):
-        raise InvalidInput(f"{registry.name}: no device {args.id!r}")
-    text = registry.read_text()
-    if registry.suffix.lower() == ".csv":
-        kept = []
-        for line in text.splitlines(keepends=True):
-            cells = next(csv.reader(io.StringIO(line)), [])
-            header_like = cells and cells[0].strip() == "id"
-            if cells and not header_like and cells[0].strip() == args.id:
-                continue
-            kept.append(line)
-        new = "".join(kept)
-    else:
-        import yaml
+def revoke(ref: SpecRef, device_id: str) -> dict[str, Any]:
+    """Remove a device (found by its `id`) from the registry and delete its credential."""
 
-        data = yaml.safe_load(text)
-        data["devices"] = [d for d in data["devices"] if d.get("id") != args.id]
-        new = "devices:\n" + "".join(
-            "  - {" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}\n" for d in data["devices"])
-    _replace_validated(registry, new, spec_path, args.env, display)
-    state = _state(platform, args)
-    with state.lock("device revoke"):
-        users = state.doc("users").setdefault("users", {})
-        users.pop(args.id, None)  # a re-added device gets a new credential
+    def prepare_state(state: State, platform: Platform) -> None:
+        if any(d.id == device_id for d in platform.all_devices):
+            raise IotplatError(f"device {device_id!r} is still in the registry after its removal; this is a bug in iotplat")
+        state.doc("users").setdefault("users", {}).pop(device_id, None)
         state.mark("users")
-        state.save()
-    return {"revoked": args.id, "lines": [f"revoked {args.id}: removed from {registry} and its credential deleted",
-                                          "run `iotplat up` to remove it from the broker (it is refused from then on)"]}
+
+    _, registry = _change(ref, "revoke", lambda path, text: reg.remove_device(path, text, device_id), prepare_state)
+    return {"revoked": device_id, "lines": [f"revoked {device_id}: removed from {registry} and its credential deleted",
+                                            "run `iotplat up` to remove it from the broker (it is refused from then on)"]}
 
 
-def kit(args: argparse.Namespace) -> dict[str, Any]:
+def kit(ref: SpecRef, device_id: str) -> dict[str, Any]:
+    """A registry device's onboarding kit (the one place its secret is shown); never one of iotplat's own clients."""
     from iotplat.secrets.materials import ensure_materials
     from iotplat.spec.platform_model import template_names
 
-    platform, _, _ = _platform(args)
-    device = next((d for d in platform.all_devices if d.id == args.id), None)
+    platform, _, _ = _platform(ref)
+    if device_id == platform.canary.id:
+        raise InvalidInput(f"{device_id!r} is iotplat's canary, an internal client: it has no onboarding kit")
+    device = next((d for d in platform.devices if d.id == device_id), None)
     if device is None:
-        raise InvalidInput(f"no device {args.id!r} in the registry (`iotplat device list`)")
-    state = _state(platform, args)
+        raise InvalidInput(f"no device {device_id!r} in the registry (`iotplat device list`)")
+    state = _state(platform, ref)
     with state.lock("device kit"):
         materials = ensure_materials(platform, state)
         state.save()
@@ -177,10 +168,3 @@ def kit(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": device.id, "broker": {"address": address, "port": listener.port, "tls_name": tls_name},
             "username": device.id, "password": password, "topics": topics, "ca_cert": materials.ca_cert_pem,
             "example": sample, "lines": lines}
-
-
-ACTIONS = {"add": add, "list": list_devices, "revoke": revoke, "kit": kit}
-
-
-def run(action: str, args: argparse.Namespace) -> dict[str, Any]:
-    return ACTIONS[action](args)

@@ -234,8 +234,8 @@ def _end_session(ctx: Context, hosts: list, client_id: str, password: str) -> bo
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                          clean_session=True)
     try:
-        tls = trust.context(check_hostname=False)  # chain verified; the address is not a certificate name
-        client.tls_set_context(tls)
+        # the address is dialled, the certificate is verified for the broker's logical name
+        client.tls_set_context(trust.for_name(p.service_name("broker")))
         client.username_pw_set(client_id, password)
         client.on_connect = lambda c, u, f, rc, pr=None: result.__setitem__("rc", rc)
         client.connect(address, listener.port, keepalive=10)

@@ -50,20 +50,59 @@ class Materials:
         return ("\n".join(lines) + "\n").encode()
 
 
+MIN_SECRET_LENGTH = 16
+MIN_DISTINCT_CHARACTERS = 6
+
+
+def check_strength(value: str, where: str) -> None:
+    """Refuse a weak user-supplied secret: one line naming the field and its source, never the value."""
+    if len(value) < MIN_SECRET_LENGTH:
+        rule = f"use at least {MIN_SECRET_LENGTH} characters"
+    elif not value.isprintable():
+        rule = "use printable characters on one line (no newline, tab or other control character)"
+    elif len(set(value)) < MIN_DISTINCT_CHARACTERS:
+        rule = f"use at least {MIN_DISTINCT_CHARACTERS} different characters"
+    else:
+        return
+    raise InvalidInput(f"{where} is too weak: {rule}, e.g. a random value from `openssl rand -base64 24`")
+
+
+def _read_small(path: Path, limit: int = 64 * 1024) -> bytes:
+    """A secret file: a regular file of at most `limit` bytes (never a FIFO, a device or /dev/zero)."""
+    import errno
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit // 1024} KiB")
+    return data
+
+
 def resolve_ref(ref: SecretRef, platform: Platform, what: str) -> str:
+    """A secret the spec references (environment variable or file), checked for strength."""
     if ref.env:
         value = os.environ.get(ref.env)
         if not value:
             raise InvalidInput(f"{platform.spec_file}: secrets.{what}: environment variable {ref.env} is not set or empty")
+        check_strength(value, f"{platform.spec_file}: secrets.{what}: the value of environment variable {ref.env}")
         return value
     path = Path(ref.file or "")
     path = path if path.is_absolute() else platform.spec_dir / path
     try:
-        value = path.read_text().strip()
-    except OSError as exc:
-        raise InvalidInput(f"{platform.spec_file}: secrets.{what}: cannot read {path}: {exc.strerror}") from None
+        value = _read_small(path).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise InvalidInput(f"{platform.spec_file}: secrets.{what}: cannot read {path}: {reason}") from None
     if not value:
         raise InvalidInput(f"{platform.spec_file}: secrets.{what}: {path} is empty")
+    check_strength(value, f"{platform.spec_file}: secrets.{what}: the value in {path}")
     return value
 
 

@@ -61,6 +61,22 @@ def _write_private(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def _make_private_dirs(directory: Path) -> None:
+    """Create `directory` and every missing parent 0700 (whatever the umask); folders that exist are left as
+    they are (the environment's own folder is then set 0700 by the caller)."""
+    missing: list[Path] = []
+    p = directory
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # created meanwhile by another run: not ours to change
+        os.chmod(d, 0o700)
+
+
 class State:
     """Load with State.open(); mutate through the accessors; persist with save()."""
 
@@ -78,7 +94,7 @@ class State:
         key, key_path, created = load_or_create_key()
         directory = root / platform / environment
         try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _make_private_dirs(directory)
             os.chmod(directory, 0o700)
         except OSError as exc:
             raise StateError(f"{directory}: cannot create the state directory: {exc.strerror}") from None

@@ -6,14 +6,20 @@ means adding a function and one line in CHECKS (and a golden case under tests/sp
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
+from typing import Literal, TypeVar
 
 from iotplat.errors import Problem
 from iotplat.spec.errors_map import did_you_mean
 from iotplat.spec.model import AWS_REGIONS, AZURE_LOCATIONS, SERVICES
 from iotplat.spec.platform_model import (
+    GRAFANA_INFLUX_USER,
+    INFLUX_ADMIN_USER,
+    WORKER_INFLUX_USER,
+    WORKER_USER_PREFIX,
     Platform,
     filter_covers,
     template_filter,
@@ -27,9 +33,14 @@ BUILTIN_DECODERS = ("json", "line", "raw")
 SENSITIVE_PORTS = (22, 3389, 8086, 3000)
 
 
+@functools.lru_cache(maxsize=1)
+def _plugin_decoders() -> frozenset[str]:
+    """Scanning the installed distributions' entry points takes ~20 ms: once per process."""
+    return frozenset(ep.name for ep in metadata.entry_points(group="iotplat.decoders"))
+
+
 def installed_decoders() -> list[str]:
-    names = {ep.name for ep in metadata.entry_points(group="iotplat.decoders")}
-    return sorted(names | set(BUILTIN_DECODERS))
+    return sorted(_plugin_decoders() | set(BUILTIN_DECODERS))
 
 
 def _column_hint(name: str, columns: set[str]) -> str:
@@ -227,6 +238,11 @@ def check_influxdb(p: Platform, doc: Document) -> list[Problem]:
         if ix.package and ix.package.source == "distro":
             out.append(doc.problem(("influxdb", "package", "source"), "Debian does not package InfluxDB 2",
                                    "use source: upstream for InfluxData's repository, or local"))
+    if ix.version == 1 and p.spec.tls.min_version == "1.3":
+        out.append(doc.problem(("tls", "min_version"), "InfluxDB 1.x cannot refuse TLS 1.2 (1.6.7's [tls] min-version "
+                               "stops at TLS1.2 and its cipher list cannot name TLS 1.3 suites)",
+                               "use tls.min_version: 1.2 (TLS 1.3 is still negotiated with clients that offer it), "
+                               "or influxdb.version: 2"))
     if ix.retention < 3600:
         out.append(doc.problem(("influxdb", "retention"), "retention shorter than 1h is refused by InfluxDB"))
     if p.spec.grafana.enabled and p.spec.grafana.package.source == "distro":
@@ -292,15 +308,55 @@ def check_target(p: Platform, doc: Document) -> list[Problem]:
 
 
 def check_names(p: Platform, doc: Document) -> list[Problem]:
+    """The canary is an MQTT user like any device: its id names no registry device and no internal user.
+    (broker.server_names are DNS names by their schema pattern.)"""
     out: list[Problem] = []
     ids = {d.id for d in p.devices}
-    if p.canary.id in ids:
-        out.append(doc.problem(("devices", "canary", "id"), f"the canary id {p.canary.id!r} is also a registry device"))
-    for i, name in enumerate(p.spec.broker.server_names):
-        labels = name.split(".")
-        if not all(lbl and len(lbl) <= 63 and lbl.replace("-", "").isalnum() for lbl in labels) or len(name) > 253:
-            out.append(doc.problem(("broker", "server_names", i), f"{name!r} is not a DNS name"))
+    cid = p.canary.id
+    if cid in ids:
+        out.append(doc.problem(("devices", "canary", "id"), f"the canary id {cid!r} is also a registry device"))
+    internal = (INFLUX_ADMIN_USER, GRAFANA_INFLUX_USER, WORKER_INFLUX_USER)
+    if cid.startswith(WORKER_USER_PREFIX) or cid in internal:
+        out.append(doc.problem(("devices", "canary", "id"),
+                               f"the canary id {cid!r} is reserved for iotplat's own users ({WORKER_USER_PREFIX}N for "
+                               f"the worker replicas, {', '.join(internal)}): the canary would share that user's "
+                               "credential", "keep the default iotplat-canary, or choose another id"))
     return out
+
+
+def _levels(template: str) -> list[str | None]:
+    """The name of each {name} level of a topic template, None for a literal level."""
+    return [lvl[1:-1] if lvl.startswith("{") else None for lvl in template.split("/")]
+
+
+def check_topic_levels(p: Platform, doc: Document) -> list[Problem]:
+    """Where a subscription and a device topic overlap, each level means the same thing in both: a level that
+    is {device} in one is {device} in the other (else one device's data is stored under another id, or
+    under a literal level's text), and a level that is a {name} in both carries the same name."""
+    out: list[Problem] = []
+    for si, sub in enumerate(p.spec.ingestion.subscriptions):
+        sub_levels = _levels(sub.topic)
+        sf = template_filter(sub.topic)
+        for ti, tmpl in enumerate(p.spec.devices.topics):
+            if not _overlap(sf, template_filter(tmpl)):
+                continue
+            for n, (s_name, t_name) in enumerate(zip(sub_levels, _levels(tmpl)), start=1):
+                if s_name == t_name or ("device" not in (s_name, t_name) and None in (s_name, t_name)):
+                    continue
+                said = f"{{{s_name}}}" if s_name else f"the text {sub.topic.split('/')[n - 1]!r}"
+                there = f"{{{t_name}}}" if t_name else f"the text {tmpl.split('/')[n - 1]!r}"
+                out.append(doc.problem(("ingestion", "subscriptions", si, "topic"),
+                                       f"level {n} is {said} here but {there} in devices.topics[{ti}] {tmpl!r}: the "
+                                       "worker would store one value under the other's name",
+                                       "use the same {name} at the same level as devices.topics"))
+                break
+    return out
+
+
+def _overlap(a: str, b: str) -> bool:
+    """True if some topic matches both filters (templates hold no #: same length, each level equal or a +)."""
+    la, lb = a.split("/"), b.split("/")
+    return len(la) == len(lb) and all(x == y or "+" in (x, y) for x, y in zip(la, lb))
 
 
 def check_measurements(p: Platform, doc: Document) -> list[Problem]:
@@ -320,6 +376,117 @@ def check_measurements(p: Platform, doc: Document) -> list[Problem]:
     return out
 
 
+# The ports no spec may open to the internet (SENSITIVE_PORTS: SSH, RDP, InfluxDB, Grafana) accept at most
+# this many public addresses in the union of the networks they are opened to: a /8 of IPv4, a /32 of IPv6.
+# stacks/common/iotplat_stack/config.py applies the same rule to the stack config (a test keeps them equal).
+MAX_PUBLIC_ADDRESSES = {4: 2**24, 6: 2**96}
+NOT_PUBLIC_IPV4 = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
+NOT_PUBLIC_IPV6 = tuple(ipaddress.IPv6Network(n) for n in ("::/127", "fc00::/7", "fe80::/10", "ff00::/8"))
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _public_in(nets: list[_Net], hidden_blocks: tuple[_Net, ...]) -> int:
+    """Two CIDR blocks are either disjoint or one holds the other, so the non-public part of each
+    collapsed network is all of it, or the sum of the non-public blocks inside it."""
+    total = 0
+    for net in ipaddress.collapse_addresses(nets):
+        hidden = 0
+        for block in hidden_blocks:
+            if net.subnet_of(block):
+                hidden = net.num_addresses
+                break
+            if block.subnet_of(net):
+                hidden += block.num_addresses
+        total += net.num_addresses - hidden
+    return total
+
+
+def public_addresses(cidrs: Iterable[str]) -> dict[int, int]:
+    """Public addresses in the union of `cidrs`, per IP version (4, 6); overlapping networks count once."""
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    return {4: _public_in([n for n in nets if isinstance(n, ipaddress.IPv4Network)], NOT_PUBLIC_IPV4),
+            6: _public_in([n for n in nets if isinstance(n, ipaddress.IPv6Network)], NOT_PUBLIC_IPV6)}
+
+
+def _too_open(cidrs: Iterable[str]) -> str:
+    """'' when the networks stay within MAX_PUBLIC_ADDRESSES, else what they hold."""
+    counts = public_addresses(cidrs)
+    if counts[4] > MAX_PUBLIC_ADDRESSES[4]:
+        return f"{counts[4]:,} public IPv4 addresses, more than a /8 ({MAX_PUBLIC_ADDRESSES[4]:,})"
+    if counts[6] > MAX_PUBLIC_ADDRESSES[6]:
+        return "more global IPv6 addresses than a /32"
+    return ""
+
+
+def check_cidr_exposure(p: Platform, doc: Document) -> list[Problem]:
+    """admin_cidrs (SSH, Grafana) and device_cidrs on a never-world-open port: not (nearly) the whole internet."""
+    t = p.spec.target
+    if t.kind == "local":
+        return []
+    out: list[Problem] = []
+    literal_world = t.kind != "baremetal" and any(ipaddress.ip_network(c).prefixlen == 0 for c in t.admin_cidrs)
+    what = _too_open(t.admin_cidrs)
+    if what and not literal_world:  # a cloud's literal /0 is already reported by check_target
+        out.append(doc.problem(("target", "admin_cidrs"), f"together these networks hold {what}: SSH and Grafana "
+                               "would be open to a large part of the internet",
+                               "list your operators' networks; private ranges (e.g. 10/8, 172.16/12, 192.168/16, fc00::/7) do not count"))
+    ports = sorted({lst.port for lst in p.spec.broker.listeners if lst.port in SENSITIVE_PORTS})
+    what = _too_open(t.device_cidrs)
+    if ports and what:
+        out.append(doc.problem(("target", "device_cidrs"), f"devices reach port {ports[0]} (a broker listener), which is "
+                               f"never opened to the internet, but these networks hold {what}",
+                               "move the listener to another port (8883 is MQTT over TLS), or list the devices' networks"))
+    return out
+
+
+_SIZE_NOUN = {"aws": "an EC2 instance type", "azure": "an Azure VM size"}
+
+
+def check_vm_sizes(p: Platform, doc: Document) -> list[Problem]:
+    """Each host's size belongs to the spec's cloud, and runs the image its stack launches."""
+    from iotplat.cost.table import SIZE_PATTERNS, STACK_ARCH, equivalent, shipped_sizes
+
+    t = p.spec.target
+    if t.kind not in ("aws", "azure"):
+        return []
+    cloud: Literal["aws", "azure"] = "aws" if t.kind == "aws" else "azure"
+    other: Literal["aws", "azure"] = "azure" if cloud == "aws" else "aws"
+    key, sizes = ("instance_types", t.instance_types) if t.kind == "aws" else ("vm_sizes", t.vm_sizes)
+    own, theirs = shipped_sizes(cloud), shipped_sizes(other)
+    example = "t3.small" if cloud == "aws" else "Standard_B2s"
+    out: list[Problem] = []
+    for host, size in sizes.items():
+        path = ("target", key, host)
+        if not SIZE_PATTERNS[cloud].match(size):
+            foreign = theirs.get(size)
+            if foreign is None and not SIZE_PATTERNS[other].match(size):
+                out.append(doc.problem(path, f"{size!r} is not {_SIZE_NOUN[cloud]}", f"e.g. {example}"))
+                continue
+            message = f"{size} is {_SIZE_NOUN[other]}, not {_SIZE_NOUN[cloud]}"
+            match = foreign and equivalent(own, vcpus=foreign.vcpus, memory_gib=foreign.memory_gib, family=foreign.family)
+            hint = (f"on {cloud}, the equivalent of {size} ({foreign.vcpus} vCPU, {foreign.memory_gib:g} GiB, "
+                    f"{foreign.family}) is {match}") if foreign and match else f"e.g. {example}"
+            out.append(doc.problem(path, message, hint))
+            continue
+        facts = own.get(size)
+        if facts is not None and facts.arch != STACK_ARCH[cloud]:
+            match = equivalent(own, vcpus=facts.vcpus, memory_gib=facts.memory_gib, family=facts.family,
+                               arch=STACK_ARCH[cloud])
+            out.append(doc.problem(path, f"{size} is an {facts.arch} size, but stacks/{cloud} launches the "
+                                   f"{STACK_ARCH[cloud]} Debian image",
+                                   f"its {STACK_ARCH[cloud]} equivalent is {match}" if match else f"e.g. {example}"))
+    return out
+
+
+def check_cost_settings(p: Platform, doc: Document) -> list[Problem]:
+    names = sorted(p.host_names)
+    return [doc.problem(("cost", "hardware", n), f"{n!r} is not one of the spec's hosts",
+                        did_you_mean(n, [*names, "default"]), key=True)
+            for n in sorted(set(p.spec.cost.hardware) - set(names) - {"default"})]
+
+
 CHECKS: tuple[Check, ...] = (
     check_placement,
     check_ports,
@@ -329,6 +496,10 @@ CHECKS: tuple[Check, ...] = (
     check_target,
     check_names,
     check_measurements,
+    check_topic_levels,
+    check_cidr_exposure,
+    check_vm_sizes,
+    check_cost_settings,
 )
 
 

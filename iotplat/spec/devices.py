@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from iotplat.errors import Problem, SpecInvalid
+from iotplat.spec.model import ATTRIBUTE_NAME, ATTRIBUTE_VALUE, DEVICE_ID, fullmatch_re
 from iotplat.spec.yamlio import load_yaml_text, read_text
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-ATTRIBUTE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,31}$")
-ATTRIBUTE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# Full-string (\A...\Z): `.match` and `.fullmatch` both refuse "sensor-1\n" (a `$` would accept it).
+DEVICE_ID_RE = fullmatch_re(DEVICE_ID)
+ATTRIBUTE_NAME_RE = fullmatch_re(ATTRIBUTE_NAME)
+ATTRIBUTE_VALUE_RE = fullmatch_re(ATTRIBUTE_VALUE)
 RESERVED_PREFIX = "iotplat-"
 MAX_REGISTRY_BYTES = 64 * 1024 * 1024
+REGISTRY_SUFFIXES = (".csv", ".yaml", ".yml")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,7 @@ def _load_csv(text: str, display: str) -> tuple[list[Device], list[Problem]]:
                                             "the first non-comment line names the columns, e.g. id,site"))
                     return [], problems
                 for i, name in enumerate(header):
-                    if name != "id" and not ATTRIBUTE_NAME_RE.match(name):
+                    if name != "id" and not ATTRIBUTE_NAME_RE.fullmatch(name):
                         problems.append(Problem(display, line, _col(row, i), f"devices.columns[{i}]",
                                                 f"column name {name!r} is not a valid attribute name",
                                                 "use lowercase letters, digits and _"))
@@ -121,7 +123,7 @@ def _load_yaml(text: str, display: str) -> tuple[list[Device], list[Problem]]:
             continue
         bad = False
         for k, v in item.items():
-            if k != "id" and not ATTRIBUTE_NAME_RE.match(k):
+            if k != "id" and not ATTRIBUTE_NAME_RE.fullmatch(k):
                 problems.append(doc.problem(("devices", index, k), f"attribute name {k!r} is not valid",
                                             "use lowercase letters, digits and _", key=True))
                 bad = True
@@ -142,7 +144,7 @@ def _check_device(record: dict[str, str], display: str, line: int, index: int, s
                   problems: list[Problem], col_of) -> Device | None:  # type: ignore[no-untyped-def]
     dev_id = record.get("id", "")
     path = f"devices[{index}]"
-    if not DEVICE_ID_RE.match(dev_id):
+    if not DEVICE_ID_RE.fullmatch(dev_id):
         problems.append(Problem(display, line, col_of("id") if "id" in record else 1, f"{path}.id",
                                 f"device id {dev_id!r} is not valid",
                                 "use 1-64 letters, digits, _ or -; it becomes an MQTT username and a topic level"))
@@ -160,7 +162,7 @@ def _check_device(record: dict[str, str], display: str, line: int, index: int, s
     for k, v in record.items():
         if k == "id":
             continue
-        if v and not ATTRIBUTE_VALUE_RE.match(v):
+        if v and not ATTRIBUTE_VALUE_RE.fullmatch(v):
             problems.append(Problem(display, line, col_of(k), f"{path}.{k}", f"value {v!r} is not valid",
                                     "use 1-64 letters, digits, _ . : or -; it becomes a topic level and a tag"))
             return None

@@ -8,24 +8,45 @@ hint and the editor's completion always agree.
 from __future__ import annotations
 
 import difflib
+import re
 from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
 
 from iotplat.errors import Problem
-from iotplat.spec.model import DNS_LABEL_RE, MEASUREMENT_RE, TOPIC_TEMPLATE_RE, PlatformSpec
+from iotplat.spec import model as m
 from iotplat.spec.yamlio import Document, PathT, dotted
 
 _PATTERN_TEXT = {
-    DNS_LABEL_RE: "must be a DNS label: lowercase letters, digits and '-', starting with a letter, at most 32 characters",
-    TOPIC_TEMPLATE_RE: "must be an MQTT topic without wildcards (+ #), not starting with $, "
-    "with optional {name} levels, e.g. devices/{device}/telemetry",
-    MEASUREMENT_RE: "must start with a letter or _ and hold only letters, digits, _ . -",
-    r"^[A-Za-z0-9_-]{1,64}$": "use 1-64 letters, digits, _ or -",
-    r"^[A-Z_][A-Z0-9_]*$": "must be an environment variable name (A-Z, 0-9, _)",
-    r"^[a-z][a-z0-9_-]{0,31}$": "use lowercase letters, digits, _ or -, starting with a letter",
-    r"^[a-z][a-z0-9_-]{2,31}$": "use 3-32 lowercase letters, digits, _ or -, starting with a letter",
+    m.DNS_LABEL_RE: "must be a DNS label: lowercase letters, digits and '-', starting with a letter, at most 32 characters",
+    m.TOPIC_TEMPLATE_RE: "must be an MQTT topic without wildcards (+ #), not starting with $, "
+    "with optional {name} levels, e.g. devices/{device}/telemetry; no spaces, control characters or %",
+    m.MEASUREMENT_RE: "must start with a letter or _ and hold only letters, digits, _ . -",
+    m.DEVICE_ID_PATTERN: "is not valid: use 1-64 letters, digits, _ or -",
+    m.INFLUX_NAME_RE: "is not valid: use 1-64 letters, digits, _ or -",
+    m.full(m.ENV_VAR): "must be an environment variable name (A-Z, 0-9, _)",
+    m.full(r"[a-z][a-z0-9_-]{0,31}"): "is not valid: use lowercase letters, digits, _ or -, starting with a letter",
+    m.full(r"[a-z][a-z0-9_-]{2,31}"): "is not valid: use 3-32 lowercase letters, digits, _ or -, starting with a letter",
+    m.DNS_NAME_RE: "must be a DNS name: lowercase ASCII letters, digits, '-' and '.' (write an internationalised "
+    "name in its xn-- form)",
+    m.DOMAIN_RE: "must be a DNS domain of two or more labels: lowercase ASCII letters, digits, '-' and '.'",
+    m.DEB_VERSION_RE: "must be a Debian package version, e.g. 2.0.11-1.2+deb12u2 (digits first; letters, digits "
+    "and . + ~ - :)",
+    m.CONTROLLER_PATH_RE: "must be a path without control characters or { }",
+    m.ONE_LINE_RE: "must be one line of at most 256 printable characters (no control characters)",
+    m.KEY_RE: "must be 1-128 printable characters on one line (no control characters)",
+    m.ATTRIBUTE_NAME_PATTERN: "must be an attribute name: lowercase letters, digits and _, starting with a letter or _",
+    m.ATTRIBUTE_VALUE_PATTERN: "is not valid: use 1-64 letters, digits, _ . : or -; it becomes a topic level and a tag",
+    m.POSIX_USER_RE: "must be a user name: lowercase letters, digits, _ and -, starting with a letter or _",
+    m.MACHINE_SIZE_RE: "must be a machine size name: letters, digits, . _ and -",
+    m.full(m.MIRROR_URL): "must be an http:// or https:// URL: a host name, an optional port and a path of letters, "
+    "digits and . _ ~ % + / -",
+    m.full(r"[a-z0-9-]{1,32}"): "must be an AWS region name, e.g. eu-west-1",
+    m.full(r"[a-z0-9]{1,32}"): "must be an Azure location name, e.g. westeurope",
+    m.full(r"[A-Za-z0-9*:.,/~ -]{1,64}"): "must be a systemd calendar expression of at most 64 letters, digits, "
+    "spaces and * : . , / ~ -",
+    m.full(r"/[A-Za-z0-9._/-]{1,255}"): "must be an absolute path of letters, digits and . _ / -",
 }
 
 _TYPE_NAMES = {
@@ -43,7 +64,9 @@ _TYPE_NAMES = {
 
 @lru_cache(maxsize=1)
 def _schema() -> dict[str, Any]:
-    return PlatformSpec.model_json_schema()
+    from iotplat.spec.schema import json_schema  # the published schema (maps as additionalProperties)
+
+    return json_schema()
 
 
 def _resolve(node: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +143,8 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[PathT, bool]:
             continue
         if isinstance(part, str) and (part.startswith("function-") or part in ("union", "json-or-python")):
             continue
+        if isinstance(part, str) and _BRANCH.fullmatch(part) and not (isinstance(cur, dict) and part in cur):
+            continue  # a branch of a plain union (str | dict[...]): pydantic's label, not a key of the document
         if isinstance(cur, dict) and isinstance(part, str) and part not in cur and path and path[-1] == "target":
             # discriminated union tag (target.<kind>.*): not a real key in the document
             if cur.get("kind") == part:
@@ -129,6 +154,10 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[PathT, bool]:
     return tuple(path), is_key
 
 
+# pydantic's labels of plain (not discriminated) union branches: `constrained-str`, `str`, `dict[...]`, ...
+_BRANCH = re.compile(r"(?:constrained-)?(?:str|int|float|bool|none|list|dict|tuple|set)(?:\[.*\])?")
+
+
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -136,6 +165,7 @@ def _describe(value: Any) -> str:
 
 def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
     out: list[Problem] = []
+    kinds: list[str] = []
     for err in exc.errors(include_url=False):
         path, is_key = _clean_loc(tuple(err["loc"]), doc.data)
         etype = err["type"]
@@ -151,6 +181,7 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
         elif etype == "missing":
             message = f"missing required key {str(path[-1])!r}"
             out.append(Problem(doc.file, *doc.where(path[:-1]), dotted(path), message, hint))
+            kinds.append(etype)
             continue
         elif etype in _TYPE_NAMES:
             message = f"expected {_TYPE_NAMES[etype]}, got {_typename(value)} {_describe(value)}"
@@ -178,6 +209,7 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
             message = "missing required key 'kind'"
             out.append(Problem(doc.file, *doc.where(path), dotted(path + ("kind",)), message,
                                "one of local, baremetal, aws, azure"))
+            kinds.append(etype)
             continue
         elif etype == "string_pattern_mismatch":
             pattern = ctx.get("pattern", "")
@@ -205,7 +237,36 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
             message = err["msg"]
         line, col = doc.where(path, key=key_pos or is_key)
         out.append(Problem(doc.file, line, col, dotted(path), message, hint))
-    return out
+        kinds.append(etype)
+    return _one_per_union(out, kinds)
+
+
+def _one_per_union(problems: list[Problem], kinds: list[str]) -> list[Problem]:
+    """A value that fails every branch of a union gets one error per branch at the same path; keep the branch whose
+    type matches the value (the others only say "expected a mapping"), or, when none does, say all types at once."""
+    by_path: dict[str, list[int]] = {}
+    for i, p in enumerate(problems):
+        by_path.setdefault(p.path, []).append(i)
+    drop: set[int] = set()
+    for path, idx in by_path.items():
+        nested = any(q.startswith((f"{path}.", f"{path}[")) and kinds[j] not in _TYPE_NAMES
+                     for j, q in enumerate(p.path for p in problems))
+        if nested:  # the mapping branch found the real problem inside: the string branch's complaint is noise
+            drop.update(i for i in idx if kinds[i] in _TYPE_NAMES)
+            continue
+        if len(idx) < 2:
+            continue
+        typed = [i for i in idx if kinds[i] in _TYPE_NAMES]
+        if len(typed) < len(idx):
+            drop.update(typed)
+        else:  # every branch refused the value's type: one line naming them all
+            names = sorted({_TYPE_NAMES[kinds[i]] for i in idx})
+            first = problems[idx[0]]
+            got = first.message.split(", got ", 1)[-1]
+            problems[idx[0]] = Problem(first.file, first.line, first.column, path,
+                                       f"expected {' or '.join(names)}, got {got}", first.hint)
+            drop.update(idx[1:])
+    return [p for i, p in enumerate(problems) if i not in drop]
 
 
 def _typename(value: Any) -> str:

@@ -7,6 +7,7 @@ at once. The result is a frozen Platform.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from pydantic import ValidationError
 from iotplat import API_VERSION
 from iotplat.errors import InvalidInput, Problem, SpecInvalid
 from iotplat.spec.checks import run_checks
-from iotplat.spec.devices import load_registry
+from iotplat.spec.devices import REGISTRY_SUFFIXES, load_registry
 from iotplat.spec.errors_map import problems_from
-from iotplat.spec.model import DNS_LABEL_RE, PlatformSpec
+from iotplat.spec.model import DNS_LABEL, PlatformSpec, fullmatch_re
 from iotplat.spec.platform_model import Platform
 from iotplat.spec.yamlio import Document, PathT, dotted, load_yaml_file
 
@@ -28,6 +29,9 @@ DEFAULT_ENVIRONMENT = "default"
 # iotplat/v1 exists; `iotplat migrate` will apply these in order.
 MIGRATIONS: dict[str, tuple[str, Any]] = {}
 _OVERLAY_FORBIDDEN = ("apiVersion", "name", "environments")
+# An environment names state and build folders and cloud stacks: a DNS label, the whole name (never `$`,
+# which would let "prod\n" through).
+_ENV_NAME = fullmatch_re(DNS_LABEL)
 
 
 def read_document(path: Path, display: str | None = None) -> Document:
@@ -89,7 +93,8 @@ def _in_overlay(problems: list[Problem], doc: Document) -> list[Problem]:
     out = []
     for p in problems:
         if (p.line, p.column) in doc.overlay_positions and p.file == doc.file:
-            p = Problem(p.file, p.line, p.column, f"{prefix}.{p.path}" if p.path else prefix, p.message, p.hint)
+            path = (prefix + p.path if p.path.startswith("[") else f"{prefix}.{p.path}") if p.path else prefix
+            p = Problem(p.file, p.line, p.column, path, p.message, p.hint)
         out.append(p)
     return out
 
@@ -133,7 +138,7 @@ def select_environment(doc: Document, env: str | None) -> list[tuple[str, Docume
     if envs is not None and not isinstance(envs, dict):
         raise SpecInvalid([doc.problem(("environments",), "environments is a mapping of name -> overrides")])
     bad = [doc.problem(("environments", n), f"environment name {n!r} must be a DNS label", key=True)
-           for n in names if not re.match(DNS_LABEL_RE, n)]
+           for n in names if not _ENV_NAME.fullmatch(n)]
     if bad:
         raise SpecInvalid(bad)
     if env is None:
@@ -150,8 +155,11 @@ def select_environment(doc: Document, env: str | None) -> list[tuple[str, Docume
     return [(env, merge_environment(doc, env))]
 
 
-def build_platform(doc: Document, env: str, spec_path: Path) -> Platform:
-    """Schema-validate one merged document, load its registry, run cross-checks."""
+def build_platform(doc: Document, env: str, spec_path: Path, registry_override: tuple[Path, Path] | None = None) -> Platform:
+    """Schema-validate one merged document, load its registry, run cross-checks.
+
+    registry_override (registry, candidate): read that registry's content from the candidate file instead
+    (`iotplat device add|revoke` validates a registry change before it replaces the file)."""
     try:
         spec = PlatformSpec.model_validate(doc.data)
     except ValidationError as exc:
@@ -163,6 +171,13 @@ def build_platform(doc: Document, env: str, spec_path: Path) -> Platform:
         reg = Path(spec.devices.registry)
         reg_path = reg if reg.is_absolute() else spec_dir / reg
         display = str(Path(doc.file).parent / reg) if not reg.is_absolute() else str(reg)
+        if reg.suffix.lower() not in REGISTRY_SUFFIXES:
+            line, col = doc.where(("devices", "registry"))
+            raise SpecInvalid([Problem(doc.file, line, col, "devices.registry",
+                                       f"unknown registry format {reg.suffix or '(no extension)'!r}",
+                                       "use a .csv or .yaml file")])
+        if registry_override and Path(os.path.realpath(reg_path)) == Path(os.path.realpath(registry_override[0])):
+            reg_path = registry_override[1]
         try:
             devices, problems = load_registry(reg_path, display)
         except InvalidInput as exc:
@@ -189,7 +204,8 @@ def load_platform(spec_path: Path, env: str | None = None, display: str | None =
     return build_platform(merged, name, spec_path)
 
 
-def validate_spec(spec_path: Path, env: str | None = None, display: str | None = None) -> list[Platform]:
+def validate_spec(spec_path: Path, env: str | None = None, display: str | None = None,
+                  registry_override: tuple[Path, Path] | None = None) -> list[Platform]:
     """Validate one environment, or every declared environment; all problems are raised together."""
     doc = read_document(spec_path, display)
     check_api_version(doc)
@@ -197,7 +213,7 @@ def validate_spec(spec_path: Path, env: str | None = None, display: str | None =
     problems: list[Problem] = []
     for name, merged in select_environment(doc, env):
         try:
-            platforms.append(build_platform(merged, name, spec_path))
+            platforms.append(build_platform(merged, name, spec_path, registry_override))
         except SpecInvalid as exc:
             problems.extend(exc.problems)
     if problems:

@@ -11,9 +11,11 @@ sizes and durations are strings with units; nothing here may hold a secret (see 
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,25 +34,92 @@ RELEASES = ("debian-12", "debian-13")
 Release = Literal["debian-12", "debian-13"]
 Service = Literal["broker", "worker", "influxdb", "grafana"]
 
-DNS_LABEL_RE = r"^[a-z]([a-z0-9-]{0,30}[a-z0-9])?$"
-IDENT_RE = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
-MEASUREMENT_RE = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
-# A topic level that a spec may write literally: no wildcards, no NUL, no separators.
-_LEVEL = r"(?:[^/#+{}\x00]+|\{[a-z_][a-z0-9_]{0,31}\})"
-TOPIC_TEMPLATE_RE = r"^(?:[^/#+{}\x00$][^/#+{}\x00]*|\{[a-z_][a-z0-9_]{0,31}\})(?:/" + _LEVEL + r")*$"
+def full(body: str) -> str:
+    """A full-string pattern for `Field(pattern=...)`: the whole value must match `body`.
+
+    pydantic-core matches such patterns with Rust's regex crate (pinned below with regex_engine="rust-regex";
+    it never falls back to Python's re for a str pattern: a pattern it cannot compile is an error at import).
+    There `\\A` and `\\z` are the start and end of the whole text, whatever the flags. `$` is not used: in
+    Python's re it also matches before a final newline. schema.py publishes these patterns to editors as
+    `^(?:body)$`, which in ECMA-262 (JSON Schema's dialect, without the m flag) means the same; Python code
+    matches with `fullmatch_re(body)`.
+    """
+    return rf"\A(?:{body})\z"
+
+
+def fullmatch_re(body: str) -> re.Pattern[str]:
+    """The Python form of `full(body)`: `\\A...\\Z` (Python's end of string), so `.match` and `.fullmatch` agree."""
+    return re.compile(rf"\A(?:{body})\Z")
+
+
+# Pattern bodies (no anchors: see `full`). Each admits no control character, so no value that matches one
+# can start a new line in any file it is written to.
+DNS_LABEL = r"[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?"
+_LDH = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+DNS_NAME = rf"{_LDH}(?:\.{_LDH})*"
+DOMAIN = rf"{_LDH}(?:\.{_LDH})+"
+MEASUREMENT = r"[A-Za-z_][A-Za-z0-9_.-]{0,127}"
+DEVICE_ID = r"[A-Za-z0-9_-]{1,64}"
+ATTRIBUTE_NAME = r"[a-z_][a-z0-9_]{0,31}"
+ATTRIBUTE_VALUE = r"[A-Za-z0-9_.:-]{1,64}"
+INFLUX_NAME = r"[A-Za-z0-9_-]{1,64}"
+# Debian policy: [epoch:]upstream[-revision]; upstream starts with a digit (also fits Grafana's 11.3.1).
+DEB_VERSION = r"(?:[0-9]{1,9}:)?[0-9][A-Za-z0-9.+~-]{0,99}"
+IP_CHARS = r"[0-9A-Fa-f.:]{2,39}"
+CIDR_CHARS = r"[0-9A-Fa-f.:]{2,39}/[0-9]{1,3}"
+POSIX_USER = r"[a-z_][a-z0-9_-]{0,31}"
+ENV_VAR = r"[A-Z_][A-Z0-9_]{0,127}"
+# A file or folder on the controller: printable, and no { } (Ansible would evaluate {{ }} in a path it is given).
+CONTROLLER_PATH = r"[^\x00-\x1f\x7f-\x9f{}]{1,4096}"
+MIRROR_URL = r"https?://[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~%+/-]{0,1024})?"
+MACHINE_SIZE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+# Free text that is written to a file (a tag value, a dot path, a key): any printable character; TOML and
+# YAML writers escape it. No control character (newline, NUL, DEL, C1) and no Unicode line separator.
+ONE_LINE = r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]"
+# A topic level that a spec may write literally: no wildcards, no separators, no {} (named levels are
+# {name}), no % (Mosquitto's ACL reads %c/%u in `pattern` lines), no whitespace or control character
+# (the ACL file is line- and space-separated). The first character of a topic is not $ ($SYS, $share).
+_TCHAR = r"[^/#+{}%\s\x00-\x1f\x7f-\x9f]"
+_TFIRST = r"[^/#+{}%$\s\x00-\x1f\x7f-\x9f]"
+_NAMED = r"\{[a-z_][a-z0-9_]{0,31}\}"
+TOPIC_TEMPLATE = rf"(?:{_TFIRST}{_TCHAR}*|{_NAMED})(?:/(?:{_TCHAR}+|{_NAMED}))*"
+
+DNS_LABEL_RE = full(DNS_LABEL)
+MEASUREMENT_RE = full(MEASUREMENT)
+TOPIC_TEMPLATE_RE = full(TOPIC_TEMPLATE)
+DEVICE_ID_PATTERN = full(DEVICE_ID)
+DNS_NAME_RE = full(DNS_NAME)
+DOMAIN_RE = full(DOMAIN)
+DEB_VERSION_RE = full(DEB_VERSION)
+CONTROLLER_PATH_RE = full(CONTROLLER_PATH)
+ONE_LINE_RE = full(ONE_LINE + "{0,256}")
+KEY_RE = full(ONE_LINE + "{1,128}")
+ATTRIBUTE_NAME_PATTERN = full(ATTRIBUTE_NAME)
+ATTRIBUTE_VALUE_PATTERN = full(ATTRIBUTE_VALUE)
+POSIX_USER_RE = full(POSIX_USER)
+MACHINE_SIZE_RE = full(MACHINE_SIZE)
+INFLUX_NAME_RE = full(INFLUX_NAME)
 
 
 class Base(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", strict=True, frozen=True, allow_inf_nan=False, validate_default=True
+        extra="forbid", strict=True, frozen=True, allow_inf_nan=False, validate_default=True,
+        regex_engine="rust-regex",  # see `full`: patterns are \A...\z in Rust's dialect
     )
 
 
 DnsLabel = Annotated[str, Field(pattern=DNS_LABEL_RE, min_length=1, max_length=32)]
 
 
+_CIDR_CHARS = fullmatch_re(CIDR_CHARS)
+_IP_CHARS = fullmatch_re(IP_CHARS)
+_DNS_NAME_ANY_CASE = re.compile(rf"\A(?:{DNS_NAME})\Z", re.IGNORECASE)
+
+
 def _check_cidr(value: object) -> object:
     if isinstance(value, str):
+        if not _CIDR_CHARS.match(value):
+            raise ValueError(f"{value!r} is not a network in CIDR form; write e.g. 203.0.113.0/24")
         try:
             ipaddress.ip_network(value, strict=True)
         except ValueError as exc:
@@ -61,8 +130,58 @@ def _check_cidr(value: object) -> object:
 Cidr = Annotated[
     str,
     BeforeValidator(_check_cidr),
-    WithJsonSchema({"type": "string", "description": "An IPv4 or IPv6 network in CIDR form, e.g. 203.0.113.0/24"}),
+    WithJsonSchema({"type": "string", "pattern": full(CIDR_CHARS),
+                    "description": "An IPv4 or IPv6 network in CIDR form, e.g. 203.0.113.0/24"}),
 ]
+
+
+def _check_ip(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            if not _IP_CHARS.match(value):
+                raise ValueError
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address; write e.g. 0.0.0.0 (every IPv4 address), :: or "
+                             "127.0.0.1") from None
+    return value
+
+
+def _check_address(value: object) -> object:
+    """An IP address or a DNS name (letters, digits, '-' and '.'; never starting with '-')."""
+    if isinstance(value, str):
+        try:
+            if _IP_CHARS.match(value):
+                ipaddress.ip_address(value)
+                return value
+        except ValueError:
+            pass
+        if len(value) > 253 or not _DNS_NAME_ANY_CASE.match(value):
+            raise ValueError(f"{value!r} is neither an IP address nor a DNS name; write e.g. 192.0.2.10 or "
+                             "host1.example.com")
+    return value
+
+
+IpAddress = Annotated[
+    str,
+    BeforeValidator(_check_ip),
+    WithJsonSchema({"type": "string", "pattern": full(IP_CHARS), "description": "An IPv4 or IPv6 address"}),
+]
+HostAddress = Annotated[
+    str,
+    BeforeValidator(_check_address),
+    WithJsonSchema({"type": "string", "pattern": full(r"[A-Za-z0-9.:-]{1,253}"),
+                    "description": "An IP address or a DNS name"}),
+]
+DnsName = Annotated[str, Field(pattern=DNS_NAME_RE, min_length=1, max_length=253)]
+DebVersion = Annotated[str, Field(pattern=DEB_VERSION_RE)]
+ControllerPath = Annotated[str, Field(pattern=CONTROLLER_PATH_RE)]
+PosixUser = Annotated[str, Field(pattern=POSIX_USER_RE)]
+MachineSize = Annotated[str, Field(pattern=MACHINE_SIZE_RE)]
+OneLine = Annotated[str, Field(pattern=ONE_LINE_RE)]
+Key = Annotated[str, Field(pattern=KEY_RE)]
+AttributeName = Annotated[str, Field(pattern=ATTRIBUTE_NAME_PATTERN)]
+AttributeValue = Annotated[str, Field(pattern=ATTRIBUTE_VALUE_PATTERN)]
 
 Duration = Annotated[
     float,
@@ -85,14 +204,12 @@ Size = Annotated[
     ),
 ]
 Port = Annotated[int, Field(ge=1, le=65535)]
-DEBIAN_VERSION_RE = r"^[0-9][A-Za-z0-9.+~:-]{0,127}$"  # pydantic-core (Rust regex): $ = end of text
-DebianVersion = Annotated[str, Field(pattern=DEBIAN_VERSION_RE, description="An exact Debian package version.")]
 VersionPin = Annotated[
-    DebianVersion | dict[Release, DebianVersion],
+    DebVersion | dict[Release, DebVersion],
     Field(description="One exact package version for every host, or one per Debian release, "
                       "e.g. {debian-12: 2.0.11-1.2+deb12u2, debian-13: 2.0.21-1}."),
 ]
-DEVICE_PATH_RE = r"^/dev/[A-Za-z0-9._:+/-]{1,200}$"
+DEVICE_PATH_RE = full(r"/dev/[A-Za-z0-9._:+/-]{1,200}")
 TopicTemplate = Annotated[
     str,
     Field(
@@ -113,18 +230,19 @@ class LocalTarget(Base):
     kind: Literal["local"]
     network: Cidr = Field("10.213.0.0/24", description="Private /24 for the hosts' bridge; must not clash with real networks.")
     release: Release = Field("debian-12", description="Debian release of the throw-away hosts.")
-    mirror: str | None = Field(None, description="Debian mirror URL for the hosts; default: this machine's apt source.")
+    mirror: str | None = Field(None, pattern=full(MIRROR_URL),
+                               description="Debian mirror URL for the hosts; default: this machine's apt source.")
     proxy_port: Port = Field(13142, description="Port of the package proxy the hosts use (bound to the bridge only).")
-    ca_bundle: str | None = Field(
+    ca_bundle: ControllerPath | None = Field(
         None, description="CA bundle copied into the hosts (for package mirrors behind an intercepting proxy)."
     )
 
 
 class BaremetalHost(Base):
-    address: str = Field(description="IP address or DNS name the controller reaches the host at (only used in the inventory).")
-    ssh_user: str | None = Field(None, description="Login user with sudo; default: target.ssh_user.")
+    address: HostAddress = Field(description="IP address or DNS name the controller reaches the host at (only used in the inventory).")
+    ssh_user: PosixUser | None = Field(None, description="Login user with sudo; default: target.ssh_user.")
     ssh_port: Port = 22
-    ssh_private_key: str | None = Field(None, description="Path to the SSH private key; default: your SSH agent/config.")
+    ssh_private_key: ControllerPath | None = Field(None, description="Path to the SSH private key; default: your SSH agent/config.")
     data_device: str | None = Field(
         None, pattern=DEVICE_PATH_RE,
         description="A disk for the platform's data, by a stable path (e.g. /dev/disk/by-id/...): formatted (ext4) "
@@ -136,13 +254,17 @@ class BaremetalTarget(Base):
     """Existing Debian 12 or 13 hosts reached over SSH (their SSH host keys are pinned on first contact)."""
 
     kind: Literal["baremetal"]
-    ssh_user: str = Field("deploy", description="Default login user (needs passwordless sudo).")
+    ssh_user: PosixUser = Field("deploy", description="Default login user (needs passwordless sudo).")
     admin_cidrs: list[Cidr] = Field(
         ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"], min_length=1,
-        description="Where operators connect from: the host firewall opens SSH and Grafana only to these.",
+        description="Where operators connect from: the host firewall opens SSH and Grafana only to these. "
+        "Together they may hold at most 16,777,216 public IPv4 addresses (a /8) and at most a /32 of global IPv6 "
+        "addresses; private, shared (100.64/10), loopback, link-local, multicast and reserved ranges do not count.",
     )
-    device_cidrs: list[Cidr] = Field(["0.0.0.0/0"], min_length=1, description="Where devices connect from (MQTT over TLS only).")
-    hosts: dict[str, BaremetalHost] = Field(description="Address of every logical host, keyed by host name.")
+    device_cidrs: list[Cidr] = Field(["0.0.0.0/0"], min_length=1,
+                                     description="Where devices connect from (MQTT over TLS only). A listener on a port that is "
+        "never open to the internet (22, 3389, 8086, 3000) is held to the admin_cidrs limit.")
+    hosts: dict[DnsLabel, BaremetalHost] = Field(description="Address of every logical host, keyed by host name.")
 
 
 AWS_REGIONS = (
@@ -163,12 +285,16 @@ AZURE_LOCATIONS = (
 
 class CloudCommon(Base):
     admin_cidrs: list[Cidr] = Field(
-        min_length=1, description="Where operators connect from: SSH and Grafana are reachable only from here."
+        min_length=1, description="Where operators connect from: SSH and Grafana are reachable only from here. "
+        "Together they may hold at most 16,777,216 public IPv4 addresses (a /8) and at most a /32 of global IPv6 "
+        "addresses; private, shared (100.64/10), loopback, link-local, multicast and reserved ranges do not count.",
     )
-    device_cidrs: list[Cidr] = Field(["0.0.0.0/0"], min_length=1, description="Where devices connect from (MQTT over TLS only).")
+    device_cidrs: list[Cidr] = Field(["0.0.0.0/0"], min_length=1,
+                                     description="Where devices connect from (MQTT over TLS only). A listener on a port that is "
+        "never open to the internet (22, 3389, 8086, 3000) is held to the admin_cidrs limit.")
     network_cidr: Cidr = Field("10.42.0.0/16", description="The private network (VPC/VNet) of the platform.")
-    ssh_public_key_file: str = Field(description="Public key installed for the admin user (path, relative to the spec).")
-    ssh_private_key_file: str | None = Field(
+    ssh_public_key_file: ControllerPath = Field(description="Public key installed for the admin user (path, relative to the spec).")
+    ssh_private_key_file: ControllerPath | None = Field(
         None, description="Its private key, for Ansible and `status` (path, relative to the spec); default: the public "
         "key's path without .pub when that file exists, else your SSH agent.")
     disk_size: Size = Field("20GiB", description="Data disk per host (encrypted); the services' data live on it.")
@@ -179,22 +305,22 @@ class AwsTarget(CloudCommon):
     """Hosts created on AWS EC2 by the Pulumi stack in stacks/aws."""
 
     kind: Literal["aws"]
-    region: str = Field(description="AWS region, e.g. eu-west-1.")
-    instance_types: dict[str, str] = Field(
+    region: str = Field(pattern=full(r"[a-z0-9-]{1,32}"), description="AWS region, e.g. eu-west-1.")
+    instance_types: dict[str, MachineSize] = Field(
         {"default": "t3.small"}, description="EC2 instance type per host name; the key `default` applies to the rest."
     )
-    ssh_user: str = Field("admin", description="Login user of the Debian AMI.")
+    ssh_user: PosixUser = Field("admin", description="Login user of the Debian AMI.")
 
 
 class AzureTarget(CloudCommon):
     """Hosts created on Azure by the Pulumi stack in stacks/azure."""
 
     kind: Literal["azure"]
-    location: str = Field(description="Azure location, e.g. westeurope.")
-    vm_sizes: dict[str, str] = Field(
+    location: str = Field(pattern=full(r"[a-z0-9]{1,32}"), description="Azure location, e.g. westeurope.")
+    vm_sizes: dict[str, MachineSize] = Field(
         {"default": "Standard_B2s"}, description="VM size per host name; the key `default` applies to the rest."
     )
-    ssh_user: str = Field("iotplat", description="Admin user created on the VMs.")
+    ssh_user: PosixUser = Field("iotplat", description="Admin user created on the VMs.")
 
 
 Target = Annotated[LocalTarget | BaremetalTarget | AwsTarget | AzureTarget, Field(discriminator="kind")]
@@ -223,7 +349,8 @@ def _default_hosts() -> list[HostSpec]:
 class Network(Base):
     domain: str = Field(
         "iotplat.internal",
-        pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$",
+        pattern=DOMAIN_RE,
+        max_length=200,
         description="DNS suffix of the logical names (broker.<domain>, influxdb.<domain>, <host>.<domain>) that "
         "service files and certificates use; /etc/hosts on each host maps them to real addresses.",
     )
@@ -233,9 +360,11 @@ class Tls(Base):
     ca: Literal["generate", "files"] = Field(
         "generate", description="generate: iotplat creates the platform CA in the state directory; files: use yours."
     )
-    ca_cert_file: str | None = Field(None, description="With ca: files, your CA certificate (PEM).")
-    ca_key_file: str | None = Field(None, description="With ca: files, your CA key (PEM); used to issue server certificates.")
-    min_version: Literal["1.2", "1.3"] = Field("1.2", description="Oldest TLS version any service accepts.")
+    ca_cert_file: ControllerPath | None = Field(None, description="With ca: files, your CA certificate (PEM).")
+    ca_key_file: ControllerPath | None = Field(None, description="With ca: files, your CA key (PEM); used to issue server certificates.")
+    min_version: Literal["1.2", "1.3"] = Field(
+        "1.2", description="Oldest TLS version any service accepts (Mosquitto, InfluxDB, Grafana). 1.3 needs "
+        "influxdb.version 2: InfluxDB 1.6.7 cannot refuse TLS 1.2.")
     server_cert_days: int = Field(397, ge=1, le=825, description="Validity of issued server certificates.")
 
     @model_validator(mode="after")
@@ -255,7 +384,7 @@ class Listener(Base):
         "mqtt", description="mqtt: MQTT 3.1.1 and 5 over TLS; websockets: MQTT over secure WebSockets."
     )
     port: Port = 8883
-    bind: str = Field("0.0.0.0", description="Address to listen on (0.0.0.0 = all). Every listener uses TLS.")
+    bind: IpAddress = Field("0.0.0.0", description="Address to listen on (0.0.0.0 = all). Every listener uses TLS.")
 
 
 class BrokerAuth(Base):
@@ -289,7 +418,7 @@ class Persistence(Base):
 
 class Broker(Base):
     listeners: list[Listener] = Field(default_factory=lambda: [Listener()], min_length=1)
-    server_names: list[str] = Field(
+    server_names: list[DnsName] = Field(
         [], description="Public DNS names devices use for the broker; added to its certificate."
     )
     auth: BrokerAuth = BrokerAuth()
@@ -304,12 +433,12 @@ class Broker(Base):
 
 
 class Canary(Base):
-    id: str = Field("iotplat-canary", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device id of the built-in canary.")
-    attributes: dict[str, str] = Field({}, description="Values for registry columns used in topic templates.")
+    id: str = Field("iotplat-canary", pattern=DEVICE_ID_PATTERN, description="Device id of the built-in canary.")
+    attributes: dict[AttributeName, AttributeValue] = Field({}, description="Values for registry columns used in topic templates.")
 
 
 class Devices(Base):
-    registry: str | None = Field(
+    registry: ControllerPath | None = Field(
         None, description="Device registry file (CSV with an `id` column, or YAML), relative to the spec."
     )
     topics: list[TopicTemplate] = Field(
@@ -328,7 +457,7 @@ FieldType = Literal["float", "int", "bool", "string"]
 
 class FieldSpec(Base):
     type: FieldType = Field(description="Stored type; values are coerced or dead-lettered, InfluxDB never guesses.")
-    path: str | None = Field(None, description="Dot path into the payload; default: the field's name.")
+    path: OneLine | None = Field(None, description="Dot path into the payload; default: the field's name.")
     required: bool = Field(False, description="A message without it is dead-lettered.")
 
 
@@ -351,7 +480,8 @@ FieldDecl = Annotated[
                     "required": ["type"],
                     "properties": {
                         "type": {"type": "string", "enum": ["float", "int", "bool", "string"]},
-                        "path": {"type": "string", "description": "Dot path into the payload; default: the field's name."},
+                        "path": {"type": "string", "pattern": ONE_LINE_RE,
+                                 "description": "Dot path into the payload; default: the field's name."},
                         "required": {"type": "boolean", "description": "A message without it is dead-lettered."},
                     },
                 },
@@ -361,8 +491,36 @@ FieldDecl = Annotated[
 ]
 
 
+def _check_option_value(value: object, depth: int = 0) -> None:
+    """Decoder options are written to worker.toml: TOML has no null, and keys/strings are one line."""
+    if depth > 16:
+        raise ValueError("options are nested too deeply (at most 16 levels)")
+    if value is None:
+        raise ValueError("an option cannot be null (the worker's TOML config has no null); remove it or give a value")
+    if isinstance(value, str) and not _ONE_LINE.match(value):
+        raise ValueError(f"{value[:40]!r}: an option value must be one line without control characters")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or not _KEY.match(k):
+                raise ValueError(f"{str(k)[:40]!r}: an option name must be 1-128 printable characters on one line")
+            _check_option_value(v, depth + 1)
+    if isinstance(value, list):
+        for v in value:
+            _check_option_value(v, depth + 1)
+
+
+def _option_value(value: Any) -> Any:
+    _check_option_value(value)
+    return value
+
+
+_ONE_LINE = fullmatch_re(ONE_LINE + "{0,4096}")
+_KEY = fullmatch_re(ONE_LINE + "{1,128}")
+OptionValue = Annotated[Any, AfterValidator(_option_value)]
+
+
 class TimestampSpec(Base):
-    field: str = Field(description="Dot path of the device's timestamp in the payload.")
+    field: OneLine = Field(description="Dot path of the device's timestamp in the payload.")
     unit: Literal["s", "ms", "us", "ns", "rfc3339"] = "ms"
 
 
@@ -370,15 +528,15 @@ class Subscription(Base):
     name: DnsLabel
     topic: TopicTemplate
     format: str = Field(
-        "json", pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Payload decoder: json, line, raw, or a plugin's name."
+        "json", pattern=full(r"[a-z][a-z0-9_-]{0,31}"), description="Payload decoder: json, line, raw, or a plugin's name."
     )
     measurement: str = Field(pattern=MEASUREMENT_RE)
-    tags: dict[str, str] = Field({}, description="Extra tags; values may use the topic's {names}. Named topic levels are tags anyway.")
+    tags: dict[Key, OneLine] = Field({}, description="Extra tags; values may use the topic's {names}. Named topic levels are tags anyway.")
     timestamp: TimestampSpec | None = Field(
         None, description="The device's own timestamp; redeliveries then overwrite instead of duplicating."
     )
-    fields: dict[str, FieldDecl] = Field({}, description="Typed fields: `name: float` or `name: {type, path, required}`.")
-    options: dict[str, Any] = Field({}, description="Decoder-specific options.")
+    fields: dict[Key, FieldDecl] = Field({}, description="Typed fields: `name: float` or `name: {type, path, required}`.")
+    options: dict[Key, OptionValue] = Field({}, description="Decoder-specific options.")
 
 
 class Batch(Base):
@@ -396,7 +554,7 @@ class Spool(Base):
 
 class DeadLetters(Base):
     measurement: str = Field("iotplat_dead_letters", pattern=MEASUREMENT_RE)
-    topic: str = Field("iotplat/dead-letters", pattern=TOPIC_TEMPLATE_RE)
+    topic: str = Field("iotplat/dead-letters", pattern=TOPIC_TEMPLATE_RE, max_length=256)
     rate_per_device: float = Field(10.0, gt=0, description="Dead letters kept per device per second; the rest are counted.")
     excerpt: Size = Field("1KiB", description="Escaped payload excerpt kept with each dead letter.")
 
@@ -446,7 +604,7 @@ class Package(Base):
         description="distro: Debian's archive; upstream: the vendor's apt repository; local: a folder of .deb files."
     )
     version: VersionPin = Field(description="Exact package version to install (pinned): one, or one per Debian release.")
-    path: str | None = Field(None, description="With source: local, the folder holding the .deb files (on the controller).")
+    path: ControllerPath | None = Field(None, description="With source: local, the folder holding the .deb files (on the controller).")
 
     @model_validator(mode="after")
     def _path(self) -> Package:
@@ -461,12 +619,12 @@ class InfluxDB(Base):
     version: Literal[1, 2] = Field(description="1: Debian's InfluxDB 1.x; 2: InfluxData's InfluxDB 2.x (production).")
     port: Port = 8086
     retention: Duration = Field("30d", description="How long points are kept.")
-    database: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Version 1: database (default iot).")
+    database: str | None = Field(None, pattern=INFLUX_NAME_RE, description="Version 1: database (default iot).")
     retention_policy: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Version 1: retention policy (default iotplat)."
+        None, pattern=INFLUX_NAME_RE, description="Version 1: retention policy (default iotplat)."
     )
-    org: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Version 2: organisation (default iotplat).")
-    bucket: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Version 2: bucket (default iot).")
+    org: str | None = Field(None, pattern=INFLUX_NAME_RE, description="Version 2: organisation (default iotplat).")
+    bucket: str | None = Field(None, pattern=INFLUX_NAME_RE, description="Version 2: bucket (default iot).")
     package: Package | None = Field(None, description="Default: version 1 from Debian, version 2 from InfluxData, both pinned.")
 
 
@@ -479,8 +637,8 @@ class Grafana(Base):
         True, description="false: when the package source is unreachable, deploy skips Grafana and reports why."
     )
     port: Port = 3000
-    domain: str | None = Field(None, description="Public name operators use (root_url, certificate).")
-    admin_user: str = Field("iotplat-admin", pattern=r"^[a-z][a-z0-9_-]{2,31}$")
+    domain: DnsName | None = Field(None, description="Public name operators use (root_url, certificate).")
+    admin_user: str = Field("iotplat-admin", pattern=full(r"[a-z][a-z0-9_-]{2,31}"))
     package: Package = Field(
         Package(source="upstream", version="11.3.1"), description="Grafana comes from Grafana Labs' apt repository."
     )
@@ -498,8 +656,8 @@ class Grafana(Base):
 
 
 class SecretRef(Base):
-    env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]*$", description="Read from this environment variable at render/deploy.")
-    file: str | None = Field(None, description="Read from this file (relative to the spec).")
+    env: str | None = Field(None, pattern=full(ENV_VAR), description="Read from this environment variable at render/deploy.")
+    file: ControllerPath | None = Field(None, description="Read from this file (relative to the spec).")
 
     @model_validator(mode="after")
     def _one(self) -> SecretRef:
@@ -530,19 +688,43 @@ class Secrets(Base):
 class ScheduledBackups(Base):
     schedule: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9*:.,/~ -]{1,64}$",
+        pattern=full(r"[A-Za-z0-9*:.,/~ -]{1,64}"),
         description="systemd OnCalendar expression (e.g. `daily`, `*-*-* 03:30:00`): every host that holds data "
         "backs it up on this schedule (InfluxDB's portable backup, Mosquitto's persistence file), checked with "
         "`systemd-analyze calendar` before it is installed. null: no scheduled backups. These host-side copies "
         "hold data only; `iotplat backup` also saves the state directory (CA, credentials).",
     )
     keep: int = Field(7, ge=1, le=365, description="Scheduled backups kept on each host; the oldest are removed.")
-    dir: str = Field("/var/backups/iotplat", pattern=r"^/[A-Za-z0-9._/-]+$",
+    dir: str = Field("/var/backups/iotplat", pattern=full(r"/[A-Za-z0-9._/-]{1,255}"),
                      description="Directory on the host (root-only) that holds one timestamped folder per backup.")
 
 
+class HardwareCost(Base):
+    monthly: float = Field(
+        ge=0, description="What one such host costs you a month (hardware written off, power, rack space, bandwidth), "
+        "in the price table's currency (USD)."
+    )
+    vcpus: int | None = Field(None, ge=1, le=1024, description="Its CPU cores, to choose the equivalent cloud size; "
+                              "default: the price table's bare-metal host (2).")
+    memory: Size | None = Field(None, description="Its memory, to choose the equivalent cloud size; default: the price "
+                                "table's bare-metal host (4GiB).")
+
+
+class CostSettings(Base):
+    """What `iotplat cost` needs besides the hosts: your price file and what your own hardware costs."""
+
+    prices: ControllerPath | None = Field(
+        None, description="A price file merged over iotplat's price table (relative to the spec); "
+        "`iotplat cost --prices FILE` is merged after it."
+    )
+    hardware: dict[str, HardwareCost] = Field(
+        {}, description="Bare metal: your cost per host name; the key `default` applies to the rest. "
+        "`iotplat cost --hardware-cost` overrides it."
+    )
+
+
 class StateSettings(Base):
-    dir: str | None = Field(
+    dir: ControllerPath | None = Field(
         None,
         description="State directory root (relative to the spec, or absolute; share it to work as a team). "
         "Default: $IOTPLAT_STATE_DIR, else ~/.local/state/iotplat.",
@@ -573,6 +755,7 @@ class PlatformSpec(Base):
     secrets: Secrets = Field(Secrets(), description="Secrets are generated into the state directory unless referenced here.")
     state: StateSettings = Field(StateSettings(), description="Where iotplat keeps state for this platform.")
     backup: ScheduledBackups = Field(ScheduledBackups(), description="Scheduled backups on the hosts (systemd timer, retention count).")
+    cost: CostSettings = Field(CostSettings(), description="Price file and own-hardware cost for `iotplat cost`.")
     environments: dict[str, dict[str, Any]] = Field(
         {},
         description="Named overlays (e.g. staging, production) merged onto this spec with JSON merge-patch rules: "

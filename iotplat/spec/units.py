@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)\s*$")
+_DURATION_BODY = r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)\s*"
+_DURATION = re.compile(rf"\A(?:{_DURATION_BODY})\Z")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KiB|MiB|GiB|TiB|kB|KB|MB|GB|TB)\s*$")
+_SIZE_BODY = r"\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KiB|MiB|GiB|TiB|kB|KB|MB|GB|TB)\s*"
+_SIZE = re.compile(rf"\A(?:{_SIZE_BODY})\Z")
 _SIZE_FACTORS = {
     "B": 1,
     "KiB": 1024,
@@ -20,8 +22,9 @@ _SIZE_FACTORS = {
     "TB": 1000**4,
 }
 
-DURATION_PATTERN = _DURATION.pattern
-SIZE_PATTERN = _SIZE.pattern
+# Full-string patterns in the dialect of iotplat.spec.model.full (\A...\z; schema.py publishes ^(?:...)$).
+DURATION_PATTERN = rf"\A(?:{_DURATION_BODY})\z"
+SIZE_PATTERN = rf"\A(?:{_SIZE_BODY})\z"
 
 
 def parse_duration(value: object) -> float:

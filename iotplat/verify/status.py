@@ -71,6 +71,31 @@ class StatusReport:
         return c
 
 
+class NamedTLSContext(ssl.SSLContext):
+    """A client context that verifies the server's certificate for one logical name (broker.<domain>) whatever
+    address is dialled: clients such as paho pass the address they connect to as ``server_hostname``, which is
+    not a name in the certificate; this context always sends and checks ``verify_name`` instead (SNI and
+    hostname check), so a certificate for any other name is refused."""
+
+    verify_name: str
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
+                    suppress_ragged_eofs: bool = True, server_hostname: str | bytes | None = None,
+                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        return super().wrap_socket(sock, server_side=server_side, do_handshake_on_connect=do_handshake_on_connect,
+                                   suppress_ragged_eofs=suppress_ragged_eofs, server_hostname=self.verify_name,
+                                   session=session)
+
+
+def named_tls_context(ca_file: str, name: str) -> NamedTLSContext:
+    """Trust only the platform CA (ca_file) and verify the peer as `name`."""
+    ctx = NamedTLSContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname, TLS 1.2 or newer
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=ca_file)
+    ctx.verify_name = name
+    return ctx
+
+
 class _Ctx:
     def __init__(self, ca_pem: str) -> None:
         self.tmp = tempfile.NamedTemporaryFile("w", suffix=".crt", delete=False)
@@ -78,10 +103,13 @@ class _Ctx:
         self.tmp.close()
         self.ca_file = self.tmp.name
 
-    def context(self, check_hostname: bool = True) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=self.ca_file)
-        ctx.check_hostname = check_hostname
-        return ctx
+    def context(self) -> ssl.SSLContext:
+        """Trust the platform CA; the caller passes the logical name as server_hostname (see _HTTPS)."""
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def for_name(self, name: str) -> NamedTLSContext:
+        """A context that verifies the certificate for the logical `name` while the client dials an address."""
+        return named_tls_context(self.ca_file, name)
 
     def close(self) -> None:
         Path(self.ca_file).unlink(missing_ok=True)
@@ -231,8 +259,8 @@ def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], c
         return Check("canary", True, "skipped: no MQTT (non-WebSocket) listener", skipped=True)
     password = materials.mqtt_users[platform.canary.id][0]
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=platform.canary.id, protocol=mqtt.MQTTv5)
-    ctx = ctx_factory.context(check_hostname=False)  # the name was verified by the TLS probe of this port
-    client.tls_set_context(ctx)
+    # the address is dialled, the certificate is verified for the broker's logical name
+    client.tls_set_context(ctx_factory.for_name(platform.service_name("broker")))
     client.username_pw_set(platform.canary.id, password)
     started = time.monotonic()
     try:

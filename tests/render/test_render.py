@@ -44,13 +44,16 @@ def test_rerender_changes_nothing(tmp_path: Path) -> None:
 
 
 def test_stale_files_are_removed(tmp_path: Path) -> None:
-    spec = str(PLATFORM_DIR / "platform.yaml")
+    """Files the previous render wrote and this one does not are removed (their folders too); a file iotplat did
+    not write is never removed (tests/render/test_build_dir.py has the hostile cases)."""
     out = tmp_path / "b"
-    render(spec, None, out_dir=str(out))
-    (out / "hosts" / "old-host").mkdir()
-    (out / "hosts" / "old-host" / "x.conf").write_text("stale")
-    result = render(spec, None, out_dir=str(out))
-    assert result["removed"] == ["hosts/old-host/x.conf"] and not (out / "hosts" / "old-host").exists()
+    render(str(EXAMPLES / "local" / "platform.yaml"), None, out_dir=str(out))  # hosts edge, tsdb, dash
+    (out / "hosts" / "edge" / "notes.txt").write_text("mine")
+    result = render(str(PLATFORM_DIR / "platform.yaml"), None, out_dir=str(out))  # host core only
+    assert result["removed"] and all(n.startswith(("hosts/tsdb/", "hosts/dash/", "hosts/edge/")) for n in result["removed"])
+    assert not (out / "hosts" / "tsdb").exists() and not (out / "hosts" / "dash").exists()
+    assert (out / "hosts" / "edge" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "hosts" / "edge").rglob("*") if p.is_file()) == ["notes.txt"]
 
 
 def test_manifest_classifies_every_file(tmp_path: Path) -> None:

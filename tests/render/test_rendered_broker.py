@@ -83,7 +83,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
     if proc.poll() is not None:
         pytest.fail("mosquitto did not start: " + (work / "mosquitto.log").read_text())
     yield {"port": port, "ca": str(root / "etc/iotplat/tls/ca.crt"), "materials": materials, "log": work / "mosquitto.log",
-           "persist": persist, "proc": proc}
+           "persist": persist, "proc": proc, "platform": platform}
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=10)
     log.close()
@@ -246,3 +246,72 @@ def test_persistence_directory_is_writable(broker: dict) -> None:
     os.kill(broker["proc"].pid, signal.SIGUSR1)
     assert _wait(lambda: (broker["persist"] / "mosquitto.db").exists(), 5)
     assert b"Error saving" not in broker["log"].read_bytes()
+
+
+def _dialled(broker: dict, domain: str):
+    """The example platform with its listener on the test broker's port and network.domain = `domain` (so its
+    broker's logical name is broker.<domain>), and the address every host is dialled at."""
+    import dataclasses
+
+    from iotplat.spec.model import Listener, Network
+
+    p = broker["platform"]
+    spec = p.spec.model_copy(update={
+        "network": Network(domain=domain),
+        "broker": p.spec.broker.model_copy(update={"listeners": [Listener(port=broker["port"])]}),
+    })
+    return dataclasses.replace(p, spec=spec), {h: "127.0.0.1" for h in p.host_names}
+
+
+def test_canary_verifies_the_broker_certificate_for_its_logical_name(broker: dict) -> None:
+    """The canary dials an address (127.0.0.1 here) and verifies the broker's certificate for broker.<domain>.
+    With the rendered name the canary's publish is acknowledged (then InfluxDB, not running here, is not
+    reached); when the expected name is another one, i.e. the broker presents a certificate for another name,
+    the TLS handshake fails and no credential is sent."""
+    from iotplat.verify.status import _Ctx, run_canary
+
+    trust = _Ctx(broker["materials"].ca_cert_pem)
+    try:
+        p, addr = _dialled(broker, "iotplat.internal")
+        good = run_canary(p, broker["materials"], addr, trust, timeout=0.5)
+        assert good.detail.startswith("published to "), good.detail
+        p, addr = _dialled(broker, "elsewhere.internal")
+        bad = run_canary(p, broker["materials"], addr, trust, timeout=0.5)
+        assert not bad.ok and bad.detail.startswith("cannot publish as iotplat-canary"), bad.detail
+        assert "certificate" in bad.detail and "broker.elsewhere.internal" in bad.detail, bad.detail
+    finally:
+        trust.close()
+
+
+def test_rotate_device_verifies_the_broker_certificate_for_its_logical_name(broker: dict) -> None:
+    """`rotate device` ends the device's session over MQTT/TLS to the broker's address: the certificate must be
+    valid for broker.<domain>; for another name the connection is refused (the function reports False)."""
+    from types import SimpleNamespace
+
+    from iotplat.deploy.rotate import _end_session
+
+    m = broker["materials"]
+    user = "iotplat-canary"
+    for domain, expected in (("iotplat.internal", True), ("elsewhere.internal", False)):
+        p, addr = _dialled(broker, domain)
+        hosts = [SimpleNamespace(name=h, address=a) for h, a in addr.items()]
+        ctx = SimpleNamespace(platform=p, materials=m)
+        assert _end_session(ctx, hosts, user, m.mqtt_users[user][0]) is expected, domain
+
+
+def test_named_tls_context_refuses_a_certificate_for_another_name(broker: dict) -> None:
+    """The context paho is given: whatever server_hostname the client passes, it checks the logical name."""
+    import socket
+
+    from iotplat.verify.status import named_tls_context
+
+    for name, ok in (("broker.iotplat.internal", True), ("mqtt.fleet.example.com", True),
+                     ("influxdb.iotplat.internal", False), ("127.0.0.1", False)):
+        ctx = named_tls_context(broker["ca"], name)
+        with socket.create_connection(("127.0.0.1", broker["port"]), timeout=5) as s:
+            try:
+                with ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
+                    assert ok, f"{name}: a certificate without this name was accepted"
+                    assert tls.version() in ("TLSv1.2", "TLSv1.3")
+            except ssl.SSLCertVerificationError as exc:
+                assert not ok, f"{name}: {exc}"

@@ -149,3 +149,59 @@ def test_least_privilege_users_and_dashboard_queries(influx: dict) -> None:
         assert result.get("series"), f"no data for {item['dashboard']} / {item['panel']}: {q}"
         values = [v for s in result["series"] for row in s["values"] for v in row[1:] if v not in (None, 0)]
         assert values, (item, result)
+
+
+def _handshake(env: dict, version: ssl.TLSVersion, ciphers: str = "DEFAULT:@SECLEVEL=0") -> str | None:
+    """The negotiated TLS version, or None when the server refused the handshake. The client offers exactly
+    `version` (and, at security level 0, old versions and suites), so only the server can refuse."""
+    import socket
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(env["work"] / "ca.crt"))
+    ctx.set_ciphers(ciphers)
+    ctx.minimum_version = ctx.maximum_version = version
+    try:
+        with socket.create_connection(("127.0.0.1", env["port"]), timeout=5) as s:
+            with ctx.wrap_socket(s, server_hostname=env["platform"].service_name("influxdb")) as tls:
+                return tls.version()
+    except (ssl.SSLError, ConnectionResetError):
+        return None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tls_min_version_reaches_influxdb(influx: dict) -> None:
+    """tls.min_version (1.2 here) is [tls] min-version in the rendered config: influxd 1.6.7 refuses a TLS 1.1
+    handshake (its default accepts TLS 1.0 and 1.1) and still negotiates TLS 1.2 and 1.3. A TLS 1.2 client that
+    offers only CBC suites is refused too (the rendered cipher list is ECDHE with AEAD only). tls.min_version 1.3
+    with InfluxDB 1 is refused by `validate` (golden case tls13_with_influxdb1): 1.6.7 knows no TLS1.3 there."""
+    assert influx["platform"].spec.tls.min_version == "1.2"
+    assert _handshake(influx, ssl.TLSVersion.TLSv1_1) is None
+    assert _handshake(influx, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    assert _handshake(influx, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    assert _handshake(influx, ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA") is None
+
+
+def test_debug_endpoints(influx: dict) -> None:
+    """What InfluxDB 1.6.7 exposes without credentials, with the rendered config.
+
+    - /debug/pprof (Go's profiler: heap, goroutines, the command line) is off: 404.
+    - /debug/vars cannot be switched off or put behind authentication in 1.6.7 (no setting exists; 1.8 added
+      some). It answers 200 without credentials with runtime statistics: database and shard names, request
+      counters, the command line. This test pins that truth: no secret of the platform is in it, and the port
+      is open only to the platform's internal network (the rendered ingress rules, which the hosts' firewall
+      applies: tests/roles)."""
+    assert _req(influx, "GET", "/debug/pprof/")[0] == 404
+    assert _req(influx, "GET", "/debug/pprof/cmdline")[0] == 404
+    status, body = _req(influx, "GET", "/debug/vars")
+    assert status == 200, "InfluxDB 1.6.7 serves /debug/vars without authentication; if this changed, say so"
+    stats = json.loads(body)
+    assert "memstats" in stats and "cmdline" in stats
+    for name, value in influx["materials"].secrets.items():
+        assert value not in body.decode(), name
+    assert _req(influx, "GET", "/query?q=SHOW+DATABASES")[0] == 401  # data needs credentials
+    from iotplat.render.engine import Renderer
+
+    p = influx["platform"]
+    port = p.spec.influxdb.port
+    rules = [r for r in Renderer(p, influx["materials"]).host_ingress(p.host_of("influxdb")) if r["port"] == port]
+    assert rules and {r["source"] for r in rules} == {"internal"}

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 CASES = Path(__file__).parent / "cases"
-LINE = re.compile(r"^[^:]+:\d+:\d+: [\w\[\].()-]+: .+$")
+# a path: dotted words and [n], and keys that are not plain words as JSON strings: environments["prod\n"]
+LINE = re.compile(r'^[^:]+:\d+:\d+: (?:[\w\[\].()-]|\["(?:[^"\\]|\\.)*"\])+: .+$')
 
 
 @pytest.mark.parametrize("case", sorted(p.name for p in CASES.iterdir() if p.is_dir()))

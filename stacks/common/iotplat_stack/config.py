@@ -31,6 +31,24 @@ MODES = ("active", "retired")
 # Ports that must never be reachable from the whole internet (SSH, RDP, InfluxDB, Grafana).
 NEVER_WORLD_OPEN = (22, 3389, 8086, 3000)
 SSH_PORT = 22
+# Not only a literal /0: the union of the CIDRs a NEVER_WORLD_OPEN port is opened to may hold at most
+# a /8's worth of public IPv4 addresses. Private, shared, loopback, link-local, multicast and reserved
+# ranges do not count. `iotplat validate` applies the same rule to the spec (iotplat/spec/checks.py).
+MAX_PUBLIC_IPV4 = 2**24
+NOT_PUBLIC_IPV4 = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+    )
+)
 
 _DNS_LABEL = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 _LINUX_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -179,6 +197,13 @@ def parse(raw: Mapping[str, Any], target: str) -> StackConfig:
                 f"{NS}:adminCidrs[{i}]",
                 f"{cidr} would open SSH (22) to the whole internet; list the operators' networks",
             )
+    exposed = public_ipv4_addresses(admin_cidrs)
+    if exposed > MAX_PUBLIC_IPV4:
+        raise ConfigError(
+            f"{NS}:adminCidrs",
+            f"together open SSH (22) to {exposed:,} public IPv4 addresses, more than a /8 "
+            f"({MAX_PUBLIC_IPV4:,}); list the operators' networks (private ranges do not count)",
+        )
     device_cidrs = _cidr_list(raw, f"{NS}:deviceCidrs")
     ssh_user = _ssh_user(raw, rules)
     ssh_key = _ssh_public_key(raw)
@@ -445,3 +470,30 @@ def _check_world_open(cfg: StackConfig) -> None:
                         f"port {rule.port} from {rule.source} would be open to {cidr}; ports "
                         f"{', '.join(map(str, NEVER_WORLD_OPEN))} are never opened to the whole internet",
                     )
+            exposed = public_ipv4_addresses(cfg.cidrs_for(rule.source))
+            if exposed > MAX_PUBLIC_IPV4:
+                raise ConfigError(
+                    f"{NS}:hosts[{i}].ingress[{j}]",
+                    f"port {rule.port} from {rule.source} would be open to {exposed:,} public IPv4 "
+                    f"addresses, more than a /8 ({MAX_PUBLIC_IPV4:,}); ports "
+                    f"{', '.join(map(str, NEVER_WORLD_OPEN))} are never opened to the internet",
+                )
+
+
+def public_ipv4_addresses(cidrs: Sequence[ipaddress.IPv4Network]) -> int:
+    """Public addresses in the union of ``cidrs``; overlapping networks count once.
+
+    Two CIDR blocks are either disjoint or one holds the other, so the non-public part of each
+    collapsed block is all of it, or the sum of the non-public blocks inside it.
+    """
+    total = 0
+    for net in ipaddress.collapse_addresses(cidrs):
+        hidden = 0
+        for block in NOT_PUBLIC_IPV4:
+            if net.subnet_of(block):
+                hidden = net.num_addresses
+                break
+            if block.subnet_of(net):
+                hidden += block.num_addresses
+        total += net.num_addresses - hidden
+    return total
