@@ -203,7 +203,9 @@ def ensure_public_net(backend: Path, project: str, stack: str, env: dict[str, st
             if load_record(root, owner) is None:
                 del slots[k]
         count = len(list(public_pool(env).subnets(new_prefix=24)))
-        slot = next((n for n in range(count) if str(n) not in slots), None)
+        taken = _machine_networks()  # another cloud dir's stacks (or anything else) may use a /24 of the pool
+        slot = next((n for n in range(count) if str(n) not in slots
+                     and not any(ipaddress.IPv4Network(_slot_net(env, n)).overlaps(t) for t in taken)), None)
         if slot is None:
             raise CloudError(f"the public address pool {public_pool(env)} is full (IOTPLAT_CLOUDSIM_PUBLIC)")
         slots[str(slot)] = key
@@ -211,6 +213,15 @@ def ensure_public_net(backend: Path, project: str, stack: str, env: dict[str, st
         save_record(root, rec)
         (root / "slots.json").write_text(json.dumps(slots, indent=2) + "\n")
         return rec["public_net"]
+
+
+def _machine_networks() -> list[ipaddress.IPv4Network]:
+    out = _run(["ip", "-j", "-4", "addr", "show"], what="reading this machine's addresses", check=False).stdout
+    nets = []
+    for link in json.loads(out or "[]"):
+        for a in link.get("addr_info", []):
+            nets.append(ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False))
+    return nets
 
 
 def _release_slot(root: Path, rec: dict[str, Any]) -> None:
