@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from iotplat.hosts import sysutil
 from tests.support.cloudsim import install_shim, purge
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,17 +148,19 @@ class Sim:
         return subprocess.run([*argv, address, command], capture_output=True, text=True, timeout=timeout)
 
 
-def make_sim(tmp_root: Path) -> Sim:
+def make_sim(tmp_root: Path, cloud_root: Path | None = None) -> Sim:
+    """A workspace; `cloud_root`: share another Sim's cloud dir (one machine-wide cloud, two operators)."""
     CLOUD_ROOT.mkdir(parents=True, exist_ok=True)
-    cloud_root = Path(tempfile.mkdtemp(prefix="sim-", dir=CLOUD_ROOT))
+    cloud_root = cloud_root or Path(tempfile.mkdtemp(prefix="sim-", dir=CLOUD_ROOT))
     return Sim(home=tmp_root, cloud_root=cloud_root)
 
 
-def finish_sim(sim: Sim) -> None:
+def finish_sim(sim: Sim, remove_root: bool = True) -> None:
     purge(sim.backend, sim.cloud_root)
     if (sim.backend, sim.cloud_root) in _live:
         _live.remove((sim.backend, sim.cloud_root))
-    shutil.rmtree(sim.cloud_root, ignore_errors=True)
+    if remove_root:  # purge unmounted and removed everything of ours under it; the rest are empty dirs
+        sysutil.remove_tree(sim.cloud_root)
 
 
 @pytest.fixture
