@@ -150,8 +150,9 @@ class Sim:
 
 def make_sim(tmp_root: Path, cloud_root: Path | None = None) -> Sim:
     """A workspace; `cloud_root`: share another Sim's cloud dir (one machine-wide cloud, two operators)."""
-    CLOUD_ROOT.mkdir(parents=True, exist_ok=True)
-    cloud_root = cloud_root or Path(tempfile.mkdtemp(prefix="sim-", dir=CLOUD_ROOT))
+    parent = CLOUD_ROOT if os.geteuid() == 0 else tmp_root.parent  # the CLI tests run without root too
+    parent.mkdir(parents=True, exist_ok=True)
+    cloud_root = cloud_root or Path(tempfile.mkdtemp(prefix="sim-", dir=parent))
     return Sim(home=tmp_root, cloud_root=cloud_root)
 
 

@@ -182,6 +182,17 @@ def test_no_change_is_all_same(aws) -> None:
     assert [s["newState"]["type"] for s in quiet["steps"]] == ["pulumi:pulumi:Stack"]  # sames hidden by default
 
 
+def test_a_newer_image_does_not_replace_instances(aws) -> None:
+    """debian-13 resolves to another AMI; the instance's ignore_changes=["ami"] keeps the running hosts."""
+    sim = aws["sim"]
+    newer = sim.config("aws-3host", "newer", hosts=hosts_config(), image="debian-13")
+    done = sim.pulumi("aws", "preview", "--stack", STACK, "--config-file", str(newer), "--json")
+    assert done.returncode == 0, done.stderr
+    digest = json.loads(done.stdout)
+    assert not [s for s in digest["steps"] if s["urn"].split("::")[2].endswith("aws:ec2/instance:Instance")]
+    assert list(digest["changeSummary"]) == ["same"]
+
+
 def test_preview_replace_and_delete(aws) -> None:
     sim = aws["sim"]
     hosts = hosts_config()
