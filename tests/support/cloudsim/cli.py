@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except cloud.CloudError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 255
+    except BrokenPipeError:  # `pulumi stack output --json | head`: the reader went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def dispatch(argv: list[str]) -> int:
