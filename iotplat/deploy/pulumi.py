@@ -1,6 +1,7 @@
 """The cloud targets (aws, azure): the Pulumi stack in stacks/<target>, driven through the Pulumi CLI.
 
-The invocation (docs/stacks.md): from the stack directory, with
+The invocation (docs/stacks.md): from a copy of the stack's program in the state directory (Pulumi writes
+Pulumi.<stack>.yaml with its secrets salt into the project folder, which may be a read-only installed wheel), with
     PULUMI_BACKEND_URL=file://<state>/pulumi/<target>     one backend per target: a target switch is another stack
     PULUMI_CONFIG_PASSPHRASE_FILE=<state>/pulumi-passphrase   created once (0600); the file backend needs one
     PULUMI_PYTHON_CMD=<this interpreter>                  it has pulumi and the providers (iotplat[pulumi])
@@ -110,9 +111,11 @@ class CloudTarget:
         self.state = state
         self.kind = platform.target
         self.stack = f"{platform.name}-{platform.environment}"
-        self.stack_dir = data_dir("stacks") / self.kind
         self.backend = state.dir / "pulumi" / self.kind
-        self.config = build / "pulumi" / self.kind / f"Pulumi.{self.stack}.yaml"
+        self.rendered = build / "pulumi" / self.kind / f"Pulumi.{self.stack}.yaml"
+        self.program = self.backend / "program"
+        self.stack_dir = self.program / self.kind
+        self.config = self.stack_dir / f"Pulumi.{self.stack}.yaml"
 
     # --- the TargetProvider interface ---------------------------------------------------------------
 
@@ -120,7 +123,9 @@ class CloudTarget:
                 allow_data_loss: bool = False) -> list[Host]:
         if create:
             self.preflight()
+            self._sync_program()
             self._run("stack", "select", "--create", self.stack, what="stack select")
+            self._sync_config(self.rendered, self.config)
             preview = self._preview(self.config)
             self.guard(preview, allow_replace=allow_replace, allow_data_loss=allow_data_loss)
             if preview.changes:
@@ -146,12 +151,16 @@ class CloudTarget:
         if not any(e.get("name") == self.stack for e in self._stacks()):
             return None
         self.preflight()
+        self._sync_program()
+        self._sync_config(self.rendered, self.config)
         return self._preview(self.config)
 
     def release(self, *, data: bool, progress: Progress) -> Released:
         if not any(e.get("name") == self.stack for e in self._stacks()):
             return Released(deleted=[f"nothing: no {self.kind} stack {self.stack}"])
         self.preflight()
+        self._sync_program()
+        self._sync_config(self.rendered, self.config)
         disks = self._disk_names()
         if data:
             progress(f"      pulumi destroy {self.stack} ({self.kind})")
@@ -286,15 +295,39 @@ class CloudTarget:
         return [f"{name} ({(o or {}).get('dataDevice', '?')})" for name, o in sorted((outputs.get("hosts") or {}).items())]
 
     def _retired_config(self) -> Path:
-        doc = yaml.safe_load(self.config.read_text())
+        doc = yaml.safe_load(self.rendered.read_text())
         doc["config"]["iotplat:mode"] = "retired"
-        run = self.state.dir / "run"
-        run.mkdir(mode=0o700, exist_ok=True)
-        path = run / f"Pulumi.{self.stack}.retired.yaml"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump(doc, fh, sort_keys=True)
+        source = self.backend / f"Pulumi.{self.stack}.retired.rendered.yaml"
+        source.write_text(yaml.safe_dump(doc, sort_keys=True))
+        path = self.stack_dir / f"Pulumi.{self.stack}.retired.yaml"
+        self._sync_config(source, path, salt_from=self.config)
+        source.unlink()
         return path
+
+    def _sync_program(self) -> None:
+        """A fresh copy of stacks/<kind> and stacks/common (the program's own imports) in the state directory; the
+        stack's config file there (with the salt Pulumi wrote) is kept."""
+        import shutil as sh
+
+        self.program.mkdir(parents=True, exist_ok=True)
+        for name in (self.kind, "common"):
+            src, dst = data_dir("stacks") / name, self.program / name
+            keep = {p.name: p.read_bytes() for p in dst.glob("Pulumi.*.yaml")} if name == self.kind else {}
+            if dst.exists():
+                sh.rmtree(dst)
+            sh.copytree(src, dst, ignore=sh.ignore_patterns("__pycache__", "Pulumi.*.*.yaml"))
+            for file, data in keep.items():
+                (dst / file).write_bytes(data)
+
+    def _sync_config(self, rendered: Path, target: Path, salt_from: Path | None = None) -> None:
+        """`target` = the rendered stack config plus the `encryptionsalt:` Pulumi keeps in it (Pulumi adds one when it
+        is missing, so the rendered file in the build directory is never handed to it)."""
+        salt = ""
+        source = salt_from or target
+        if source.exists():
+            salt = next((line for line in source.read_text().splitlines() if line.startswith("encryptionsalt:")), "")
+        text = rendered.read_text()
+        target.write_text((salt + "\n" if salt else "") + text)
 
     def _passphrase_file(self) -> Path:
         path = self.state.dir / "pulumi-passphrase"
@@ -318,6 +351,8 @@ class CloudTarget:
         exe = shutil.which("pulumi")
         if not exe:
             raise IotplatError(f"the Pulumi CLI is needed for {self.kind}: install it from https://www.pulumi.com/docs/install/")
+        if not self.stack_dir.is_dir():
+            self._sync_program()
         try:
             proc = subprocess.run([exe, *args], cwd=self.stack_dir, env=self._env(), capture_output=True, text=True,
                                   timeout=3600, check=False)

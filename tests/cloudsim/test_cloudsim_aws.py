@@ -242,16 +242,24 @@ def test_retired_keeps_the_disk_and_active_attaches_the_same_data(aws) -> None:
     aws["out"] = again
 
 
-def test_replacing_an_instance_with_its_volume_fails_as_on_aws(aws) -> None:
-    """A changed private IP replaces the instance; Pulumi creates before it deletes, so the volume attachment's
-    replacement is created while the old one still holds the volume: AWS answers VolumeInUse."""
+def test_replacing_an_instance_moves_its_volume(aws) -> None:
+    """A changed private IP replaces the instance. Pulumi creates a replacement before it deletes the old one, so
+    before the stack said `delete_before_replace` on the volume attachment, the new attachment was made while the
+    old one still held the volume and AWS answered VolumeInUse (this test failed so). Now the old attachment goes
+    first and the new instance gets the same volume, with its data."""
     sim = aws["sim"]
     hosts = hosts_config()
     hosts[1]["ingress"].append({"port": 8086, "protocol": "tcp", "source": "admin", "description": "InfluxDB"})
     moved = sim.config("aws-3host", "moved-up", hosts=hosts)
     done = sim.pulumi("aws", "up", "--yes", "--skip-preview", "--stack", STACK, "--config-file", str(moved))
-    assert done.returncode == 255
-    assert "VolumeInUse" in done.stderr and "demo-production-tsdb-data-attachment" in done.stderr
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    after = outputs(sim, "aws", STACK)
+    tsdb = after["hosts"]["tsdb"]
+    assert tsdb["publicIp"] and tsdb["privateIp"] != aws["out"]["hosts"]["tsdb"]["privateIp"]  # a new instance
+    dev = tsdb["dataDevice"]
+    done = sim.ssh("admin", tsdb["publicIp"], f"sudo -n sh -c 'mount {dev} /mnt && cat /mnt/proof'")
+    assert done.returncode == 0 and done.stdout.strip() == "kept-across-retire", done.stderr
+    aws["out"] = after
 
 
 def test_destroy_removes_everything(aws) -> None:

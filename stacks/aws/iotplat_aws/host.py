@@ -99,6 +99,8 @@ class Host(pulumi.ComponentResource):
             associate_public_ip_address=False,
             key_name=args.key_name,
             user_data=user_data(args.ssh_user, args.ssh_public_key),
+            # cloud-init creates users on the first boot only: a changed user must be a new instance
+            user_data_replace_on_change=True,
             metadata_options={
                 "http_endpoint": "enabled",
                 "http_tokens": "required",  # IMDSv2 only
@@ -122,7 +124,8 @@ class Host(pulumi.ComponentResource):
             instance_id=instance.id,
             # Stop the instance rather than yank a mounted filesystem when the attachment goes.
             stop_instance_before_detaching=True,
-            opts=child,
+            # A replaced instance: the volume can be attached to one instance at a time (VolumeInUse otherwise)
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )
 
         if args.public:
