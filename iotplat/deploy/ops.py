@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 DEPLOYED = "deployed.json"
+BOOT_WAIT = 300.0  # seconds `up` waits for new hosts to answer SSH (a cloud's VMs boot after the stack is up)
 
 
 @dataclass
@@ -101,9 +102,10 @@ def _target_of(deployed: dict[str, Any]) -> Any:
     return TypeAdapter(Target).validate_python(deployed["target_spec"], strict=False)
 
 
-def check_reachable(hosts: list[Host], state_dir: Path) -> None:
+def check_reachable(hosts: list[Host], state_dir: Path, wait: float = 0) -> None:
     """Every host answers SSH with the key pinned for it (before anything runs there): a changed host key or an
-    unreachable host stops the command with one line naming the host and the fix."""
+    unreachable host stops the command with one line naming the host and the fix. `wait`: seconds to keep trying
+    hosts that do not answer yet (new cloud VMs boot after their stack is up); a wrong host key fails at once."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
@@ -124,10 +126,19 @@ def check_reachable(hosts: list[Host], state_dir: Path) -> None:
         last = [line for line in err.strip().splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
         return f"{h.name} ({h.address}): SSH as {h.ssh_user} failed: {last[0]}"
 
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(hosts)))) as pool:
-        problems = [m for m in pool.map(probe, hosts) if m]
+    deadline = time.monotonic() + wait
+    pending = list(hosts)
+    while True:
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(pending)))) as pool:
+            results = list(pool.map(probe, pending))
+        problems = [m for m in results if m]
+        keys = [m for m in problems if "host key" in m]
+        if not problems or keys or time.monotonic() >= deadline:
+            break
+        pending = [h for h, m in zip(pending, results, strict=True) if m]
+        time.sleep(2)
     if problems:
-        raise IotplatError("; ".join(problems))
+        raise IotplatError("; ".join(keys or problems))
 
 
 def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,
@@ -145,7 +156,7 @@ def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_d
         hosts = ctx.target().acquire(create=True, progress=progress, allow_replace=allow_replace,
                                      allow_data_loss=allow_data_loss)
         progress("[2/4] hosts ready: " + ", ".join(f"{h.name} ({h.address})" for h in hosts))
-        check_reachable(hosts, ctx.state.dir)
+        check_reachable(hosts, ctx.state.dir, wait=BOOT_WAIT)
         wheelhouse = build_wheelhouse(_cache_dir() / "wheelhouse")
         current = upgrade.versions(ctx.build, wheelhouse)
         changed = upgrade.changes(ctx.state.read_json(DEPLOYED), current, p)

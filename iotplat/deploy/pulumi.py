@@ -130,8 +130,12 @@ class CloudTarget:
             self.guard(preview, allow_replace=allow_replace, allow_data_loss=allow_data_loss)
             if preview.changes:
                 progress(f"      pulumi up {self.stack} ({self.kind}): " + _counts(preview))
+                before = self.outputs() or {}
                 self._run("up", "--yes", "--skip-preview", "--stack", self.stack, "--config-file", str(self.config),
                           what="up")
+                # new VMs have new host keys: forget what was pinned for the hosts this update (re)created
+                fresh = {s.name for s in preview.steps if s.type in VM_TYPES and s.op in ("create", *REPLACING)}
+                self._forget(before, {h for h in self.platform.host_names if f"{self.stack}-{h}-vm" in fresh})
         outputs = self.outputs()
         if not outputs or not outputs.get("hosts"):
             raise NotDeployed(f"{self.platform.key} has no {self.kind} stack with hosts; run `iotplat up` first")
@@ -168,6 +172,7 @@ class CloudTarget:
             self._run("stack", "rm", "--yes", self.stack, what="stack rm")
             return Released(deleted=[f"every resource of the {self.kind} stack {self.stack}: VMs, data disks "
                                      f"({', '.join(disks) or 'none'}) with their data, addresses, network, firewall"])
+        self._forget(self.outputs() or {}, set(self.platform.host_names))  # the VMs go: their keys with them
         retired = self._retired_config()
         try:
             preview = self._preview(retired)
@@ -293,6 +298,18 @@ class CloudTarget:
     def _disk_names(self) -> list[str]:
         outputs = self.outputs() or {}
         return [f"{name} ({(o or {}).get('dataDevice', '?')})" for name, o in sorted((outputs.get("hosts") or {}).items())]
+
+    def _forget(self, outputs: dict[str, Any], hosts: set[str]) -> None:
+        """Remove the pinned SSH host keys of `hosts` (their VMs were deleted or replaced by iotplat itself)."""
+        known = self.state.dir / "known_hosts"
+        if not known.exists():
+            return
+        for name, o in (outputs.get("hosts") or {}).items():
+            if name in hosts:
+                for address in {(o or {}).get("publicIp"), (o or {}).get("privateIp")} - {None, ""}:
+                    subprocess.run(["ssh-keygen", "-R", str(address), "-f", str(known)], capture_output=True,
+                                   check=False)
+        known.with_name("known_hosts.old").unlink(missing_ok=True)
 
     def _retired_config(self) -> Path:
         doc = yaml.safe_load(self.rendered.read_text())

@@ -152,13 +152,10 @@ def _customize(root: Path, image: ImageSpec, mirror: str, security: str) -> None
     sources = etc / "apt" / "sources.list.d" / "debian.sources"
     sources.unlink(missing_ok=True)  # trixie's mmdebstrap writes deb822 sources; one list, as a server has
     (etc / "apt" / "sources.list").write_text(sources_list(image.suite, mirror, security))
-    sysutil.run(
-        ["chroot", str(root), "useradd", "--create-home", "--shell", "/bin/bash", "--groups", "sudo,adm", image.user],
-        what=f"creating user {image.user} in the base image",
-    )
-    sudoers = etc / "sudoers.d" / image.user
-    sudoers.write_text(f"{image.user} ALL=(ALL:ALL) NOPASSWD: ALL\n")
-    sudoers.chmod(0o440)
+    if image.user:
+        from .machine import create_user
+
+        create_user(root, image.user)
     for key in (etc / "ssh").glob("ssh_host_*"):
         key.unlink()  # every host gets its own keys
     (etc / "machine-id").write_text("")  # every host gets its own id

@@ -255,6 +255,7 @@ class LocalProvider:
     def _write_guest_files(self, name: str, root: Path, fresh: bool) -> None:
         if fresh:  # what a fresh install of a machine has; Ansible may change it later
             machine.write_identity(root, name)
+            machine.create_user(root, self.settings.ssh_user)
         # per instance, so checked on every start: proxy address, login key, trusted CAs.
         url = proxy.proxy_url(self.settings.bridge_address, self.settings.proxy_port)
         machine.write_managed(root, {

@@ -249,6 +249,18 @@ def write_identity(root: Path, name: str) -> None:
         )
 
 
+def create_user(root: Path, user: str) -> None:
+    """The login user a provisioned server has (cloud-init's default user, an installer's first user): a home, the
+    sudo and adm groups, passwordless sudo, no password. Nothing is done when the user exists."""
+    if any(line.split(":", 1)[0] == user for line in (root / "etc" / "passwd").read_text().splitlines()):
+        return
+    sysutil.run(["useradd", "--root", str(root), "--create-home", "--shell", "/bin/bash", "--groups", "sudo,adm", user],
+                what=f"creating user {user}")
+    sudoers = root / "etc" / "sudoers.d" / user
+    sudoers.write_text(f"{user} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
+
+
 def authorize_key(root: Path, user: str, public_key: str) -> None:
     """Add `public_key` to `user`'s authorized_keys in the guest (kept once)."""
     uid, gid, home = guest_user(root, user)

@@ -56,27 +56,28 @@ _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 class ImageSpec:
     """What a base image is built from; its hash names the image (a change builds a new one).
 
-    profile "iotplat": the local target's hosts (sshd key-only, journald capped, apt timers masked, python3-apt);
-    profile "stock": a fresh Debian server as an operator gets it (bare-metal and cloud stand-ins): only the
-    login user with passwordless sudo and the packages listed, nothing iotplat would otherwise rely on."""
+    profile "iotplat": the local target's hosts (sshd key-only, journald capped, apt timers masked, python3-apt, the
+    login user baked in); profile "stock": a fresh Debian server as an operator gets it (bare-metal and cloud
+    stand-ins): the packages listed and nothing iotplat would otherwise rely on; its login user is created on a
+    machine's first boot (as cloud-init or an installer does), so one stock image serves every user name."""
 
     suite: str = SUITE
     profile: str = "iotplat"
     packages: tuple[str, ...] = DEFAULT_PACKAGES
-    user: str = SSH_USER
+    user: str | None = SSH_USER
 
     def __post_init__(self) -> None:
         if self.suite not in SUITES:
             raise HostProviderError(f"unknown Debian suite {self.suite!r}: use one of {', '.join(SUITES)}")
         if self.profile not in PROFILES:
             raise HostProviderError(f"unknown image profile {self.profile!r}: use one of {', '.join(PROFILES)}")
-        if not _USER_RE.fullmatch(self.user) or self.user == "root":
+        if self.user is not None and (not _USER_RE.fullmatch(self.user) or self.user == "root"):
             raise HostProviderError(f"invalid login user {self.user!r}: a Linux user name other than root")
         object.__setattr__(self, "packages", tuple(self.packages))
 
     @classmethod
-    def stock(cls, suite: str = SUITE, user: str = SSH_USER) -> ImageSpec:
-        return cls(suite=suite, profile="stock", packages=STOCK_PACKAGES, user=user)
+    def stock(cls, suite: str = SUITE) -> ImageSpec:
+        return cls(suite=suite, profile="stock", packages=STOCK_PACKAGES, user=None)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,10 @@ class LocalSettings:
 
     @property
     def image(self) -> ImageSpec:
-        return ImageSpec(suite=self.suite, profile=self.profile, packages=self.packages, user=self.ssh_user)
+        user = self.ssh_user if self.profile == "iotplat" else None  # stock: created on first boot
+        if not _USER_RE.fullmatch(self.ssh_user) or self.ssh_user == "root":
+            raise HostProviderError(f"invalid login user {self.ssh_user!r}: a Linux user name other than root")
+        return ImageSpec(suite=self.suite, profile=self.profile, packages=self.packages, user=user)
 
     # --- derived names -------------------------------------------------------------------------------
     @property

@@ -36,6 +36,7 @@ from iotplat.spec.platform_model import GRAFANA_INFLUX_USER, Platform, template_
 
 WARN_DAYS = 30
 STALE_INTERVALS = 3  # a replica's counters older than this many health intervals fail its check
+WORKER_SETTLE = 20.0  # seconds a worker replica that is not ok (e.g. reconnecting) gets before it counts as failing
 DEAD_LETTER_WINDOW = 300.0  # seconds (at least 6 health intervals): dead letters growing in it fail the check
 
 
@@ -436,6 +437,12 @@ def _checks(platform: Platform, materials: Materials, hosts: list[Host], grafana
         ports = {r.number: platform.spec.ingestion.metrics_port + r.number - 1 for r in platform.replicas_on(host)}
         try:
             data = _ssh_json(by_name[host], _HOST_SCRIPT % (json.dumps(units), json.dumps(ports)))
+            # a replica that is reconnecting (a broker restarted during the deploy) gets a few seconds to settle
+            deadline = time.monotonic() + WORKER_SETTLE
+            while (time.monotonic() < deadline
+                   and any(h.get("status") != "ok" for h in data["workers"].values())):
+                time.sleep(2)
+                data = _ssh_json(by_name[host], _HOST_SCRIPT % (json.dumps(units), json.dumps(ports)))
         except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
             report.add("ssh", False, f"cannot read service state: {exc}", host=host)
             continue

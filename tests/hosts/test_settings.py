@@ -79,8 +79,10 @@ def test_base_key_changes_with_its_inputs_only():
     assert key != base_key(s.image, "http://other/debian", sec)
     assert key != base_key(LocalSettings("x", suite="trixie").image, m, sec)
     assert key != base_key(LocalSettings("x", profile="stock").image, m, sec)
-    assert key != base_key(LocalSettings("x", ssh_user="ops").image, m, sec)
-    assert base_key(ImageSpec.stock("trixie", "ops"), m, sec) != base_key(ImageSpec.stock("bookworm", "ops"), m, sec)
+    assert key != base_key(LocalSettings("x", ssh_user="ops").image, m, sec)  # the local target's user is baked in
+    assert base_key(ImageSpec.stock("trixie"), m, sec) != base_key(ImageSpec.stock("bookworm"), m, sec)
+    # a stock image has no user (created on a machine's first boot): one image serves every login name
+    assert LocalSettings("x", profile="stock", ssh_user="ops").image == LocalSettings("y", profile="stock").image
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

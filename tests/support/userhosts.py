@@ -60,7 +60,7 @@ def user_servers(instance: str, network: str, suites: Mapping[str, str], *, user
     provider = local_provider(settings)
     provider.down()  # leftovers of an earlier, killed run
     try:
-        images = {name: ImageSpec.stock(suite, user) for name, suite in suites.items()}
+        images = {name: ImageSpec.stock(suite) for name, suite in suites.items()}
         binds = {name: [Bind(dev, target)] for name, (dev, target) in (disks or {}).items()}
         hosts = provider.up(list(suites), images=images, binds=binds)  # type: ignore[call-arg]
         yield UserHosts(provider, settings, {h.name: h for h in hosts}, Path(hosts[0].ssh_private_key))

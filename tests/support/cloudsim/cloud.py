@@ -717,7 +717,7 @@ def _new_vm(rec: dict[str, Any], spec: VmSpec, names: Names, env: dict[str, str]
         raise CloudError(f"VM {spec.hostname}: its image is not one the emulated cloud has (Debian 12 or 13)")
     mirror, security = apt_mirrors()
     try:
-        base = image.ensure_base(ImageSpec.stock(spec.suite, spec.user), images_dir(env), mirror, security)
+        base = image.ensure_base(ImageSpec.stock(spec.suite), images_dir(env), mirror, security)
     except HostProviderError as exc:
         raise CloudError(str(exc)) from None
     used = {v["index"] for v in rec["vms"].values()}
@@ -749,6 +749,7 @@ def _start_vm(rec: dict[str, Any], vm: dict[str, Any], spec: VmSpec, names: Name
     def prepare(merged: Path, fresh: bool) -> None:
         if fresh:  # cloud-init / the Azure agent, once per instance
             machine.write_identity(merged, vm["name"])
+            machine.create_user(merged, vm["user"])
             for key in vm["keys"]:
                 machine.authorize_key(merged, vm["user"], key)
         conf = merged / "etc/apt/apt.conf.d/01cloudsim-proxy"
@@ -826,6 +827,10 @@ def _ensure_infra(rec: dict[str, Any], names: Names, d: Desired, env: dict[str, 
     r = names.router
     if not (network.NETNS_DIR / r).exists():
         _run(["ip", "netns", "add", r], what="creating the VPC router")
+        # A VPC router sends no ICMP redirects (AWS and Azure route between subnets themselves); Linux would tell a
+        # VM to reach another subnet's VM directly on the shared bridge (the effective value is all OR the
+        # interface's, so `default` must be 0 before the interfaces exist), an asymmetric path no cloud has.
+        _sysctl(r, "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.default.send_redirects=0")
         for veth, inner, bridge in ((names.router_vpc_veth, "vpc0", names.private_bridge),
                                     (names.router_inet_veth, "inet0", names.internet_bridge)):
             if network.link_exists(veth):
