@@ -255,6 +255,11 @@ class JsonDecoder(Decoder):
         self.max_depth = limits.max_json_depth
         self.max_fields = limits.max_fields
         self._json = json.JSONDecoder(parse_constant=_nonfinite)
+        self.fast = _compile_json_fast(self)
+
+    def line_prefix(self, tags: dict[str, str]) -> str:
+        """``measurement,tags`` escaped (raises Rejected for a tag line protocol cannot carry)."""
+        return self.prefixes.get(tags)
 
     def parse(self, payload: bytes) -> dict[str, Any]:
         text = _decode_utf8(payload)
@@ -276,6 +281,19 @@ class JsonDecoder(Decoder):
         return doc
 
     def decode(self, payload: bytes, tags: dict[str, str], received_ns: int) -> list[Point | bytes]:
+        if self.fast is not None:
+            try:
+                prefix = self.prefixes.get(tags)
+            except Rejected:
+                prefix = None
+            if prefix is not None:
+                line = self.fast(payload, received_ns, prefix)
+                if line is not None:
+                    return [line]
+        return self.decode_generic(payload, tags, received_ns)
+
+    def decode_generic(self, payload: bytes, tags: dict[str, str], received_ns: int) -> list[Point | bytes]:
+        """The reference implementation: every rule, every reason. ``fast`` must agree with it."""
         doc = self.parse(payload)
         ts = received_ns
         if self.ts_path is not None:
@@ -322,6 +340,106 @@ class JsonDecoder(Decoder):
                 out.append((key, v))
                 if len(out) > self.max_fields:
                     raise Rejected(Reason.TOO_COMPLEX, f"more than {self.max_fields} fields")
+
+
+# ---------------------------------------------------------------------------------------------
+# The JSON fast path: one straight-line function per subscription, generated once.
+#
+# Why generated code: with declared fields, the generic decoder spends most of its time in the
+# interpreter looping over field specs, dispatching on types and building lists. A function written
+# for exactly this subscription's fields (``seq`` int, ``temp`` float, ...) does the same checks in a
+# fraction of the bytecode. It only ever handles the ordinary case and says "not me" (None) for
+# anything else -- invalid or odd JSON, a missing field, a value of another type, NaN, a timestamp out
+# of range -- so the generic decoder, which gives every dead-letter reason, stays the one place where
+# rules live. ``tests/worker/test_decoders.py`` checks on generated documents that both agree.
+# The generated source holds only our own identifiers (f0, f1, ...); field names, keys and limits reach
+# it as values in its namespace, never as source text.
+
+_WS = " \t\n\r"
+
+
+def _compile_json_fast(dec: "JsonDecoder") -> Callable[[bytes, int, str], bytes | None] | None:
+    """``fast(payload, received_ns, prefix) -> line | None`` for declared fields, or None (undeclared
+    fields: the generic decoder flattens them)."""
+    if not dec.fields:
+        return None
+    ns: dict[str, Any] = {"M": _MISSING, "scan": dec._json.scan_once, "lookup": _lookup, "time_from": _time_from,
+                          "esc": escape_string_value, "MAXD": dec.max_depth, "WS": _WS,
+                          "IMIN": INT64_MIN, "IMAX": INT64_MAX, "TSMAX": TS_MAX_NS, "FUT": dec.max_future_ns}
+    body = ["def fast(payload, received_ns, prefix):",
+            "    try:",
+            "        text = payload.decode()",
+            "        if text.count('{') + text.count('[') > MAXD:",
+            "            return None",
+            "        doc, end = scan(text, 0)",
+            "        if end != len(text) and text[end:].strip(WS) or type(doc) is not dict:",
+            "            return None"]
+
+    def get(var: str, path: tuple[str, ...], i: int) -> None:
+        if len(path) == 1:
+            ns[f"K{i}"] = path[0]
+            body.append(f"        {var} = doc.get(K{i}, M)")
+        else:
+            ns[f"P{i}"] = path
+            body.append(f"        {var} = lookup(doc, P{i})")
+
+    if dec.ts_path is None:
+        body.append("        ts = received_ns")
+    else:
+        get("ts", dec.ts_path, 900)
+        if dec.ts_unit == "rfc3339":
+            ns["TSUNIT"], ns["TSNAME"] = dec.ts_unit, dec.ts_name
+            body += ["        if ts is M:",
+                     "            ts = received_ns",
+                     "        else:",
+                     "            ts = time_from(ts, TSUNIT, TSNAME)",
+                     "            if ts > received_ns + FUT:",
+                     "                return None"]
+        else:
+            ns["TSF"] = _TS_FACTORS[dec.ts_unit]
+            body += ["        if ts is M:",
+                     "            ts = received_ns",
+                     "        else:",
+                     "            if type(ts) is not int:",
+                     "                return None",
+                     "            ts *= TSF",
+                     "            if ts < 0 or ts > TSMAX or ts > received_ns + FUT:",
+                     "                return None"]
+    out = []
+    for i, (key_eq, path, typ, _required, _name) in enumerate(dec.fields):
+        v = f"f{i}"
+        ns[f"E{i}"] = key_eq
+        get(v, path, i)
+        body.append(f"        t = type({v})")
+        if typ == "int":
+            body += [f"        if t is not int or {v} < IMIN or {v} > IMAX:",
+                     "            return None"]
+            out.append(f"{{E{i}}}{{{v}}}i")
+        elif typ == "float":
+            body += ["        if t is float:",
+                     f"            if {v} - {v} != 0.0:",  # NaN or +-Infinity
+                     "                return None",
+                     "        elif t is int:",
+                     f"            {v} = float({v})",  # OverflowError: generic path says out_of_range
+                     "        else:",
+                     "            return None"]
+            out.append(f"{{E{i}}}{{{v}!r}}")
+        elif typ == "bool":
+            body += ["        if t is not bool:",
+                     "            return None",
+                     f"        {v} = 'true' if {v} else 'false'"]
+            out.append(f"{{E{i}}}{{{v}}}")
+        else:
+            body += [f"        if t is not str or len({v}) > 65536:",
+                     "            return None",
+                     f"        {v} = esc({v})"]  # Rejected (a newline): generic path says invalid_char
+            out.append(f"{{E{i}}}{{{v}}}")
+    body += [f"        return f'{{prefix}} {','.join(out)} {{ts}}'.encode()",
+             "    except Exception:",
+             "        return None"]
+    exec(compile("\n".join(body), f"<iotplat json fast path: {dec.subscription.name}>", "exec"), ns)
+    fast: Callable[[bytes, int, str], bytes | None] = ns["fast"]
+    return fast
 
 
 # ---------------------------------------------------------------------------------------------
