@@ -78,6 +78,23 @@ class ProtocolError(Exception):
     pass
 
 
+def _remaining_length(buf: bytes, j: int, n: int) -> tuple[int, int]:
+    """The remaining length starting at ``buf[j]`` and the index after it; (0, -1) if ``buf`` ends first."""
+    mult = 1
+    length = 0
+    while True:
+        if j >= n:
+            return 0, -1
+        b = buf[j]
+        length += (b & 0x7F) * mult
+        j += 1
+        if not b & 0x80:
+            return length, j
+        mult <<= 7
+        if mult > 128 ** 3:
+            raise ProtocolError("malformed remaining length")
+
+
 class NativeTransport:
     name = "native"
 
@@ -87,6 +104,13 @@ class NativeTransport:
         self.handler = handler
         self.v5 = cfg.protocol == 5
         self.can_receive = can_receive or getattr(handler, "can_receive", None) or (lambda: True)
+        # a handler with on_publishes() + room() takes every PUBLISH of a read in one call (the worker);
+        # others get on_message() per message
+        self._on_publishes: Callable[[list[bytes], list[bytes], list[int | None], int], None] | None = \
+            getattr(handler, "on_publishes", None)
+        self._room: Callable[[], int] | None = getattr(handler, "room", None)
+        if self._room is None:
+            self._on_publishes = None
         self.gen = 0
         self._out: list[bytes] = []
         self._out_lock = threading.Lock()
@@ -119,16 +143,18 @@ class NativeTransport:
         self._send(bytes([0x82]) + _varint(len(body)) + bytes(body))
 
     def ack(self, tokens: list[Any]) -> None:
-        pack = struct.pack
+        """PUBACK every token of the current connection, in the given order, as one write.
+
+        A token is ``gen << 16 | packet id`` (``gen`` counts connections); None is a QoS 0 message."""
         with self._out_lock:
             # checked under the lock _connect holds while it bumps ``gen`` and clears the queue: a PUBACK
             # for a message of an earlier connection can never reach the next one (the broker may have
             # given that packet id to another message by then)
             gen = self.gen
-            data = b"".join([b"\x40\x02" + pack(">H", t[1]) for t in tokens if t is not None and t[0] == gen])
-            if data:
-                self._out.append(data)
-        if data:
+            acks = [0x40020000 | (t & 0xFFFF) for t in tokens if t is not None and t >> 16 == gen]
+            if acks:  # each PUBACK is 4 bytes: 0x40, remaining length 2, packet id
+                self._out.append(struct.pack(f">{len(acks)}I", *acks))
+        if acks:
             self.wake()
 
     def publish(self, topic: str, payload: bytes) -> None:
@@ -277,6 +303,13 @@ class NativeTransport:
         can_receive = self.can_receive
         gen = self.gen
         v5 = self.v5
+        if self._on_publishes is not None:
+            batch_dispatch = self._dispatch_batch
+
+            def dispatch(b: bytes, _m: Callable[..., None], _c: Callable[[], bool], g: int, v: bool) -> bytes:
+                return batch_dispatch(b, g, v)
+        else:
+            dispatch = self._dispatch
         while True:
             with self._out_lock:
                 if self._out:
@@ -287,7 +320,7 @@ class NativeTransport:
                 return
             want_read = can_receive() and not stopping
             if buf and want_read:
-                buf = self._dispatch(buf, on_message, can_receive, gen, v5)
+                buf = dispatch(buf, on_message, can_receive, gen, v5)
                 want_read = can_receive()
             pending = tls and sock.pending() > 0  # type: ignore[attr-defined]
             if not pending:
@@ -333,7 +366,7 @@ class NativeTransport:
                     last_recv = time.monotonic()
                     ping_out = False
                     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    buf = self._dispatch(buf + data if buf else data, on_message, can_receive, gen, v5)
+                    buf = dispatch(buf + data if buf else data, on_message, can_receive, gen, v5)
                 if eof:
                     raise ProtocolError("connection closed by the broker")
                 if 0 < total < self.coalesce_below:
@@ -388,24 +421,83 @@ class NativeTransport:
                 topic = buf[j + 2:k].decode("utf-8", "surrogateescape")
                 token = None
                 if qos:
-                    token = (gen, (buf[k] << 8) | buf[k + 1])
+                    token = (gen << 16) | (buf[k] << 8) | buf[k + 1]
                     k += 2
                 if v5:
                     k = _skip_properties(buf, k)
                 on_message(topic, buf[k:end], bool(first & 0x08), token)
-            elif ptype == 4:  # PUBACK for our dead-letter publishes
-                self._pending_pub.discard((buf[j] << 8) | buf[j + 1])
-            elif ptype == 9:  # SUBACK
-                k = j + 2
-                if v5:
-                    k = _skip_properties(buf, k)
-                self.handler.on_subscribed(list(buf[k:end]))
-            elif ptype == 13:  # PINGRESP
-                pass
-            elif ptype == 14:  # DISCONNECT from the broker (v5)
-                code = buf[j] if length else 0
-                raise ProtocolError(f"broker sent DISCONNECT (reason 0x{code:02x})")
             else:
-                raise ProtocolError(f"unexpected packet type {ptype}")
+                self._control(ptype, buf, j, end, v5)
             i = end
+        return buf[i:] if i < n else b""
+
+    def _control(self, ptype: int, buf: bytes, j: int, end: int, v5: bool) -> None:
+        """A packet other than PUBLISH whose body is ``buf[j:end]``."""
+        if ptype == 4:  # PUBACK for our dead-letter publishes
+            self._pending_pub.discard((buf[j] << 8) | buf[j + 1])
+        elif ptype == 9:  # SUBACK
+            k = j + 2
+            if v5:
+                k = _skip_properties(buf, k)
+            self.handler.on_subscribed(list(buf[k:end]))
+        elif ptype == 13:  # PINGRESP
+            pass
+        elif ptype == 14:  # DISCONNECT from the broker (v5)
+            code = buf[j] if end > j else 0
+            raise ProtocolError(f"broker sent DISCONNECT (reason 0x{code:02x})")
+        else:
+            raise ProtocolError(f"unexpected packet type {ptype}")
+
+    def _dispatch_batch(self, buf: bytes, gen: int, v5: bool) -> bytes:
+        """``_dispatch`` for a handler with ``on_publishes``: the PUBLISHes of ``buf`` (at most ``room()``
+        of them) go to the handler as one call, with the topics as bytes. Control packets are handled
+        where they are, after the PUBLISHes before them were delivered, so the handler sees the order of
+        the wire. Returns the unparsed rest of ``buf``."""
+        on_publishes = self._on_publishes
+        assert on_publishes is not None and self._room is not None
+        room = self._room()
+        topics: list[bytes] = []
+        payloads: list[bytes] = []
+        tokens: list[int | None] = []
+        add_topic, add_payload, add_token = topics.append, payloads.append, tokens.append
+        dups = 0
+        g = gen << 16
+        i = 0
+        n = len(buf)
+        while i + 2 <= n:
+            first = buf[i]
+            length = buf[i + 1]
+            j = i + 2
+            if length & 0x80:  # a remaining length of 2..4 bytes
+                length, j = _remaining_length(buf, i + 1, n)
+                if j < 0:
+                    break  # not all of it has arrived yet
+            end = j + length
+            if end > n:
+                break
+            if first >> 4 == 3:  # PUBLISH
+                if len(topics) >= room:
+                    break
+                k = j + 2 + ((buf[j] << 8) | buf[j + 1])
+                add_topic(buf[j + 2:k])
+                if first & 0x06:  # QoS 1
+                    add_token(g | (buf[k] << 8) | buf[k + 1])
+                    k += 2
+                else:
+                    add_token(None)
+                if v5:
+                    k = k + 1 if buf[k] == 0 else _skip_properties(buf, k)
+                add_payload(buf[k:end])
+                if first & 0x08:
+                    dups += 1
+            else:
+                if topics:
+                    on_publishes(topics, payloads, tokens, dups)
+                    room -= len(topics)
+                    topics, payloads, tokens, dups = [], [], [], 0
+                    add_topic, add_payload, add_token = topics.append, payloads.append, tokens.append
+                self._control(first >> 4, buf, j, end, v5)
+            i = end
+        if topics:
+            on_publishes(topics, payloads, tokens, dups)
         return buf[i:] if i < n else b""
