@@ -363,7 +363,9 @@ class NodeRedFlow:
     key: str
     label: str
     json_in_mqtt_node: bool   # mqtt-in's "parsed JSON object" output instead of a separate json node
-    batcher: str              # "join": the built-in join node; "function": context.get/set per message
+    batcher: str              # "join": fn shapes a point, then the join node batches them; "join-full": the
+                              # join node batches whole messages, then ONE fn call shapes the 5,000 points;
+                              # "function": one fn batches with context.get/set per message (the old flow)
     join_timeout: float       # seconds (join: after a group's first message; function: a timer)
     session: bool             # the worker's settings: MQTT 5, clean start 0, session expiry 3600
 
@@ -375,6 +377,9 @@ NODERED_FLOWS = [
     NodeRedFlow("mqtt-json/join-0.2s", "mqtt in (parses JSON) -> fn -> join 5000/0.2 s", True, "join", 0.2, False),
     NodeRedFlow("mqtt-json/join-0.2s/session", "as above + MQTT 5, clean start 0, session expiry 3600",
                 True, "join", 0.2, True),
+    NodeRedFlow("mqtt-json/join-0.2s/batch-fn", "mqtt in (parses JSON) -> join 5000/0.2 s (whole messages) -> "
+                "ONE fn call shapes the batch", True, "join-full", 0.2, False),
+    NodeRedFlow("mqtt-json/join-1s/batch-fn", "as above, join 5000/1 s", True, "join-full", 1.0, False),
     NodeRedFlow("json-node/fn-batcher", "mqtt in -> json node -> batching fn, context.get/set per message "
                 "(the old flow)", False, "function", 0.2, False),
 ]
@@ -384,6 +389,13 @@ NODERED_POINT_FN = """
 const p = msg.payload;
 msg.payload = {measurement: 'telemetry', tags: {device: msg.topic.split('/')[1]},
                fields: {seq: p.seq, temp: p.temp}, timestamp: p.ts};
+return msg;
+"""
+
+# shapes the points of a whole batch (the join node's array of complete messages) in one call
+NODERED_BATCH_POINTS_FN = """
+msg.payload = msg.payload.map(m => ({measurement: 'telemetry', tags: {device: m.topic.split('/')[1]},
+                                     fields: {seq: m.payload.seq, temp: m.payload.temp}, timestamp: m.payload.ts}));
 return msg;
 """
 
@@ -457,8 +469,18 @@ def nodered_flow(v: NodeRedFlow, b: Mosquitto, i: Influx1, tls: bool) -> tuple[l
     ]
     if not v.json_in_mqtt_node:
         nodes.append({"id": "json1", "type": "json", "z": "tab1", "property": "payload", "action": "obj",
-                      "wires": [["fn1"]]})
-    if v.batcher == "join":
+                      "wires": [["fn1" if v.batcher != "join-full" else "join1"]]})
+    if v.batcher == "join-full":
+        nodes[3]["wires"] = [["join1" if v.json_in_mqtt_node else "json1"]]
+        nodes += [
+            {"id": "join1", "type": "join", "z": "tab1", "name": "batch", "mode": "custom", "build": "array",
+             "property": "", "propertyType": "full", "key": "topic", "joiner": "\\n", "joinerType": "str",
+             "accumulate": False, "timeout": str(v.join_timeout), "count": "5000", "reduceRight": False,
+             "wires": [["fn1"]]},
+            {"id": "fn1", "type": "function", "z": "tab1", "name": "points", "func": NODERED_BATCH_POINTS_FN,
+             "outputs": 1, "wires": [["out1"]]},
+        ]
+    elif v.batcher == "join":
         nodes += [
             {"id": "fn1", "type": "function", "z": "tab1", "name": "point", "func": NODERED_POINT_FN, "outputs": 1,
              "wires": [["join1"]]},
