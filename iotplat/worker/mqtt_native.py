@@ -95,6 +95,76 @@ def _remaining_length(buf: bytes, j: int, n: int) -> tuple[int, int]:
             raise ProtocolError("malformed remaining length")
 
 
+class _TlsLink:
+    """TLS through memory BIOs over the plain (non-blocking) socket.
+
+    Why not ``SSLContext.wrap_socket``: Mosquitto writes every MQTT packet as a TLS record of its own, and
+    an SSL socket reads one record per ``recv()`` through two ``read()`` system calls (header, then body):
+    two system calls and one Python-level call per message. Here one ``recv()`` takes in whatever the
+    kernel holds (hundreds of records) and ``decrypt`` turns every whole record in it into plaintext;
+    ``encrypt`` turns a whole batch of PUBACKs into records at once. Certificate and host name checks
+    are the context's, exactly as with ``wrap_socket`` (``server_hostname``).
+    """
+
+    def __init__(self, ctx: ssl.SSLContext, raw: socket.socket, server_hostname: str) -> None:
+        self.raw = raw
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+        self.closed = False
+
+    def handshake(self) -> None:
+        """The handshake over the (still blocking) socket."""
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                out = self.outgoing.read()
+                if out:
+                    self.raw.sendall(out)
+                data = self.raw.recv(1 << 16)
+                if not data:
+                    raise ProtocolError("connection closed by the broker during the TLS handshake") from None
+                self.incoming.write(data)
+        out = self.outgoing.read()
+        if out:
+            self.raw.sendall(out)
+
+    def encrypt(self, data: bytes) -> bytes:
+        self.obj.write(data)  # a memory BIO takes it all
+        return self.outgoing.read()
+
+    def decrypt(self, data: bytes) -> bytes:
+        """The plaintext of every whole record received so far (b"" if none is whole yet). After the
+        broker's close_notify, ``closed`` is True (the plaintext before it is still returned)."""
+        self.incoming.write(data)
+        size = len(data) + (1 << 15)  # plaintext <= ciphertext, plus at most one record left over before
+        out = bytearray(size)
+        view = memoryview(out)
+        total = 0
+        read = self.obj.read
+        try:
+            while True:
+                if size - total < (1 << 14):  # room for one more whole record
+                    view.release()
+                    out.extend(bytes(size))
+                    size *= 2
+                    view = memoryview(out)
+                k = read(size - total, view[total:])
+                if not k:
+                    self.closed = True
+                    break
+                total += k
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.closed = True
+        finally:
+            view.release()
+        return bytes(out[:total])
+
+
 class NativeTransport:
     name = "native"
 
@@ -120,6 +190,8 @@ class NativeTransport:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self._tls: _TlsLink | None = None
+        self._leftover = b""
         self._next_pid = 1
         self._pending_pub: set[int] = set()
         self._sub_pid = 0
@@ -217,6 +289,7 @@ class NativeTransport:
 
     def _close(self) -> None:
         self.connected = False
+        self._tls = None
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -229,10 +302,11 @@ class NativeTransport:
         raw = socket.create_connection((c.host, c.port), timeout=10)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock: socket.socket = raw
+        self._sock = raw
+        self._tls = None
         if self._ctx is not None:
-            sock = self._ctx.wrap_socket(raw, server_hostname=c.server_name or c.host)
-        self._sock = sock
+            self._tls = _TlsLink(self._ctx, raw, c.server_name or c.host)
+            self._tls.handshake()
         flags = 0x00  # clean start / clean session = 0: a persistent session
         if c.username:
             flags |= 0x80
@@ -254,41 +328,35 @@ class NativeTransport:
             self.gen += 1
             self._out.clear()
             self._pending_pub.clear()
-        sock.sendall(bytes([0x10]) + _varint(len(body)) + body)
-        hdr = self._read_packet_blocking(sock)
-        if hdr[0] >> 4 != 2:
-            raise ProtocolError(f"expected CONNACK, got packet type {hdr[0] >> 4}")
-        data = hdr[1]
+        packet = bytes([0x10]) + _varint(len(body)) + body
+        raw.sendall(self._tls.encrypt(packet) if self._tls is not None else packet)
+        first, data, self._leftover = self._read_packet_blocking()
+        if first >> 4 != 2:
+            raise ProtocolError(f"expected CONNACK, got packet type {first >> 4}")
         session_present = bool(data[0] & 1)
         code = data[1]
         if code != 0:
             names = _CONNACK_V5 if self.v5 else _CONNACK_V3
             raise ProtocolError(f"broker refused the connection: {names.get(code, hex(code))}")
-        sock.settimeout(None)
-        sock.setblocking(False)
+        raw.settimeout(None)
+        raw.setblocking(False)
         self.connected = True
         self.handler.on_connected(session_present)
 
-    @staticmethod
-    def _read_packet_blocking(sock: socket.socket) -> tuple[int, bytes]:
-        def exact(n: int) -> bytes:
-            buf = b""
-            while len(buf) < n:
-                chunk = sock.recv(n - len(buf))
-                if not chunk:
-                    raise ProtocolError("connection closed by the broker during CONNECT")
-                buf += chunk
-            return buf
-
-        first = exact(1)[0]
-        mult, length = 1, 0
+    def _read_packet_blocking(self) -> tuple[int, bytes, bytes]:
+        """The first packet (CONNACK) as (first byte, body) and whatever arrived after it (a persistent
+        session's queued messages may follow at once): the loop starts with that."""
+        assert self._sock is not None
+        buf = b""
         while True:
-            b = exact(1)[0]
-            length += (b & 0x7F) * mult
-            mult *= 128
-            if not b & 0x80:
-                break
-        return first, exact(length)
+            if len(buf) >= 2:
+                length, j = _remaining_length(buf, 1, len(buf))
+                if j > 0 and len(buf) >= j + length:
+                    return buf[0], buf[j:j + length], buf[j + length:]
+            data = self._sock.recv(1 << 16)
+            if not data or self._tls is not None and self._tls.closed:
+                raise ProtocolError("connection closed by the broker during CONNECT")
+            buf += self._tls.decrypt(data) if self._tls is not None else data
 
     def _loop(self) -> None:
         sock = self._sock
@@ -296,9 +364,9 @@ class NativeTransport:
         ka = self.cfg.keepalive
         last_sent = last_recv = time.monotonic()
         ping_out = False
-        buf = b""
-        outbuf = b""
-        tls = isinstance(sock, ssl.SSLSocket)
+        buf = self._leftover
+        outbuf = b""  # bytes for the wire (encrypted already with TLS)
+        link = self._tls
         on_message = self.handler.on_message
         can_receive = self.can_receive
         gen = self.gen
@@ -313,8 +381,9 @@ class NativeTransport:
         while True:
             with self._out_lock:
                 if self._out:
-                    outbuf += b"".join(self._out)
+                    data = b"".join(self._out)
                     self._out.clear()
+                    outbuf += link.encrypt(data) if link is not None else data
             stopping = self._stop.is_set()
             if stopping and not outbuf:
                 return
@@ -322,53 +391,51 @@ class NativeTransport:
             if buf and want_read:
                 buf = dispatch(buf, on_message, can_receive, gen, v5)
                 want_read = can_receive()
-            pending = tls and sock.pending() > 0  # type: ignore[attr-defined]
-            if not pending:
-                rl = [self._wake_r, sock] if want_read else [self._wake_r]
-                now = time.monotonic()
-                timeout = max(0.0, min(1.0, ka - (now - last_sent)))
-                r, w, _ = select.select(rl, [sock] if outbuf else [], [], timeout)
-                if self._wake_r in r:
-                    try:
-                        self._wake_r.recv(4096)
-                    except BlockingIOError:
-                        pass
-                readable = sock in r
-            else:
-                readable = True
-                w = [sock] if outbuf else []
-            if outbuf and (w or not pending):
+            rl = [self._wake_r, sock] if want_read else [self._wake_r]
+            now = time.monotonic()
+            timeout = max(0.0, min(1.0, ka - (now - last_sent)))
+            r, w, _ = select.select(rl, [sock] if outbuf else [], [], timeout)
+            if self._wake_r in r:
+                try:
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            if outbuf and w:
                 try:
                     n = sock.send(outbuf[:1 << 20])
                     outbuf = outbuf[n:]
                     last_sent = time.monotonic()
-                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                except BlockingIOError:
                     pass
-            if readable and want_read:
-                # read what is there: TLS hands out one record per recv(), so keep going until the
-                # SSL layer has no whole record left; plain TCP: until a short read
+            if sock in r and want_read:
+                # read what is there, until a short read (the kernel had no more) or 512 KiB
                 chunks: list[bytes] = []
                 total = 0
                 eof = False
                 while total < (1 << 19):
                     try:
                         chunk = sock.recv(1 << 16)
-                    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    except BlockingIOError:
                         break
                     if not chunk:
                         eof = True
                         break
                     chunks.append(chunk)
                     total += len(chunk)
-                    if not tls and len(chunk) < (1 << 16):
+                    if len(chunk) < (1 << 16):
                         break
                 if chunks:
                     last_recv = time.monotonic()
                     ping_out = False
                     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    buf = dispatch(buf + data if buf else data, on_message, can_receive, gen, v5)
+                    if link is not None:
+                        data = link.decrypt(data)  # every whole TLS record in it; a partial one waits
+                    if data:
+                        buf = dispatch(buf + data if buf else data, on_message, can_receive, gen, v5)
                 if eof:
                     raise ProtocolError("connection closed by the broker")
+                if link is not None and link.closed:
+                    raise ProtocolError("TLS connection closed by the broker (close_notify)")
                 if 0 < total < self.coalesce_below:
                     # A small read: the broker sends faster than one packet per wake-up but slower
                     # than we read. Waiting a moment lets packets queue up, so each wake-up (select,
@@ -377,7 +444,7 @@ class NativeTransport:
                     time.sleep(self.coalesce_wait)
             now = time.monotonic()
             if now - last_sent >= ka and not outbuf:
-                outbuf += b"\xc0\x00"  # PINGREQ
+                outbuf += link.encrypt(b"\xc0\x00") if link is not None else b"\xc0\x00"  # PINGREQ
                 ping_out = True
             if ping_out and now - last_recv > ka * 1.5:
                 raise ProtocolError("keepalive timeout: no answer from the broker")
