@@ -352,92 +352,120 @@ class JsonDecoder(Decoder):
 # anything else -- invalid or odd JSON, a missing field, a value of another type, NaN, a timestamp out
 # of range -- so the generic decoder, which gives every dead-letter reason, stays the one place where
 # rules live. ``tests/worker/test_decoders.py`` checks on generated documents that both agree.
-# The generated source holds only our own identifiers (f0, f1, ...); field names, keys and limits reach
-# it as values in its namespace, never as source text.
+# The generated source holds only our own identifiers (f0, f1, s_K0, ...); field names, keys and limits
+# reach it as values in its namespace, never as source text. The worker puts the code of all its
+# subscriptions into one loop over the messages of a read (core.py, ``compile_batch_decoder``).
 
 _WS = " \t\n\r"
 
 
-def _compile_json_fast(dec: "JsonDecoder") -> Callable[[bytes, int, str], bytes | None] | None:
-    """``fast(payload, received_ns, prefix) -> line | None`` for declared fields, or None (undeclared
-    fields: the generic decoder flattens them)."""
+class Decline(Exception):
+    """Raised inside generated fast-path code: "not the ordinary case, ask the generic decoder"."""
+
+
+_DECLINE = Decline()
+
+
+def json_fast_source(dec: "JsonDecoder", tag: str) -> tuple[list[str], dict[str, Any]] | None:
+    """The fast path of ``dec`` as source lines (no indentation) and their namespace, or None for
+    undeclared fields (the generic decoder flattens those).
+
+    The lines read ``payload`` (bytes), ``received_ns`` (int) and ``prefix`` (the escaped ``measurement,tags``)
+    and leave the line-protocol bytes in ``line``; anything out of the ordinary raises ``Decline``. Names in
+    the namespace start with ``tag`` so the code of several subscriptions can live in one function."""
     if not dec.fields:
         return None
-    ns: dict[str, Any] = {"M": _MISSING, "scan": dec._json.scan_once, "lookup": _lookup, "time_from": _time_from,
-                          "esc": escape_string_value, "MAXD": dec.max_depth, "WS": _WS,
-                          "IMIN": INT64_MIN, "IMAX": INT64_MAX, "TSMAX": TS_MAX_NS, "FUT": dec.max_future_ns}
-    body = ["def fast(payload, received_ns, prefix):",
-            "    try:",
-            "        text = payload.decode()",
-            "        if text.count('{') + text.count('[') > MAXD:",
-            "            return None",
-            "        doc, end = scan(text, 0)",
-            "        if end != len(text) and text[end:].strip(WS) or type(doc) is not dict:",
-            "            return None"]
+    t = tag
+    ns: dict[str, Any] = {f"{t}scan": dec._json.scan_once, f"{t}MAXD": dec.max_depth, f"{t}FUT": dec.max_future_ns}
+    # nesting: a document with no '[' and no '{' after the first character is one flat object (depth 1)
+    # and needs no counting (two `in` tests cost a third of two str.count calls); otherwise, as many
+    # brackets as the limit allows prove the depth is within it; more: the generic decoder measures it
+    body = ["text = payload.decode()",
+            "if ('[' in text or '{' in text[1:]) and text.count('{') + text.count('[') > " + f"{t}MAXD:",
+            "    raise DECLINE",
+            f"doc, end = {t}scan(text, 0)",
+            "if end != len(text) and text[end:].strip(WS) or type(doc) is not dict:",
+            "    raise DECLINE"]
 
-    def get(var: str, path: tuple[str, ...], i: int) -> None:
+    def get(var: str, path: tuple[str, ...], i: str) -> None:
         if len(path) == 1:
-            ns[f"K{i}"] = path[0]
-            body.append(f"        {var} = doc.get(K{i}, M)")
+            ns[f"{t}K{i}"] = path[0]
+            body.append(f"{var} = doc.get({t}K{i}, MISSING)")
         else:
-            ns[f"P{i}"] = path
-            body.append(f"        {var} = lookup(doc, P{i})")
+            ns[f"{t}P{i}"] = path
+            body.append(f"{var} = lookup(doc, {t}P{i})")
 
     if dec.ts_path is None:
-        body.append("        ts = received_ns")
+        body.append("ts = received_ns")
     else:
-        get("ts", dec.ts_path, 900)
+        get("ts", dec.ts_path, "ts")
         if dec.ts_unit == "rfc3339":
-            ns["TSUNIT"], ns["TSNAME"] = dec.ts_unit, dec.ts_name
-            body += ["        if ts is M:",
-                     "            ts = received_ns",
-                     "        else:",
-                     "            ts = time_from(ts, TSUNIT, TSNAME)",
-                     "            if ts > received_ns + FUT:",
-                     "                return None"]
+            ns[f"{t}TSUNIT"], ns[f"{t}TSNAME"] = dec.ts_unit, dec.ts_name
+            body += ["if ts is MISSING:",
+                     "    ts = received_ns",
+                     "else:",
+                     f"    ts = time_from(ts, {t}TSUNIT, {t}TSNAME)",
+                     f"    if ts > received_ns + {t}FUT:",
+                     "        raise DECLINE"]
         else:
-            ns["TSF"] = _TS_FACTORS[dec.ts_unit]
-            body += ["        if ts is M:",
-                     "            ts = received_ns",
-                     "        else:",
-                     "            if type(ts) is not int:",
-                     "                return None",
-                     "            ts *= TSF",
-                     "            if ts < 0 or ts > TSMAX or ts > received_ns + FUT:",
-                     "                return None"]
+            ns[f"{t}TSF"] = _TS_FACTORS[dec.ts_unit]
+            body += ["if ts is MISSING:",
+                     "    ts = received_ns",
+                     "else:",
+                     "    if type(ts) is not int:",
+                     "        raise DECLINE",
+                     f"    ts *= {t}TSF",
+                     f"    if ts < 0 or ts > TSMAX or ts > received_ns + {t}FUT:",
+                     "        raise DECLINE"]
     out = []
     for i, (key_eq, path, typ, _required, _name) in enumerate(dec.fields):
         v = f"f{i}"
-        ns[f"E{i}"] = key_eq
-        get(v, path, i)
-        body.append(f"        t = type({v})")
+        ns[f"{t}E{i}"] = key_eq
+        get(v, path, str(i))
+        body.append(f"tp = type({v})")
         if typ == "int":
-            body += [f"        if t is not int or {v} < IMIN or {v} > IMAX:",
-                     "            return None"]
-            out.append(f"{{E{i}}}{{{v}}}i")
+            body += [f"if tp is not int or {v} < IMIN or {v} > IMAX:",
+                     "    raise DECLINE"]
+            out.append(f"{{{t}E{i}}}{{{v}}}i")
         elif typ == "float":
-            body += ["        if t is float:",
-                     f"            if {v} - {v} != 0.0:",  # NaN or +-Infinity
-                     "                return None",
-                     "        elif t is int:",
-                     f"            {v} = float({v})",  # OverflowError: generic path says out_of_range
-                     "        else:",
-                     "            return None"]
-            out.append(f"{{E{i}}}{{{v}!r}}")
+            body += ["if tp is float:",
+                     f"    if {v} - {v} != 0.0:",  # NaN or +-Infinity
+                     "        raise DECLINE",
+                     "elif tp is int:",
+                     f"    {v} = float({v})",  # OverflowError: the generic path says out_of_range
+                     "else:",
+                     "    raise DECLINE"]
+            out.append(f"{{{t}E{i}}}{{{v}!r}}")
         elif typ == "bool":
-            body += ["        if t is not bool:",
-                     "            return None",
-                     f"        {v} = 'true' if {v} else 'false'"]
-            out.append(f"{{E{i}}}{{{v}}}")
+            body += ["if tp is not bool:",
+                     "    raise DECLINE",
+                     f"{v} = 'true' if {v} else 'false'"]
+            out.append(f"{{{t}E{i}}}{{{v}}}")
         else:
-            body += [f"        if t is not str or len({v}) > 65536:",
-                     "            return None",
-                     f"        {v} = esc({v})"]  # Rejected (a newline): generic path says invalid_char
-            out.append(f"{{E{i}}}{{{v}}}")
-    body += [f"        return f'{{prefix}} {','.join(out)} {{ts}}'.encode()",
-             "    except Exception:",
-             "        return None"]
-    exec(compile("\n".join(body), f"<iotplat json fast path: {dec.subscription.name}>", "exec"), ns)
+            body += [f"if tp is not str or len({v}) > 65536:",
+                     "    raise DECLINE",
+                     f"{v} = esc({v})"]  # Rejected (a newline): the generic path says invalid_char
+            out.append(f"{{{t}E{i}}}{{{v}}}")
+    body.append(f"line = f'{{prefix}} {','.join(out)} {{ts}}'.encode()")
+    return body, ns
+
+
+FAST_GLOBALS: dict[str, Any] = {"MISSING": _MISSING, "DECLINE": _DECLINE, "Decline": Decline, "lookup": _lookup,
+                                "time_from": _time_from, "esc": escape_string_value, "WS": _WS,
+                                "IMIN": INT64_MIN, "IMAX": INT64_MAX, "TSMAX": TS_MAX_NS}
+
+
+def _compile_json_fast(dec: "JsonDecoder") -> Callable[[bytes, int, str], bytes | None] | None:
+    """``fast(payload, received_ns, prefix) -> line | None`` (None: ask the generic decoder)."""
+    src = json_fast_source(dec, "s_")
+    if src is None:
+        return None
+    body, ns = src
+    ns.update(FAST_GLOBALS)
+    code = ["def fast(payload, received_ns, prefix):", "    try:"]
+    code += ["        " + line for line in body]
+    code += ["        return line", "    except Exception:", "        return None"]
+    exec(compile("\n".join(code), f"<iotplat json fast path: {dec.subscription.name}>", "exec"), ns)
     fast: Callable[[bytes, int, str], bytes | None] = ns["fast"]
     return fast
 

@@ -78,6 +78,10 @@ class ProtocolError(Exception):
     pass
 
 
+_HEAD = struct.Struct(">BBH").unpack_from  # first byte, first length byte, a PUBLISH's topic length
+_U16 = struct.Struct(">H").unpack_from
+
+
 def _remaining_length(buf: bytes, j: int, n: int) -> tuple[int, int]:
     """The remaining length starting at ``buf[j]`` and the index after it; (0, -1) if ``buf`` ends first."""
     mult = 1
@@ -532,23 +536,27 @@ class NativeTransport:
         i = 0
         n = len(buf)
         while i + 2 <= n:
-            first = buf[i]
-            length = buf[i + 1]
+            if i + 4 <= n:
+                first, length, tl = _HEAD(buf, i)  # type, remaining length (if < 128), a PUBLISH's topic length
+            else:  # a 2- or 3-byte packet at the end (PINGRESP, DISCONNECT)
+                first, length, tl = buf[i], buf[i + 1], 0
             j = i + 2
             if length & 0x80:  # a remaining length of 2..4 bytes
                 length, j = _remaining_length(buf, i + 1, n)
                 if j < 0:
                     break  # not all of it has arrived yet
+                if first >> 4 == 3 and j + 2 <= n:
+                    tl = _U16(buf, j)[0]
             end = j + length
             if end > n:
                 break
             if first >> 4 == 3:  # PUBLISH
                 if len(topics) >= room:
                     break
-                k = j + 2 + ((buf[j] << 8) | buf[j + 1])
+                k = j + 2 + tl
                 add_topic(buf[j + 2:k])
                 if first & 0x06:  # QoS 1
-                    add_token(g | (buf[k] << 8) | buf[k + 1])
+                    add_token(g | _U16(buf, k)[0])
                     k += 2
                 else:
                     add_token(None)

@@ -282,4 +282,8 @@ def test_json_fast_path_takes_the_ordinary_messages():
         line = dec.fast(payload, NOW, dec.line_prefix(dict(TAGS)))
         assert line is not None, (i, doc)
         assert [line] == dec.decode_generic(payload, dict(TAGS), NOW)
+    # deeper than limits.max_json_depth (8 here): the generic decoder's, which rejects it
+    deep = json.dumps({"v": 1.5, "other": [[[[[[[[1]]]]]]]]}).encode()
+    assert FAST_DECODERS[3].fast(deep, NOW, FAST_DECODERS[3].line_prefix(dict(TAGS))) is None
+    assert reason_of(FAST_DECODERS[3], deep) == Reason.TOO_COMPLEX
     assert JsonDecoder(sub(), LIMITS).fast is None  # undeclared fields: the generic decoder flattens
