@@ -180,7 +180,12 @@ def child_consume(args: argparse.Namespace) -> None:
     else:  # gmqtt, optimistic acknowledgement off: PUBACK when the async handler finishes
         import asyncio
 
-        import gmqtt
+        try:
+            import gmqtt
+        except ImportError:
+            print(json.dumps({"error": "gmqtt is not installed (pip install gmqtt==0.8.0: the bench extra)"}),
+                  flush=True)
+            return
 
         async def main() -> float:
             loop = asyncio.get_running_loop()
@@ -309,9 +314,9 @@ def run_broker(n: int, tls: bool, kind: str = "native") -> dict:
                               "--ca", ca, "--user", "worker-1", "--password", b.users["worker-1"]],
                              stdout=subprocess.PIPE, text=True, start_new_session=True)
         assert c.stdout is not None
-        first = json.loads(c.stdout.readline())
+        first = json.loads(c.stdout.readline() or '{"error": "consumer exited"}')
         if "ready" not in first:
-            raise RuntimeError(f"consumer: {first}")
+            raise RuntimeError(first.get("error", first))
         time.sleep(0.3)
         bcpu0 = cpu_seconds(b.proc.pid)
         p = start_publisher(port, n, ca=ca)
