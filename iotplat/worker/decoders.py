@@ -353,8 +353,8 @@ class JsonDecoder(Decoder):
 # of range -- so the generic decoder, which gives every dead-letter reason, stays the one place where
 # rules live. ``tests/worker/test_decoders.py`` checks on generated documents that both agree.
 # The generated source holds only our own identifiers (f0, f1, s_K0, ...); field names, keys and limits
-# reach it as values in its namespace, never as source text. The worker puts the code of all its
-# subscriptions into one loop over the messages of a read (core.py, ``compile_batch_decoder``).
+# reach it as values in its namespace, never as source text. The worker calls it per message with the
+# topic's prefix computed once (core.py, ``Worker._route``).
 
 _WS = " \t\n\r"
 
@@ -366,16 +366,16 @@ class Decline(Exception):
 _DECLINE = Decline()
 
 
-def json_fast_source(dec: "JsonDecoder", tag: str) -> tuple[list[str], dict[str, Any]] | None:
+def json_fast_source(dec: "JsonDecoder") -> tuple[list[str], dict[str, Any]] | None:
     """The fast path of ``dec`` as source lines (no indentation) and their namespace, or None for
     undeclared fields (the generic decoder flattens those).
 
     The lines read ``payload`` (bytes), ``received_ns`` (int) and ``prefix`` (the escaped ``measurement,tags``)
-    and leave the line-protocol bytes in ``line``; anything out of the ordinary raises ``Decline``. Names in
-    the namespace start with ``tag`` so the code of several subscriptions can live in one function."""
+    and leave the line-protocol bytes in ``line``; anything out of the ordinary raises ``Decline`` (raising
+    costs only on that rare path; the ordinary one runs straight through)."""
     if not dec.fields:
         return None
-    t = tag
+    t = "s_"
     ns: dict[str, Any] = {f"{t}scan": dec._json.scan_once, f"{t}MAXD": dec.max_depth, f"{t}FUT": dec.max_future_ns}
     # nesting: a document with no '[' and no '{' after the first character is one flat object (depth 1)
     # and needs no counting (two `in` tests cost a third of two str.count calls); otherwise, as many
@@ -450,18 +450,18 @@ def json_fast_source(dec: "JsonDecoder", tag: str) -> tuple[list[str], dict[str,
     return body, ns
 
 
-FAST_GLOBALS: dict[str, Any] = {"MISSING": _MISSING, "DECLINE": _DECLINE, "Decline": Decline, "lookup": _lookup,
+_FAST_GLOBALS: dict[str, Any] = {"MISSING": _MISSING, "DECLINE": _DECLINE, "Decline": Decline, "lookup": _lookup,
                                 "time_from": _time_from, "esc": escape_string_value, "WS": _WS,
                                 "IMIN": INT64_MIN, "IMAX": INT64_MAX, "TSMAX": TS_MAX_NS}
 
 
 def _compile_json_fast(dec: "JsonDecoder") -> Callable[[bytes, int, str], bytes | None] | None:
     """``fast(payload, received_ns, prefix) -> line | None`` (None: ask the generic decoder)."""
-    src = json_fast_source(dec, "s_")
+    src = json_fast_source(dec)
     if src is None:
         return None
     body, ns = src
-    ns.update(FAST_GLOBALS)
+    ns.update(_FAST_GLOBALS)
     code = ["def fast(payload, received_ns, prefix):", "    try:"]
     code += ["        " + line for line in body]
     code += ["        return line", "    except Exception:", "        return None"]
