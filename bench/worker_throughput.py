@@ -26,7 +26,7 @@ what a worker host costs, and is the figure the comparison with Node-RED is made
      session settings (MQTT 5, clean start 0, session expiry 3600), and the function-node batcher with
      context.get/set per message that this benchmark used to run (for reference only), and the one a
      user who looks at Node-RED's CPU builds: the join node batches whole messages and ONE function call
-     shapes the 5,000 points (a function node costs ~10-20 µs per call here, so per message it dominates).
+     shapes the 5,000 points (a function node costs ~13-20 µs of CPU per call here, so one per message dominates).
      The variant with the most messages per CPU-second is kept as "node-red" for section 3, because CPU
      per message is what the comparison is made on; both figures are printed. In the runs recorded in
      docs/worker.md the kept one was "mqtt-json/join-0.2s/batch-fn" (19-21 µs/msg; the flows with a
@@ -48,8 +48,8 @@ after its point is written to InfluxDB or fsync'd to its spool), while Node-RED'
 acknowledges QoS 1 messages on receipt, before any node has seen them: a Node-RED crash or an InfluxDB
 outage loses what it had acknowledged and not yet written (node-red-contrib-influxdb does not retry).
 
-Node-RED: node-red@4.1.8 (the newest release for Node.js 20, which Debian 12 ships; 5.x needs Node.js >=
-22.9) and node-red-contrib-influxdb@0.7.0, installed by this script from npm into a cache folder
+Node-RED: node-red@4.1.8 (the newest release for Node.js 20, the Node.js on this machine; 5.x needs Node.js
+>= 22.9) and node-red-contrib-influxdb@0.7.0, installed by this script from npm into a cache folder
 (``$IOTPLAT_NODERED_DIR``, default ``~/.cache/iotplat/bench/node-red-4.1.8+influxdb-0.7.0``), never
 globally and never into the repository; ``--skip-nodered`` leaves Node-RED out.
 
