@@ -28,10 +28,11 @@ what a worker host costs, and is the figure the comparison with Node-RED is made
      user who looks at Node-RED's CPU builds: the join node batches whole messages and ONE function call
      shapes the 5,000 points (a function node costs ~13-20 µs of CPU per call here, so one per message dominates).
      The variant with the most messages per CPU-second is kept as "node-red" for section 3, because CPU
-     per message is what the comparison is made on; both figures are printed. In the runs recorded in
-     docs/worker.md the kept one was "mqtt-json/join-0.2s/batch-fn" (19-21 µs/msg; the flows with a
-     function call per message 32-39 µs/msg), by rate the fastest in one run and close behind
-     "mqtt-json/join-1s" in the other (rates move with the machine's load, CPU per message much less);
+     per message is what the comparison is made on; both figures are printed. In the three runs recorded
+     in docs/worker.md the kept one was the join + one function per batch flow (0.2 s timeout twice, 1 s
+     once: within noise of each other; 19.3-26.7 µs/msg against 32.5-46.9 µs/msg for the flows with a
+     function call per message); by rate it was also the fastest in two runs and behind "mqtt-json/join-1s" in one
+     (rates move with the machine's load much more than CPU per message does);
   3. for TCP and TLS, medians of --runs runs, interleaved:
        - broker: the broker's own QoS 1 limit, a pass-through consumer (the native client, acking each
          read at once, no other work) until it has received every message,
