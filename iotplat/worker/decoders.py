@@ -255,6 +255,11 @@ class JsonDecoder(Decoder):
         self.max_depth = limits.max_json_depth
         self.max_fields = limits.max_fields
         self._json = json.JSONDecoder(parse_constant=_nonfinite)
+        self.fast = _compile_json_fast(self)
+
+    def line_prefix(self, tags: dict[str, str]) -> str:
+        """``measurement,tags`` escaped (raises Rejected for a tag line protocol cannot carry)."""
+        return self.prefixes.get(tags)
 
     def parse(self, payload: bytes) -> dict[str, Any]:
         text = _decode_utf8(payload)
@@ -276,6 +281,19 @@ class JsonDecoder(Decoder):
         return doc
 
     def decode(self, payload: bytes, tags: dict[str, str], received_ns: int) -> list[Point | bytes]:
+        if self.fast is not None:
+            try:
+                prefix = self.prefixes.get(tags)
+            except Rejected:
+                prefix = None
+            if prefix is not None:
+                line = self.fast(payload, received_ns, prefix)
+                if line is not None:
+                    return [line]
+        return self.decode_generic(payload, tags, received_ns)
+
+    def decode_generic(self, payload: bytes, tags: dict[str, str], received_ns: int) -> list[Point | bytes]:
+        """The reference implementation: every rule, every reason. ``fast`` must agree with it."""
         doc = self.parse(payload)
         ts = received_ns
         if self.ts_path is not None:
@@ -322,6 +340,134 @@ class JsonDecoder(Decoder):
                 out.append((key, v))
                 if len(out) > self.max_fields:
                     raise Rejected(Reason.TOO_COMPLEX, f"more than {self.max_fields} fields")
+
+
+# ---------------------------------------------------------------------------------------------
+# The JSON fast path: one straight-line function per subscription, generated once.
+#
+# Why generated code: with declared fields, the generic decoder spends most of its time in the
+# interpreter looping over field specs, dispatching on types and building lists. A function written
+# for exactly this subscription's fields (``seq`` int, ``temp`` float, ...) does the same checks in a
+# fraction of the bytecode. It only ever handles the ordinary case and says "not me" (None) for
+# anything else -- invalid or odd JSON, a missing field, a value of another type, NaN, a timestamp out
+# of range -- so the generic decoder, which gives every dead-letter reason, stays the one place where
+# rules live. ``tests/worker/test_decoders.py`` checks on generated documents that both agree.
+# The generated source holds only our own identifiers (f0, f1, s_K0, ...); field names, keys and limits
+# reach it as values in its namespace, never as source text. The worker calls it per message with the
+# topic's prefix computed once (core.py, ``Worker._route``).
+
+_WS = " \t\n\r"
+
+
+class Decline(Exception):
+    """Raised inside generated fast-path code: "not the ordinary case, ask the generic decoder"."""
+
+
+_DECLINE = Decline()
+
+
+def json_fast_source(dec: "JsonDecoder") -> tuple[list[str], dict[str, Any]] | None:
+    """The fast path of ``dec`` as source lines (no indentation) and their namespace, or None for
+    undeclared fields (the generic decoder flattens those).
+
+    The lines read ``payload`` (bytes), ``received_ns`` (int) and ``prefix`` (the escaped ``measurement,tags``)
+    and leave the line-protocol bytes in ``line``; anything out of the ordinary raises ``Decline`` (raising
+    costs only on that rare path; the ordinary one runs straight through)."""
+    if not dec.fields:
+        return None
+    t = "s_"
+    ns: dict[str, Any] = {f"{t}scan": dec._json.scan_once, f"{t}MAXD": dec.max_depth, f"{t}FUT": dec.max_future_ns}
+    # nesting: a document with no '[' and no '{' after the first character is one flat object (depth 1)
+    # and needs no counting (two `in` tests cost a third of two str.count calls); otherwise, as many
+    # brackets as the limit allows prove the depth is within it; more: the generic decoder measures it
+    body = ["text = payload.decode()",
+            "if ('[' in text or '{' in text[1:]) and text.count('{') + text.count('[') > " + f"{t}MAXD:",
+            "    raise DECLINE",
+            f"doc, end = {t}scan(text, 0)",
+            "if end != len(text) and text[end:].strip(WS) or type(doc) is not dict:",
+            "    raise DECLINE"]
+
+    def get(var: str, path: tuple[str, ...], i: str) -> None:
+        if len(path) == 1:
+            ns[f"{t}K{i}"] = path[0]
+            body.append(f"{var} = doc.get({t}K{i}, MISSING)")
+        else:
+            ns[f"{t}P{i}"] = path
+            body.append(f"{var} = lookup(doc, {t}P{i})")
+
+    if dec.ts_path is None:
+        body.append("ts = received_ns")
+    else:
+        get("ts", dec.ts_path, "ts")
+        if dec.ts_unit == "rfc3339":
+            ns[f"{t}TSUNIT"], ns[f"{t}TSNAME"] = dec.ts_unit, dec.ts_name
+            body += ["if ts is MISSING:",
+                     "    ts = received_ns",
+                     "else:",
+                     f"    ts = time_from(ts, {t}TSUNIT, {t}TSNAME)",
+                     f"    if ts > received_ns + {t}FUT:",
+                     "        raise DECLINE"]
+        else:
+            ns[f"{t}TSF"] = _TS_FACTORS[dec.ts_unit]
+            body += ["if ts is MISSING:",
+                     "    ts = received_ns",
+                     "else:",
+                     "    if type(ts) is not int:",
+                     "        raise DECLINE",
+                     f"    ts *= {t}TSF",
+                     f"    if ts < 0 or ts > TSMAX or ts > received_ns + {t}FUT:",
+                     "        raise DECLINE"]
+    out = []
+    for i, (key_eq, path, typ, _required, _name) in enumerate(dec.fields):
+        v = f"f{i}"
+        ns[f"{t}E{i}"] = key_eq
+        get(v, path, str(i))
+        body.append(f"tp = type({v})")
+        if typ == "int":
+            body += [f"if tp is not int or {v} < IMIN or {v} > IMAX:",
+                     "    raise DECLINE"]
+            out.append(f"{{{t}E{i}}}{{{v}}}i")
+        elif typ == "float":
+            body += ["if tp is float:",
+                     f"    if {v} - {v} != 0.0:",  # NaN or +-Infinity
+                     "        raise DECLINE",
+                     "elif tp is int:",
+                     f"    {v} = float({v})",  # OverflowError: the generic path says out_of_range
+                     "else:",
+                     "    raise DECLINE"]
+            out.append(f"{{{t}E{i}}}{{{v}!r}}")
+        elif typ == "bool":
+            body += ["if tp is not bool:",
+                     "    raise DECLINE",
+                     f"{v} = 'true' if {v} else 'false'"]
+            out.append(f"{{{t}E{i}}}{{{v}}}")
+        else:
+            body += [f"if tp is not str or len({v}) > 65536:",
+                     "    raise DECLINE",
+                     f"{v} = esc({v})"]  # Rejected (a newline): the generic path says invalid_char
+            out.append(f"{{{t}E{i}}}{{{v}}}")
+    body.append(f"line = f'{{prefix}} {','.join(out)} {{ts}}'.encode()")
+    return body, ns
+
+
+_FAST_GLOBALS: dict[str, Any] = {"MISSING": _MISSING, "DECLINE": _DECLINE, "Decline": Decline, "lookup": _lookup,
+                                "time_from": _time_from, "esc": escape_string_value, "WS": _WS,
+                                "IMIN": INT64_MIN, "IMAX": INT64_MAX, "TSMAX": TS_MAX_NS}
+
+
+def _compile_json_fast(dec: "JsonDecoder") -> Callable[[bytes, int, str], bytes | None] | None:
+    """``fast(payload, received_ns, prefix) -> line | None`` (None: ask the generic decoder)."""
+    src = json_fast_source(dec)
+    if src is None:
+        return None
+    body, ns = src
+    ns.update(_FAST_GLOBALS)
+    code = ["def fast(payload, received_ns, prefix):", "    try:"]
+    code += ["        " + line for line in body]
+    code += ["        return line", "    except Exception:", "        return None"]
+    exec(compile("\n".join(code), f"<iotplat json fast path: {dec.subscription.name}>", "exec"), ns)
+    fast: Callable[[bytes, int, str], bytes | None] = ns["fast"]
+    return fast
 
 
 # ---------------------------------------------------------------------------------------------

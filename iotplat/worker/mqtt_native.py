@@ -78,6 +78,97 @@ class ProtocolError(Exception):
     pass
 
 
+_HEAD = struct.Struct(">BBH").unpack_from  # first byte, first length byte, a PUBLISH's topic length
+_U16 = struct.Struct(">H").unpack_from
+
+
+def _remaining_length(buf: bytes, j: int, n: int) -> tuple[int, int]:
+    """The remaining length starting at ``buf[j]`` and the index after it; (0, -1) if ``buf`` ends first."""
+    mult = 1
+    length = 0
+    while True:
+        if j >= n:
+            return 0, -1
+        b = buf[j]
+        length += (b & 0x7F) * mult
+        j += 1
+        if not b & 0x80:
+            return length, j
+        mult <<= 7
+        if mult > 128 ** 3:
+            raise ProtocolError("malformed remaining length")
+
+
+class _TlsLink:
+    """TLS through memory BIOs over the plain (non-blocking) socket.
+
+    Why not ``SSLContext.wrap_socket``: Mosquitto writes every MQTT packet as a TLS record of its own, and
+    an SSL socket reads one record per ``recv()`` through two ``read()`` system calls (header, then body):
+    two system calls and one Python-level call per message. Here one ``recv()`` takes in whatever the
+    kernel holds (hundreds of records) and ``decrypt`` turns every whole record in it into plaintext;
+    ``encrypt`` turns a whole batch of PUBACKs into records at once. Certificate and host name checks
+    are the context's, exactly as with ``wrap_socket`` (``server_hostname``).
+    """
+
+    def __init__(self, ctx: ssl.SSLContext, raw: socket.socket, server_hostname: str) -> None:
+        self.raw = raw
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+        self.closed = False
+
+    def handshake(self) -> None:
+        """The handshake over the (still blocking) socket."""
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                out = self.outgoing.read()
+                if out:
+                    self.raw.sendall(out)
+                data = self.raw.recv(1 << 16)
+                if not data:
+                    raise ProtocolError("connection closed by the broker during the TLS handshake") from None
+                self.incoming.write(data)
+        out = self.outgoing.read()
+        if out:
+            self.raw.sendall(out)
+
+    def encrypt(self, data: bytes) -> bytes:
+        self.obj.write(data)  # a memory BIO takes it all
+        return self.outgoing.read()
+
+    def decrypt(self, data: bytes) -> bytes:
+        """The plaintext of every whole record received so far (b"" if none is whole yet). After the
+        broker's close_notify, ``closed`` is True (the plaintext before it is still returned)."""
+        self.incoming.write(data)
+        size = len(data) + (1 << 15)  # plaintext <= ciphertext, plus at most one record left over before
+        out = bytearray(size)
+        view = memoryview(out)
+        total = 0
+        read = self.obj.read
+        try:
+            while True:
+                if size - total < (1 << 14):  # room for one more whole record
+                    view.release()
+                    out.extend(bytes(size))
+                    size *= 2
+                    view = memoryview(out)
+                k = read(size - total, view[total:])
+                if not k:
+                    self.closed = True
+                    break
+                total += k
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.closed = True
+        finally:
+            view.release()
+        return bytes(out[:total])
+
+
 class NativeTransport:
     name = "native"
 
@@ -87,6 +178,13 @@ class NativeTransport:
         self.handler = handler
         self.v5 = cfg.protocol == 5
         self.can_receive = can_receive or getattr(handler, "can_receive", None) or (lambda: True)
+        # a handler with on_publishes() + room() takes every PUBLISH of a read in one call (the worker);
+        # others get on_message() per message
+        self._on_publishes: Callable[[list[bytes], list[bytes], list[int | None], int], None] | None = \
+            getattr(handler, "on_publishes", None)
+        self._room: Callable[[], int] | None = getattr(handler, "room", None)
+        if self._room is None:
+            self._on_publishes = None
         self.gen = 0
         self._out: list[bytes] = []
         self._out_lock = threading.Lock()
@@ -96,6 +194,8 @@ class NativeTransport:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self._tls: _TlsLink | None = None
+        self._leftover = b""
         self._next_pid = 1
         self._pending_pub: set[int] = set()
         self._sub_pid = 0
@@ -119,16 +219,18 @@ class NativeTransport:
         self._send(bytes([0x82]) + _varint(len(body)) + bytes(body))
 
     def ack(self, tokens: list[Any]) -> None:
-        pack = struct.pack
+        """PUBACK every token of the current connection, in the given order, as one write.
+
+        A token is ``gen << 16 | packet id`` (``gen`` counts connections); None is a QoS 0 message."""
         with self._out_lock:
             # checked under the lock _connect holds while it bumps ``gen`` and clears the queue: a PUBACK
             # for a message of an earlier connection can never reach the next one (the broker may have
             # given that packet id to another message by then)
             gen = self.gen
-            data = b"".join([b"\x40\x02" + pack(">H", t[1]) for t in tokens if t is not None and t[0] == gen])
-            if data:
-                self._out.append(data)
-        if data:
+            acks = [0x40020000 | (t & 0xFFFF) for t in tokens if t is not None and t >> 16 == gen]
+            if acks:  # each PUBACK is 4 bytes: 0x40, remaining length 2, packet id
+                self._out.append(struct.pack(f">{len(acks)}I", *acks))
+        if acks:
             self.wake()
 
     def publish(self, topic: str, payload: bytes) -> None:
@@ -191,6 +293,7 @@ class NativeTransport:
 
     def _close(self) -> None:
         self.connected = False
+        self._tls = None
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -203,10 +306,11 @@ class NativeTransport:
         raw = socket.create_connection((c.host, c.port), timeout=10)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock: socket.socket = raw
+        self._sock = raw
+        self._tls = None
         if self._ctx is not None:
-            sock = self._ctx.wrap_socket(raw, server_hostname=c.server_name or c.host)
-        self._sock = sock
+            self._tls = _TlsLink(self._ctx, raw, c.server_name or c.host)
+            self._tls.handshake()
         flags = 0x00  # clean start / clean session = 0: a persistent session
         if c.username:
             flags |= 0x80
@@ -228,41 +332,35 @@ class NativeTransport:
             self.gen += 1
             self._out.clear()
             self._pending_pub.clear()
-        sock.sendall(bytes([0x10]) + _varint(len(body)) + body)
-        hdr = self._read_packet_blocking(sock)
-        if hdr[0] >> 4 != 2:
-            raise ProtocolError(f"expected CONNACK, got packet type {hdr[0] >> 4}")
-        data = hdr[1]
+        packet = bytes([0x10]) + _varint(len(body)) + body
+        raw.sendall(self._tls.encrypt(packet) if self._tls is not None else packet)
+        first, data, self._leftover = self._read_packet_blocking()
+        if first >> 4 != 2:
+            raise ProtocolError(f"expected CONNACK, got packet type {first >> 4}")
         session_present = bool(data[0] & 1)
         code = data[1]
         if code != 0:
             names = _CONNACK_V5 if self.v5 else _CONNACK_V3
             raise ProtocolError(f"broker refused the connection: {names.get(code, hex(code))}")
-        sock.settimeout(None)
-        sock.setblocking(False)
+        raw.settimeout(None)
+        raw.setblocking(False)
         self.connected = True
         self.handler.on_connected(session_present)
 
-    @staticmethod
-    def _read_packet_blocking(sock: socket.socket) -> tuple[int, bytes]:
-        def exact(n: int) -> bytes:
-            buf = b""
-            while len(buf) < n:
-                chunk = sock.recv(n - len(buf))
-                if not chunk:
-                    raise ProtocolError("connection closed by the broker during CONNECT")
-                buf += chunk
-            return buf
-
-        first = exact(1)[0]
-        mult, length = 1, 0
+    def _read_packet_blocking(self) -> tuple[int, bytes, bytes]:
+        """The first packet (CONNACK) as (first byte, body) and whatever arrived after it (a persistent
+        session's queued messages may follow at once): the loop starts with that."""
+        assert self._sock is not None
+        buf = b""
         while True:
-            b = exact(1)[0]
-            length += (b & 0x7F) * mult
-            mult *= 128
-            if not b & 0x80:
-                break
-        return first, exact(length)
+            if len(buf) >= 2:
+                length, j = _remaining_length(buf, 1, len(buf))
+                if j > 0 and len(buf) >= j + length:
+                    return buf[0], buf[j:j + length], buf[j + length:]
+            data = self._sock.recv(1 << 16)
+            if not data or self._tls is not None and self._tls.closed:
+                raise ProtocolError("connection closed by the broker during CONNECT")
+            buf += self._tls.decrypt(data) if self._tls is not None else data
 
     def _loop(self) -> None:
         sock = self._sock
@@ -270,72 +368,78 @@ class NativeTransport:
         ka = self.cfg.keepalive
         last_sent = last_recv = time.monotonic()
         ping_out = False
-        buf = b""
-        outbuf = b""
-        tls = isinstance(sock, ssl.SSLSocket)
+        buf = self._leftover
+        outbuf = b""  # bytes for the wire (encrypted already with TLS)
+        link = self._tls
         on_message = self.handler.on_message
         can_receive = self.can_receive
         gen = self.gen
         v5 = self.v5
+        if self._on_publishes is not None:
+            batch_dispatch = self._dispatch_batch
+
+            def dispatch(b: bytes, _m: Callable[..., None], _c: Callable[[], bool], g: int, v: bool) -> bytes:
+                return batch_dispatch(b, g, v)
+        else:
+            dispatch = self._dispatch
         while True:
             with self._out_lock:
                 if self._out:
-                    outbuf += b"".join(self._out)
+                    data = b"".join(self._out)
                     self._out.clear()
+                    outbuf += link.encrypt(data) if link is not None else data
             stopping = self._stop.is_set()
             if stopping and not outbuf:
                 return
             want_read = can_receive() and not stopping
             if buf and want_read:
-                buf = self._dispatch(buf, on_message, can_receive, gen, v5)
+                buf = dispatch(buf, on_message, can_receive, gen, v5)
                 want_read = can_receive()
-            pending = tls and sock.pending() > 0  # type: ignore[attr-defined]
-            if not pending:
-                rl = [self._wake_r, sock] if want_read else [self._wake_r]
-                now = time.monotonic()
-                timeout = max(0.0, min(1.0, ka - (now - last_sent)))
-                r, w, _ = select.select(rl, [sock] if outbuf else [], [], timeout)
-                if self._wake_r in r:
-                    try:
-                        self._wake_r.recv(4096)
-                    except BlockingIOError:
-                        pass
-                readable = sock in r
-            else:
-                readable = True
-                w = [sock] if outbuf else []
-            if outbuf and (w or not pending):
+            rl = [self._wake_r, sock] if want_read else [self._wake_r]
+            now = time.monotonic()
+            timeout = max(0.0, min(1.0, ka - (now - last_sent)))
+            r, w, _ = select.select(rl, [sock] if outbuf else [], [], timeout)
+            if self._wake_r in r:
+                try:
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            if outbuf and w:
                 try:
                     n = sock.send(outbuf[:1 << 20])
                     outbuf = outbuf[n:]
                     last_sent = time.monotonic()
-                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                except BlockingIOError:
                     pass
-            if readable and want_read:
-                # read what is there: TLS hands out one record per recv(), so keep going until the
-                # SSL layer has no whole record left; plain TCP: until a short read
+            if sock in r and want_read:
+                # read what is there, until a short read (the kernel had no more) or 512 KiB
                 chunks: list[bytes] = []
                 total = 0
                 eof = False
                 while total < (1 << 19):
                     try:
                         chunk = sock.recv(1 << 16)
-                    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    except BlockingIOError:
                         break
                     if not chunk:
                         eof = True
                         break
                     chunks.append(chunk)
                     total += len(chunk)
-                    if not tls and len(chunk) < (1 << 16):
+                    if len(chunk) < (1 << 16):
                         break
                 if chunks:
                     last_recv = time.monotonic()
                     ping_out = False
                     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    buf = self._dispatch(buf + data if buf else data, on_message, can_receive, gen, v5)
+                    if link is not None:
+                        data = link.decrypt(data)  # every whole TLS record in it; a partial one waits
+                    if data:
+                        buf = dispatch(buf + data if buf else data, on_message, can_receive, gen, v5)
                 if eof:
                     raise ProtocolError("connection closed by the broker")
+                if link is not None and link.closed:
+                    raise ProtocolError("TLS connection closed by the broker (close_notify)")
                 if 0 < total < self.coalesce_below:
                     # A small read: the broker sends faster than one packet per wake-up but slower
                     # than we read. Waiting a moment lets packets queue up, so each wake-up (select,
@@ -344,7 +448,7 @@ class NativeTransport:
                     time.sleep(self.coalesce_wait)
             now = time.monotonic()
             if now - last_sent >= ka and not outbuf:
-                outbuf += b"\xc0\x00"  # PINGREQ
+                outbuf += link.encrypt(b"\xc0\x00") if link is not None else b"\xc0\x00"  # PINGREQ
                 ping_out = True
             if ping_out and now - last_recv > ka * 1.5:
                 raise ProtocolError("keepalive timeout: no answer from the broker")
@@ -388,24 +492,87 @@ class NativeTransport:
                 topic = buf[j + 2:k].decode("utf-8", "surrogateescape")
                 token = None
                 if qos:
-                    token = (gen, (buf[k] << 8) | buf[k + 1])
+                    token = (gen << 16) | (buf[k] << 8) | buf[k + 1]
                     k += 2
                 if v5:
                     k = _skip_properties(buf, k)
                 on_message(topic, buf[k:end], bool(first & 0x08), token)
-            elif ptype == 4:  # PUBACK for our dead-letter publishes
-                self._pending_pub.discard((buf[j] << 8) | buf[j + 1])
-            elif ptype == 9:  # SUBACK
-                k = j + 2
-                if v5:
-                    k = _skip_properties(buf, k)
-                self.handler.on_subscribed(list(buf[k:end]))
-            elif ptype == 13:  # PINGRESP
-                pass
-            elif ptype == 14:  # DISCONNECT from the broker (v5)
-                code = buf[j] if length else 0
-                raise ProtocolError(f"broker sent DISCONNECT (reason 0x{code:02x})")
             else:
-                raise ProtocolError(f"unexpected packet type {ptype}")
+                self._control(ptype, buf, j, end, v5)
             i = end
+        return buf[i:] if i < n else b""
+
+    def _control(self, ptype: int, buf: bytes, j: int, end: int, v5: bool) -> None:
+        """A packet other than PUBLISH whose body is ``buf[j:end]``."""
+        if ptype == 4:  # PUBACK for our dead-letter publishes
+            self._pending_pub.discard((buf[j] << 8) | buf[j + 1])
+        elif ptype == 9:  # SUBACK
+            k = j + 2
+            if v5:
+                k = _skip_properties(buf, k)
+            self.handler.on_subscribed(list(buf[k:end]))
+        elif ptype == 13:  # PINGRESP
+            pass
+        elif ptype == 14:  # DISCONNECT from the broker (v5)
+            code = buf[j] if end > j else 0
+            raise ProtocolError(f"broker sent DISCONNECT (reason 0x{code:02x})")
+        else:
+            raise ProtocolError(f"unexpected packet type {ptype}")
+
+    def _dispatch_batch(self, buf: bytes, gen: int, v5: bool) -> bytes:
+        """``_dispatch`` for a handler with ``on_publishes``: the PUBLISHes of ``buf`` (at most ``room()``
+        of them) go to the handler as one call, with the topics as bytes. Control packets are handled
+        where they are, after the PUBLISHes before them were delivered, so the handler sees the order of
+        the wire. Returns the unparsed rest of ``buf``."""
+        on_publishes = self._on_publishes
+        assert on_publishes is not None and self._room is not None
+        room = self._room()
+        topics: list[bytes] = []
+        payloads: list[bytes] = []
+        tokens: list[int | None] = []
+        add_topic, add_payload, add_token = topics.append, payloads.append, tokens.append
+        dups = 0
+        g = gen << 16
+        i = 0
+        n = len(buf)
+        while i + 2 <= n:
+            if i + 4 <= n:
+                first, length, tl = _HEAD(buf, i)  # type, remaining length (if < 128), a PUBLISH's topic length
+            else:  # a 2- or 3-byte packet at the end (PINGRESP, DISCONNECT)
+                first, length, tl = buf[i], buf[i + 1], 0
+            j = i + 2
+            if length & 0x80:  # a remaining length of 2..4 bytes
+                length, j = _remaining_length(buf, i + 1, n)
+                if j < 0:
+                    break  # not all of it has arrived yet
+                if first >> 4 == 3 and j + 2 <= n:
+                    tl = _U16(buf, j)[0]
+            end = j + length
+            if end > n:
+                break
+            if first >> 4 == 3:  # PUBLISH
+                if len(topics) >= room:
+                    break
+                k = j + 2 + tl
+                add_topic(buf[j + 2:k])
+                if first & 0x06:  # QoS 1
+                    add_token(g | _U16(buf, k)[0])
+                    k += 2
+                else:
+                    add_token(None)
+                if v5:
+                    k = k + 1 if buf[k] == 0 else _skip_properties(buf, k)
+                add_payload(buf[k:end])
+                if first & 0x08:
+                    dups += 1
+            else:
+                if topics:
+                    on_publishes(topics, payloads, tokens, dups)
+                    room -= len(topics)
+                    topics, payloads, tokens, dups = [], [], [], 0
+                    add_topic, add_payload, add_token = topics.append, payloads.append, tokens.append
+                self._control(first >> 4, buf, j, end, v5)
+            i = end
+        if topics:
+            on_publishes(topics, payloads, tokens, dups)
         return buf[i:] if i < n else b""

@@ -12,6 +12,10 @@ Handler callbacks (all may run on the transport's network thread):
     on_message(topic: str, payload: bytes, dup: bool, token: object)   may block (backpressure)
     on_disconnected(reason: str)
     on_connect_failed(reason: str)
+Optional, used by the native transport when the handler has both (the worker does):
+    room() -> int                              how many more messages fit in the in-flight window
+    on_publishes(topics: list[bytes], payloads: list[bytes], tokens: list, dups: int)
+                                               every PUBLISH of one read (at most room()), in order
 """
 
 from __future__ import annotations

@@ -224,3 +224,66 @@ def test_fuzz_json_documents_only_rejected(doc):
 @given(st.text(alphabet=st.sampled_from(list('cpu,=" \\\n0123456789.eEif-tTrRuU#xyz')), max_size=120))
 def test_fuzz_line_protocol_only_rejected(text):
     _check(text.encode())
+
+
+# --- the generated JSON fast path agrees with the generic decoder --------------------------------
+
+FAST_SUBS = [
+    sub(fields={"seq": ("int", None, True), "temp": ("float", None, False)}),
+    sub(fields={"t": ("float", "env.t", True), "ok": ("bool", None, False), "fw": ("string", "meta.fw", False)},
+        ts=("time", "s")),
+    sub(fields={"n": ("int", None, False), "s": ("string", None, True)}, ts=("at", "rfc3339")),
+    sub(fields={"v": ("float", None, True)}, ts=None),
+    sub(fields={"v": ("int", "a.0", True), "x y,z=": ("bool", None, False)}, ts=("m.ts", "us")),
+]
+FAST_DECODERS = [JsonDecoder(s, LIMITS) for s in FAST_SUBS]
+scalar = (st.none() | st.booleans() | st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
+          | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6)
+          | st.sampled_from(["2026-01-02T03:04:05Z", "2026-01-02T03:04:05", "x", "a\nb"]))
+keys = st.sampled_from(["seq", "temp", "ts", "t", "env", "ok", "fw", "meta", "n", "s", "at", "time", "v", "a", "m",
+                        "x y,z="])
+docs = st.recursive(scalar, lambda ch: st.lists(ch, max_size=3) | st.dictionaries(keys, ch, max_size=5),
+                    max_leaves=20)
+
+
+def _outcome(fn, payload):
+    try:
+        return fn(payload, dict(TAGS), NOW)
+    except Rejected as r:
+        return r.reason
+
+
+@FUZZ
+@given(st.dictionaries(keys, docs, max_size=7), st.sampled_from(["", " ", "\n", "x", "}"]))
+def test_json_fast_path_agrees_with_generic_decoder(doc, tail):
+    """Whatever the fast path returns equals the generic decoder's line; when it declines (None), the
+    generic decoder alone decides (including every dead-letter reason)."""
+    payload = (json.dumps(doc, allow_nan=True) + tail).encode()
+    for dec in FAST_DECODERS:
+        line = dec.fast(payload, NOW, dec.line_prefix(dict(TAGS)))
+        if line is not None:
+            assert [line] == _outcome(dec.decode_generic, payload)
+        assert _outcome(dec.decode, payload) == _outcome(dec.decode_generic, payload)
+
+
+def test_json_fast_path_takes_the_ordinary_messages():
+    """The fast path is not a no-op: typical messages go through it, with the generic decoder's bytes."""
+    ts_ms = NOW // 1_000_000 - 5000
+    cases = [
+        (0, {"ts": ts_ms, "seq": 7, "temp": 21.5}), (0, {"ts": ts_ms, "seq": -1, "temp": 3}),
+        (1, {"time": ts_ms // 1000, "env": {"t": 1e-3}, "ok": False, "meta": {"fw": 'v"1\\'}}),
+        (2, {"at": "2026-01-02T03:04:05+01:00", "n": 2 ** 63 - 1, "s": "a b"}),
+        (3, {"v": -0.0, "other": [1, {"x": 2}]}),
+        (4, {"m": {"ts": ts_ms * 1000}, "a": [5], "x y,z=": True}),
+    ]
+    for i, doc in cases:
+        dec = FAST_DECODERS[i]
+        payload = json.dumps(doc).encode()
+        line = dec.fast(payload, NOW, dec.line_prefix(dict(TAGS)))
+        assert line is not None, (i, doc)
+        assert [line] == dec.decode_generic(payload, dict(TAGS), NOW)
+    # deeper than limits.max_json_depth (8 here): the generic decoder's, which rejects it
+    deep = json.dumps({"v": 1.5, "other": [[[[[[[[1]]]]]]]]}).encode()
+    assert FAST_DECODERS[3].fast(deep, NOW, FAST_DECODERS[3].line_prefix(dict(TAGS))) is None
+    assert reason_of(FAST_DECODERS[3], deep) == Reason.TOO_COMPLEX
+    assert JsonDecoder(sub(), LIMITS).fast is None  # undeclared fields: the generic decoder flattens
