@@ -182,14 +182,6 @@ def test_guest_reboot_comes_back(lab):
         pytest.fail("h2 did not come back within 60 s after `systemctl reboot`")
 
 
-def test_down_leaves_nothing(lab):
-    provider, settings, _ = lab
-    provider.down()
-    assert provider.status() == {}
-    assert provider.leftovers() == []
-    assert system_leftovers(settings) == []
-
-
 def test_host_keys_are_pinned_not_trusted_on_first_use(lab, tmp_path):
     """ssh to a local host checks its key against the instance's known_hosts (written from the host's own disk):
     a host answering with another key is refused, as a reinstalled or impersonated server must be."""
@@ -227,3 +219,11 @@ def test_guests_can_load_their_own_firewall(lab):
     finally:
         provider.exec("h2", ["nft", "delete", "table", "inet", "pytest_fw"])
         provider.exec("h2", ["systemctl", "stop", "pytest-fw-listener"])
+
+
+def test_down_leaves_nothing(lab):
+    provider, settings, _ = lab
+    provider.down()
+    assert provider.status() == {}
+    assert provider.leftovers() == []
+    assert system_leftovers(settings) == []
