@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec(p, optional=True)
     _add_deploy_flags(p)
     p.add_argument("--no-verify", action="store_true", help="skip the health checks and the canary at the end")
+    p.add_argument("--allow-replace", action="store_true",
+                   help="clouds: allow replacing VMs (new root disk and host keys; the data disks stay)")
+    p.add_argument("--allow-data-loss", action="store_true",
+                   help="clouds: allow deleting or replacing data disks, and the data on them")
     _add_common(p)
     p.set_defaults(func=cmd_up)
 
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="bring a platform back from a backup archive onto fresh hosts", epilog=EPILOG)
     _add_spec(p, optional=True)
     p.add_argument("--from", dest="archive", required=True, help="the .iotplat-backup archive")
+    p.add_argument("--move", action="store_true",
+                   help="restore an archive of another environment of this platform (moving it, e.g. to another target)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     _add_deploy_flags(p)
     _add_common(p)
@@ -303,7 +309,7 @@ def cmd_up(args: argparse.Namespace, out: Output) -> int:
     from iotplat.deploy.ops import up
 
     result = up(args.spec, args.env, state_dir=args.state_dir, out_dir=args.out, progress=_progress(out),
-                verify=not args.no_verify)
+                verify=not args.no_verify, allow_replace=args.allow_replace, allow_data_loss=args.allow_data_loss)
     out.data.update(result)
     recap = ", ".join(f"{h}: {r['changed']} changed" for h, r in result["recap"].items())
     ok = result.get("ok", True)
@@ -323,8 +329,11 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
         out.line(block)
     for c in result["upgrades"]:
         out.line(f"upgrade: {c['service']} {c['old']} -> {c['new']} (`iotplat up` rolls it out one host at a time)")
-    if result["drift"]:
-        out.line(f"drift: {result['changed']} change(s) would be made; `iotplat up` applies them")
+    if result.get("note"):
+        out.line(f"drift: {result['note']}")
+    elif result["drift"]:
+        infra = f"{len(result['infrastructure'])} infrastructure change(s) and " if result["infrastructure"] else ""
+        out.line(f"drift: {infra}{result['changed']} host change(s) would be made; `iotplat up` applies them")
     else:
         out.line("no changes: the hosts match the spec")
     return code
@@ -357,8 +366,10 @@ def cmd_destroy(args: argparse.Namespace, out: Output) -> int:
     result = destroy(args.spec, args.env, data=args.data, state_dir=args.state_dir, out_dir=args.out,
                      progress=_progress(out))
     out.data.update(result)
-    for line in result["removed"]:
-        out.line(line)
+    for line in result["deleted"]:
+        out.line(f"deleted: {line}")
+    for line in result["kept"]:
+        out.line(f"kept:    {line}")
     return ExitCode.OK
 
 
@@ -381,7 +392,7 @@ def cmd_restore(args: argparse.Namespace, out: Output) -> int:
             out.line("nothing changed")
             return ExitCode.FAILURE
     result = restore(args.spec, args.env, archive=args.archive, state_dir=args.state_dir, out_dir=args.out,
-                     progress=_progress(out))
+                     progress=_progress(out), move=args.move)
     out.data.update(result)
     out.line(f"restored {result['platform']}/{result['environment']} from the backup of {result['created']}: "
              f"{'healthy' if result['ok'] else 'UNHEALTHY (see the checks above)'}")

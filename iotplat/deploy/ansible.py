@@ -141,18 +141,24 @@ def masker_for(materials: Materials) -> Masker:
     return Masker(materials.secret_values())
 
 
-def addresses_inventory(hosts: list[Host], private: dict[str, str] | None = None) -> dict:
+def addresses_inventory(hosts: list[Host]) -> dict:
+    """Where each host is (real addresses exist only here and only at deploy time): how Ansible reaches it, the
+    private address the other hosts use for it, and its data disk (if it has one)."""
     out: dict = {}
     for h in hosts:
-        out[h.name] = {
+        entry = {
             "ansible_host": h.address,
             "ansible_user": h.ssh_user,
             "ansible_port": h.ssh_port,
-            "ansible_ssh_private_key_file": h.ssh_private_key,
             "ansible_ssh_common_args": h.ssh_extra_args,
             "ansible_become": True,
-            "iotplat_private_address": (private or {}).get(h.name, h.address),
+            "iotplat_private_address": h.internal_address,
         }
+        if h.ssh_private_key:
+            entry["ansible_ssh_private_key_file"] = h.ssh_private_key
+        if h.data_device:
+            entry["iotplat_data_device"] = h.data_device
+        out[h.name] = entry
     return {"all": {"hosts": out}}
 
 
@@ -215,7 +221,8 @@ def run_playbook(build: Path, hosts: list[Host], materials: Materials, state_dir
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_FORCE_COLOR": "0",
             "ANSIBLE_RETRY_FILES_ENABLED": "0",
-            "ANSIBLE_HOST_KEY_CHECKING": "False",
+            # host keys are checked by ssh against the pinned known_hosts each Host names (ssh_extra_args)
+            "ANSIBLE_HOST_KEY_CHECKING": "True",
             "ANSIBLE_LOCAL_TEMP": str(run / "tmp"),
             "PYTHONUNBUFFERED": "1",
         }

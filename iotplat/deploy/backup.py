@@ -37,6 +37,11 @@ from iotplat.secrets.vault import Vault, key_file_path
 
 FORMAT = 1
 REMOTE_DIR = "/var/lib/iotplat-backup"
+# State files bound to the hosts of one deployment, never restored: the pinned SSH host keys (fresh hosts have new
+# ones), the record of the last deploy and its manifest (the hosts it names are gone).
+HOST_BOUND = ("known_hosts", "deployed.json", "manifest.json")
+# Bound to the cloud account and target of the archive: not restored when the platform moves (--move).
+TARGET_BOUND = ("pulumi", "pulumi-passphrase")
 
 
 def _ssh(host: Host, script: str, *, stdin: bytes | None = None, timeout: float = 600) -> bytes:
@@ -260,11 +265,14 @@ def open_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return info, members
 
 
-def check_fits(info: dict[str, Any], platform: Any) -> None:
-    """Refuse, before anything changes, an archive of another platform or of another InfluxDB major version."""
-    if (info["platform"], info["environment"]) != (platform.name, platform.environment):
+def check_fits(info: dict[str, Any], platform: Any, move: bool = False) -> None:
+    """Refuse, before anything changes, an archive of another platform or of another InfluxDB major version, and
+    one of another environment unless the platform is being moved there (`move`)."""
+    if info["platform"] != platform.name or (info["environment"] != platform.environment and not move):
+        hint = (f"; to move {info['platform']}/{info['environment']} into environment {platform.environment} (e.g. "
+                "onto another target), pass --move" if info["platform"] == platform.name else "")
         raise InvalidInput(f"the archive is of {info['platform']}/{info['environment']}, not "
-                           f"{platform.name}/{platform.environment}")
+                           f"{platform.name}/{platform.environment}{hint}")
     influx = info.get("influxdb")
     if not (isinstance(influx, dict) and isinstance(influx.get("version"), int)
             and isinstance(influx.get("database"), (str, type(None)))):
@@ -274,13 +282,18 @@ def check_fits(info: dict[str, Any], platform: Any) -> None:
                            f"InfluxDB {platform.spec.influxdb.version}; restore onto a platform of the same version")
 
 
-def restore_state(info: dict[str, Any], members: dict[str, bytes], state_dir: Path, platform: str, env: str) -> None:
-    if (info["platform"], info["environment"]) != (platform, env):
+def restore_state(info: dict[str, Any], members: dict[str, bytes], state_dir: Path, platform: str, env: str,
+                  move: bool = False) -> None:
+    if info["platform"] != platform or (info["environment"] != env and not move):
         raise InvalidInput(f"the archive is of {info['platform']}/{info['environment']}, not {platform}/{env}")
     check_state_tar(state_dir, members["state.tar"])  # every member checked before the first is extracted
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    skip = HOST_BOUND + (TARGET_BOUND if move else ())
     with tarfile.open(fileobj=io.BytesIO(members["state.tar"]), mode="r:") as tar:
-        tar.extractall(state_dir, filter="data")
+        keep = [m for m in tar.getmembers() if m.name.split("/", 1)[0] not in skip]
+        tar.extractall(state_dir, members=keep, filter="data")
+    for name in HOST_BOUND:  # the deploy record of what was there before the restore is stale too
+        (state_dir / name).unlink(missing_ok=True)
 
 
 def restore_data(ctx: Any, hosts: list[Host], info: dict[str, Any], members: dict[str, bytes], progress=print) -> None:
@@ -299,11 +312,14 @@ def restore_data(ctx: Any, hosts: list[Host], info: dict[str, Any], members: dic
         progress(f"  influxdb: influx restore --full on {influx.name}")
         load = f"{_influx2_env(p, influx.name)}influx restore --full {remote} >/dev/null"
     else:
+        from iotplat.hosts.tunnel import forward
+
         ca = _Ctx(ctx.materials.ca_cert_pem)
         try:
             admin_pw = ctx.materials.secrets["influxdb_admin_password"]
-            influx_query(p, influx.address, ca.context(), INFLUX_ADMIN_USER, admin_pw,
-                         f'DROP DATABASE "{p.influx_database}"', method="POST")
+            with forward(influx, p.spec.influxdb.port) as (address, port):  # InfluxDB is internal: through SSH
+                influx_query(p, address, ca.context(), INFLUX_ADMIN_USER, admin_pw,
+                             f'DROP DATABASE "{p.influx_database}"', method="POST", port=port)
         finally:
             ca.close()
         progress(f"  influxdb: restoring {p.influx_database} on {influx.name}")

@@ -8,16 +8,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iotplat.deploy import upgrade
-from iotplat.errors import ExitCode, IotplatError
+from iotplat.errors import ExitCode, InvalidInput, IotplatError
+from iotplat.hosts import Host
 from iotplat.secrets.materials import Materials
 from iotplat.secrets.state import State, resolve_state_root
 from iotplat.spec.platform_model import Platform
 
+if TYPE_CHECKING:
+    from iotplat.deploy.targets import TargetProvider
+
 Progress = Callable[[str], None]
 DEPLOYED = "deployed.json"
+BOOT_WAIT = 300.0  # seconds `up` waits for new hosts to answer SSH (a cloud's VMs boot after the stack is up)
 
 
 @dataclass
@@ -26,6 +31,15 @@ class Context:
     state: State
     materials: Materials
     build: Path
+
+    def target(self) -> TargetProvider:
+        from iotplat.deploy.targets import provider_for
+
+        return provider_for(self.platform, self.state, self.build)
+
+    def hosts(self) -> list[Host]:
+        """The deployed platform's hosts (nothing is created); NotDeployed when there are none."""
+        return self.target().acquire(create=False, progress=lambda s: None)
 
 
 def _cache_dir() -> Path:
@@ -55,10 +69,82 @@ def _grafana_outcome(output: str) -> tuple[bool, str]:
     return True, ""
 
 
+def check_target_switch(ctx: Context) -> None:
+    """A platform lives on one target at a time: refuse `up` on a new target while the old one still holds its
+    hosts or disks, and say how a platform moves."""
+    from iotplat.deploy.targets import provider_for
+
+    deployed = ctx.state.read_json(DEPLOYED) or {}
+    old = deployed.get("target")
+    p = ctx.platform
+    if not old or old == p.target:
+        return
+    spec = p.spec.model_copy(update={"target": _target_of(deployed)}) if deployed.get("target_spec") else None
+    if spec is None:
+        return
+    previous = Platform(spec, p.environment, p.spec_file, p.spec_dir, p.devices)
+    if not provider_for(previous, ctx.state, ctx.build).exists():
+        return
+    raise InvalidInput(
+        f"{p.key} is deployed on {old}, and the spec now says {p.target}: iotplat does not move a running platform by "
+        f"switching target.kind (the {old} hosts and their data would be orphaned). To move it: `iotplat backup`; "
+        f"deploy the new target as another environment (`iotplat up --env <new>`); `iotplat restore --env <new> "
+        f"--move --from ARCHIVE` (data, CA and device credentials come along); point devices at it; then destroy "
+        f"the old one with the old spec (`iotplat destroy --data`). Or, to start over on {p.target}, run "
+        f"`iotplat destroy --data` with the old spec first. Nothing was changed")
+
+
+def _target_of(deployed: dict[str, Any]) -> Any:
+    from pydantic import TypeAdapter
+
+    from iotplat.spec.model import Target
+
+    return TypeAdapter(Target).validate_python(deployed["target_spec"], strict=False)
+
+
+def check_reachable(hosts: list[Host], state_dir: Path, wait: float = 0) -> None:
+    """Every host answers SSH with the key pinned for it (before anything runs there): a changed host key or an
+    unreachable host stops the command with one line naming the host and the fix. `wait`: seconds to keep trying
+    hosts that do not answer yet (new cloud VMs boot after their stack is up); a wrong host key fails at once."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    def probe(h: Host) -> str:
+        argv = h.ssh_argv("true")
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        except subprocess.TimeoutExpired:
+            return f"{h.name} ({h.address}): no SSH answer within 60s"
+        if proc.returncode == 0:
+            return ""
+        err = proc.stderr
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in err or "Host key verification failed" in err:
+            pinned = state_dir / "known_hosts"
+            return (f"{h.name} ({h.address}): its SSH host key is not the one pinned in {pinned}. If the host was "
+                    f"reinstalled, remove the old key (`ssh-keygen -R {h.internal_address} -f {pinned}`, and "
+                    f"{h.address} likewise) and run the command again; otherwise someone may be impersonating it")
+        last = [line for line in err.strip().splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
+        return f"{h.name} ({h.address}): SSH as {h.ssh_user} failed: {last[0]}"
+
+    deadline = time.monotonic() + wait
+    pending = list(hosts)
+    while True:
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(pending)))) as pool:
+            results = list(pool.map(probe, pending))
+        problems = [m for m in results if m]
+        keys = [m for m in problems if "host key" in m]
+        if not problems or keys or time.monotonic() >= deadline:
+            break
+        pending = [h for h, m in zip(pending, results, strict=True) if m]
+        time.sleep(2)
+    if problems:
+        raise IotplatError("; ".join(keys or problems))
+
+
 def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,
-       progress: Progress = print, verify: bool = True) -> dict[str, Any]:
+       progress: Progress = print, verify: bool = True, allow_replace: bool = False,
+       allow_data_loss: bool = False) -> dict[str, Any]:
     from iotplat.deploy.ansible import run_playbook
-    from iotplat.deploy.targets import acquire_hosts
     from iotplat.deploy.wheelhouse import build_wheelhouse
 
     started = time.monotonic()
@@ -66,8 +152,11 @@ def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_d
     p = ctx.platform
     with ctx.state.lock("up"):
         progress(f"[1/4] rendered {p.key} into {ctx.build}")
-        hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=True)
+        check_target_switch(ctx)
+        hosts = ctx.target().acquire(create=True, progress=progress, allow_replace=allow_replace,
+                                     allow_data_loss=allow_data_loss)
         progress("[2/4] hosts ready: " + ", ".join(f"{h.name} ({h.address})" for h in hosts))
+        check_reachable(hosts, ctx.state.dir, wait=BOOT_WAIT)
         wheelhouse = build_wheelhouse(_cache_dir() / "wheelhouse")
         current = upgrade.versions(ctx.build, wheelhouse)
         changed = upgrade.changes(ctx.state.read_json(DEPLOYED), current, p)
@@ -88,6 +177,8 @@ def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_d
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "grafana": {"deployed": grafana_deployed and bool(p.placement["grafana"]), "reason": grafana_reason},
             "hosts": {h.name: h.address for h in hosts},
+            "target": p.target,
+            "target_spec": p.spec.target.model_dump(mode="json"),
             "versions": current,
         })
     out: dict[str, Any] = {
@@ -167,12 +258,10 @@ def status_of(ctx: Context, hosts: list, grafana_deployed: bool | None = None, c
 
 def status_cmd(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,
                progress: Progress = print, canary: bool = True) -> tuple[dict[str, Any], int]:
-    from iotplat.deploy.targets import acquire_hosts
-
     ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
     if ctx.state.read_json(DEPLOYED) is None:
         raise IotplatError(f"{ctx.platform.key} has not been deployed from this state directory; run `iotplat up`")
-    hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+    hosts = ctx.hosts()
     report = status_of(ctx, hosts, canary=canary)
     return ({"platform": ctx.platform.name, "environment": ctx.platform.environment, "ok": report.ok,
              "checks": [c.as_dict() for c in report.checks]}, ExitCode.OK if report.ok else ExitCode.FAILURE)
@@ -180,28 +269,61 @@ def status_cmd(spec: str | None, env: str | None, *, state_dir: str | None = Non
 
 def plan(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,
          progress: Progress = print) -> tuple[dict[str, Any], int]:
+    """What `up` would change: the infrastructure first (clouds: Pulumi's preview, replacements and deletions
+    first), the pinned versions per Debian release and upgrades, then each host in Ansible's check mode."""
     from iotplat.deploy.ansible import run_playbook
-    from iotplat.deploy.targets import acquire_hosts
+    from iotplat.deploy.targets import NotDeployed
     from iotplat.deploy.wheelhouse import build_wheelhouse
 
     ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
+    p = ctx.platform
+    out: dict[str, Any] = {"platform": p.name, "environment": p.environment, "changes": [], "changed": 0,
+                           "diff": [], "upgrades": [], "infrastructure": [], "pins": _pins(ctx.build)}
+    for release, pins in out["pins"].items():
+        progress(f"  pinned   {release}: " + ", ".join(f"{k} {v}" for k, v in sorted(pins.items())))
     with ctx.state.lock("plan"):
-        hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+        target = ctx.target()
+        preview = target.preview()
+        if preview is not None:
+            out["infrastructure"] = preview.lines()
+            for line in out["infrastructure"]:
+                progress(f"  {p.target:<8} {line}")
+        try:
+            hosts = target.acquire(create=False, progress=progress)
+        except NotDeployed as exc:
+            out.update(drift=True, hosts=False, note=f"{exc}: up would create the hosts and deploy everything")
+            progress(f"  {out['note']}")
+            return out, ExitCode.DRIFT
+        check_reachable(hosts, ctx.state.dir)
         wheelhouse = build_wheelhouse(_cache_dir() / "wheelhouse")
-        upgrades = upgrade.changes(ctx.state.read_json(DEPLOYED), upgrade.versions(ctx.build, wheelhouse), ctx.platform)
+        upgrades = upgrade.changes(ctx.state.read_json(DEPLOYED), upgrade.versions(ctx.build, wheelhouse), p)
         for c in upgrades:
             progress(f"  upgrade  {c} (up rolls it out one host at a time)")
         result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, wheelhouse, check=True, progress=progress)
     if result.returncode != 0 and not result.recap:
         raise IotplatError("plan could not run: " + "; ".join(result.failures[:3] or result.output.splitlines()[-1:]))
-    changes = [{"host": h, "task": t} for h, t in result.changed_tasks]
-    diffs = _diff_blocks(result.output)
-    code = ExitCode.DRIFT if result.changed else ExitCode.OK
+    out.update(changes=[{"host": h, "task": t} for h, t in result.changed_tasks], changed=result.changed,
+               diff=_diff_blocks(result.output), upgrades=[vars(c) for c in upgrades], hosts=True)
+    out["drift"] = result.changed > 0 or bool(out["infrastructure"])
+    code = ExitCode.DRIFT if out["drift"] else ExitCode.OK
     if result.failed:
         code = ExitCode.FAILURE
-    return ({"platform": ctx.platform.name, "environment": ctx.platform.environment, "changes": changes,
-             "changed": result.changed, "drift": result.changed > 0, "diff": diffs,
-             "upgrades": [vars(c) for c in upgrades]}, code)
+    return out, code
+
+
+def _pins(build: Path) -> dict[str, dict[str, str]]:
+    """The package versions each Debian release gets from this render: {release: {package: version}}."""
+    import yaml
+
+    gv = yaml.safe_load((build / "ansible" / "group_vars" / "all.yml").read_text())
+    out: dict[str, dict[str, str]] = {}
+    tables = {"mosquitto": gv.get("mosquitto_package_versions") or {},
+              "influxdb": (gv.get("influxdb_package") or {}).get("versions") or {},
+              "grafana": (gv.get("grafana_package") or {}).get("versions") or {} if gv.get("grafana_enabled") else {}}
+    for package, versions in tables.items():
+        for release, version in versions.items():
+            out.setdefault(release, {})[package] = str(version)
+    return out
 
 
 def _diff_blocks(output: str) -> list[str]:
@@ -219,24 +341,40 @@ def _diff_blocks(output: str) -> list[str]:
 
 def destroy(spec: str | None, env: str | None, *, data: bool = False, state_dir: str | None = None,
             out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
+    """Stop and remove the services (their data only with `data`), then release what iotplat created for the hosts:
+    local hosts are deleted; bare-metal hosts kept; a cloud stack is retired (data disks kept) or, with `data`,
+    destroyed. Returns what was deleted and what was kept."""
     from iotplat.deploy.ansible import run_playbook
-    from iotplat.deploy.targets import acquire_hosts, release_hosts
+    from iotplat.deploy.targets import NotDeployed, Released
 
     ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
     p = ctx.platform
     with ctx.state.lock("destroy"):
-        removed = []
-        if p.target != "local":
-            hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=False)
-            result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, progress=progress,
-                                  playbook="destroy.yml", extra_vars={"iotplat_destroy_data": data})
-            if result.returncode != 0:
-                raise IotplatError("destroy failed: " + "; ".join(result.failures[:3]))
-            removed.append("services stopped and removed" + (" with their data" if data else " (data kept)"))
-        removed.append(release_hosts(p, ctx.state.dir))
+        target = ctx.target()
+        done = Released()
+        if p.target != "local":  # local hosts go with everything on them
+            try:
+                hosts = target.acquire(create=False, progress=progress)
+            except NotDeployed:
+                hosts = []
+            if hosts:
+                check_reachable(hosts, ctx.state.dir)
+                result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, progress=progress,
+                                      playbook="destroy.yml", extra_vars={"iotplat_destroy_data": data})
+                if result.returncode != 0:
+                    raise IotplatError("destroy failed: " + "; ".join(result.failures[:3]))
+                where = ", ".join(h.name for h in hosts)
+                done.deleted.append(f"the services on {where} and their configuration"
+                                    + (" and data" if data else ""))
+                if not data:
+                    done.kept.append(f"the services' data on {where}")
+        released = target.release(data=data, progress=progress)
+        done.deleted += released.deleted
+        done.kept += released.kept
         for name in ("manifest.json", DEPLOYED):
             (ctx.state.dir / name).unlink(missing_ok=True)
-    return {"platform": p.name, "environment": p.environment, "removed": removed}
+    return {"platform": p.name, "environment": p.environment, "deleted": done.deleted, "kept": done.kept,
+            "removed": done.deleted}
 
 
 def logs(spec: str | None, env: str | None, *, service: str | None, host: str | None, since: str | None,
@@ -244,10 +382,9 @@ def logs(spec: str | None, env: str | None, *, service: str | None, host: str | 
          emit: Callable[[Any], None] = print) -> dict[str, Any]:
     from iotplat.deploy import logs as journal
     from iotplat.deploy.ansible import masker_for
-    from iotplat.deploy.targets import acquire_hosts
 
     ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
-    hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+    hosts = ctx.hosts()
     mask = masker_for(ctx.materials)
     if follow:
         count = 0
@@ -264,37 +401,35 @@ def logs(spec: str | None, env: str | None, *, service: str | None, host: str | 
 def backup(spec: str | None, env: str | None, *, to: str | None, state_dir: str | None = None,
            out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
     from iotplat.deploy import backup as bk
-    from iotplat.deploy.targets import acquire_hosts
 
     ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
     if ctx.state.read_json(DEPLOYED) is None:
         raise IotplatError(f"{ctx.platform.key} has not been deployed from this state directory; nothing to back up")
-    hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+    hosts = ctx.hosts()
     with ctx.state.lock("backup"):
         result = bk.create(ctx, hosts, Path(to) if to else Path("backups"), progress=progress)
     return {"platform": ctx.platform.name, "environment": ctx.platform.environment, **result}
 
 
 def restore(spec: str | None, env: str | None, *, archive: str, state_dir: str | None = None,
-            out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
+            out_dir: str | None = None, progress: Progress = print, move: bool = False) -> dict[str, Any]:
     from iotplat.commands import _spec_path
     from iotplat.deploy import backup as bk
-    from iotplat.deploy.targets import acquire_hosts
     from iotplat.spec.load import load_platform
 
     path, display = _spec_path(spec)
     platform = load_platform(path, env, display)
     info, members = bk.open_archive(Path(archive))  # verified before anything changes
-    bk.check_fits(info, platform)
+    bk.check_fits(info, platform, move=move)
     root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
     target = root / platform.name / platform.environment
     state = State.open(root, platform.name, platform.environment)
     with state.lock("restore"):
-        bk.restore_state(info, members, target, platform.name, platform.environment)
+        bk.restore_state(info, members, target, platform.name, platform.environment, move=move)
     progress(f"restored the state of {platform.key} from {archive}; deploying with its credentials")
     first = up(spec, env, state_dir=state_dir, out_dir=out_dir, progress=progress, verify=False)
     ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
-    hosts = acquire_hosts(ctx.platform, ctx.build, ctx.state.dir, create=False)
+    hosts = ctx.hosts()
     with ctx.state.lock("restore"):
         bk.restore_data(ctx, hosts, info, members, progress=progress)
     progress("re-applying users, grants and retention after the data restore")

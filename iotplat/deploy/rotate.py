@@ -64,14 +64,13 @@ def deploy_rolling(spec: str | None, env: str | None, *, state_dir: str | None, 
     """Render from the (already changed) state and apply it: the services (with the broker and worker roles
     skipped), the broker with a reload, then the worker replicas one by one."""
     from iotplat.deploy.ansible import run_playbook
-    from iotplat.deploy.targets import acquire_hosts
 
     started = time.monotonic()
     ctx = open_context(spec, env, state_dir, out_dir, progress)
     p = ctx.platform
     out: dict[str, Any] = {"services_changed": 0, "workers_restarted": []}
     with ctx.state.lock("rotate"):
-        hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=False)
+        hosts = ctx.hosts()
         if services:
             progress("[rotate] services (the broker and the worker replicas come next)")
             # the roles tag every task with their name; their restart handlers are notified only by their own tasks
@@ -147,26 +146,29 @@ def _summary(deployed: dict[str, Any]) -> str:
 
 def _influx_set_admin_password(ctx: Context, hosts: list, old: str, new: str) -> None:
     """SET PASSWORD for the InfluxDB 1.x admin, authenticated with the old one (the role cannot: it only knows
-    the stored password). The statement goes in the POST body, never in a URL that could be logged."""
+    the stored password). The statement goes in the POST body, never in a URL that could be logged. InfluxDB is
+    internal: it is reached through an SSH tunnel to its host."""
+    from iotplat.hosts.tunnel import forward
     from iotplat.verify.status import _HTTPS, _Ctx
 
     p = ctx.platform
-    address = {h.name: h.address for h in hosts}[p.host_of("influxdb")]
+    influx = {h.name: h for h in hosts}[p.host_of("influxdb")]
     trust = _Ctx(ctx.materials.ca_cert_pem)
     try:
-        conn = _HTTPS(address, p.spec.influxdb.port, trust.context(), p.service_name("influxdb"))
-        body = urllib.parse.urlencode({"q": f"SET PASSWORD FOR \"{INFLUX_ADMIN_USER}\" = '{new}'"})
-        auth = base64.b64encode(f"{INFLUX_ADMIN_USER}:{old}".encode()).decode()
-        try:
-            conn.request("POST", "/query", body=body, headers={
-                "Authorization": "Basic " + auth, "Content-Type": "application/x-www-form-urlencoded"})
-            resp = conn.getresponse()
-            data = resp.read()
-        except OSError as exc:
-            raise IotplatError(f"cannot reach InfluxDB at {address}:{p.spec.influxdb.port} to change the admin "
-                               f"password: {exc}; nothing was rotated") from None
-        finally:
-            conn.close()
+        with forward(influx, p.spec.influxdb.port) as (address, port):
+            conn = _HTTPS(address, port, trust.context(), p.service_name("influxdb"))
+            body = urllib.parse.urlencode({"q": f"SET PASSWORD FOR \"{INFLUX_ADMIN_USER}\" = '{new}'"})
+            auth = base64.b64encode(f"{INFLUX_ADMIN_USER}:{old}".encode()).decode()
+            try:
+                conn.request("POST", "/query", body=body, headers={
+                    "Authorization": "Basic " + auth, "Content-Type": "application/x-www-form-urlencoded"})
+                resp = conn.getresponse()
+                data = resp.read()
+            except OSError as exc:
+                raise IotplatError(f"cannot reach InfluxDB on {influx.name} (through SSH) to change the admin "
+                                   f"password: {exc}; nothing was rotated") from None
+            finally:
+                conn.close()
     finally:
         trust.close()
     error = ""
@@ -182,14 +184,13 @@ def _influx_set_admin_password(ctx: Context, hosts: list, old: str, new: str) ->
 
 def secrets(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,
             progress: Progress = print) -> dict[str, Any]:
-    from iotplat.deploy.targets import acquire_hosts
 
     ctx = _deployed_context(spec, env, state_dir, out_dir, progress)
     p = ctx.platform
     if p.spec.influxdb.version != 1:
         raise InvalidInput(f"{p.spec_file}: influxdb.version 2: rotating the InfluxDB 2 tokens is not supported yet; "
                            "nothing was changed")
-    hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=False)
+    hosts = ctx.hosts()
     with ctx.state.lock("rotate secrets"):
         rotated, skipped = rotation.rotate_service_secrets(p, ctx.state)
         if getattr(p.spec.secrets, rotation.ADMIN_SECRET, None) is None:
@@ -252,13 +253,12 @@ def _end_session(ctx: Context, hosts: list, client_id: str, password: str) -> bo
 
 def device(spec: str | None, env: str | None, device_id: str, *, state_dir: str | None = None,
            out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
-    from iotplat.deploy.targets import acquire_hosts
 
     ctx = _deployed_context(spec, env, state_dir, out_dir, progress)
     p = ctx.platform
     if not any(d.id == device_id for d in p.all_devices):
         raise InvalidInput(f"no device {device_id!r} in the registry of {p.key} (`iotplat device list`)")
-    hosts = acquire_hosts(p, ctx.build, ctx.state.dir, create=False)
+    hosts = ctx.hosts()
     with ctx.state.lock("rotate device"):
         old_password = ctx.materials.mqtt_users[device_id][0]
         rotation.rotate_mqtt_passwords(ctx.state, [device_id])

@@ -1,28 +1,104 @@
-"""Where each target's hosts come from, as `Host` records for the inventory.
+"""Where each target's hosts come from: one `TargetProvider` per target kind, chosen by `provider_for`.
 
-- local: throw-away systemd-nspawn hosts (iotplat.hosts), keyed by platform-environment;
-- baremetal: the addresses in the spec;
-- aws / azure: `pulumi up` of stacks/<target> with the rendered stack config, then its outputs.
+- local: throw-away systemd-nspawn hosts (iotplat.hosts), keyed by platform-environment and owned by the state
+  that created them; their SSH host keys are pinned by the provider itself;
+- baremetal: the addresses in the spec; nothing is created or deleted, only services are;
+- aws / azure: the Pulumi stack in stacks/<target> (iotplat.deploy.pulumi), then its outputs.
+
+For every target but local, SSH host keys are learned on first contact and pinned in the state directory's
+`known_hosts` (StrictHostKeyChecking=accept-new): a host that answers later with another key is refused.
+No code outside this module branches on the target kind to find, create or remove hosts.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from iotplat.errors import IotplatError
-from iotplat.hosts import Host, HostProvider, LocalSettings, local_provider
-from iotplat.resources import data_dir
-from iotplat.spec.platform_model import Platform
+from iotplat.hosts import Host, LocalSettings, local_provider
+
+if TYPE_CHECKING:
+    from iotplat.deploy.pulumi import Preview
+    from iotplat.secrets.state import State
+    from iotplat.spec.platform_model import Platform
+
+Progress = Callable[[str], None]
+KNOWN_HOSTS = "known_hosts"
+SUITE_OF_RELEASE = {"debian-12": "bookworm", "debian-13": "trixie"}
+
+
+class NotDeployed(IotplatError):
+    """The platform's hosts do not exist (yet): nothing to check, read or remove there."""
+
+
+@dataclass
+class Released:
+    """What `destroy` removed and what it kept, one human line each."""
+
+    deleted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+class TargetProvider(Protocol):
+    kind: str
+
+    def acquire(self, *, create: bool, progress: Progress, allow_replace: bool = False,
+                allow_data_loss: bool = False) -> list[Host]:
+        """The platform's hosts in spec order. create=True makes them exist (and changes the infrastructure to
+        match the spec); create=False only finds them and raises NotDeployed when they do not exist."""
+        ...
+
+    def exists(self) -> bool:
+        """Whether this target holds any of the platform's hosts or disks (no side effects)."""
+        ...
+
+    def preview(self) -> Preview | None:
+        """What `acquire(create=True)` would change in the infrastructure (clouds); None: nothing to preview."""
+        ...
+
+    def release(self, *, data: bool, progress: Progress) -> Released:
+        """Remove what iotplat created for the hosts (services are removed by the destroy playbook first)."""
+        ...
+
+
+def provider_for(platform: Platform, state: State, build: Path) -> TargetProvider:
+    kind = platform.target
+    if kind == "local":
+        return LocalTarget(platform, state)
+    if kind == "baremetal":
+        return BaremetalTarget(platform, state)
+    from iotplat.deploy.pulumi import CloudTarget
+
+    return CloudTarget(platform, state, build)
+
+
+def known_hosts_args(state: State) -> str:
+    """ssh options that pin host keys in the state directory: learned on first contact, refused when changed."""
+    path = state.dir / KNOWN_HOSTS
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+    return f"-o UserKnownHostsFile={shlex.quote(str(path))} -o StrictHostKeyChecking=accept-new"
+
+
+def key_args(key: str) -> str:
+    """With a key file, offer only that key (an agent with many keys would exhaust the server's MaxAuthTries)."""
+    return "-o IdentitiesOnly=yes" if key else ""
+
+
+# ---------------------------------------------------------------------------------------------- local
 
 
 def local_settings(platform: Platform) -> LocalSettings:
     t = platform.spec.target
+    assert t.kind == "local"
     kwargs: dict = {"instance": f"{platform.name}-{platform.environment}", "network": t.network,
-                    "proxy_port": t.proxy_port}
+                    "proxy_port": t.proxy_port, "suite": SUITE_OF_RELEASE[t.release]}
     if t.mirror:
         kwargs["mirror"] = t.mirror
     if t.ca_bundle:
@@ -32,88 +108,70 @@ def local_settings(platform: Platform) -> LocalSettings:
     return LocalSettings(**kwargs)
 
 
-def provider_for(platform: Platform) -> HostProvider | None:
-    if platform.target == "local":
-        return local_provider(local_settings(platform))
-    return None
+class LocalTarget:
+    kind = "local"
 
+    def __init__(self, platform: Platform, state: State) -> None:
+        self.platform = platform
+        self.state = state
+        self.provider = local_provider(local_settings(platform))
 
-def acquire_hosts(platform: Platform, build: Path, state_dir: Path, *, create: bool = True) -> list[Host]:
-    kind = platform.target
-    if kind == "local":
-        provider = local_provider(local_settings(platform))
+    def acquire(self, *, create: bool, progress: Progress, allow_replace: bool = False,
+                allow_data_loss: bool = False) -> list[Host]:
+        names = self.platform.host_names
         if create:
-            return provider.up(platform.host_names)
-        status = provider.status()
-        missing = [n for n in platform.host_names if status.get(n) != "running"]
+            return self.provider.up(names, owner=self.state.identity())
+        status = self.provider.status()
+        if not status:
+            raise NotDeployed(f"{self.platform.key} has no local hosts; run `iotplat up` first")
+        missing = [n for n in names if status.get(n) != "running"]
         if missing:
             raise IotplatError(f"local host(s) {', '.join(missing)} are not running; run `iotplat up` first")
-        return provider.up(platform.host_names)
-    if kind == "baremetal":
-        t = platform.spec.target
+        return self.provider.up(names, owner=self.state.identity())
+
+    def exists(self) -> bool:
+        return bool(self.provider.status())
+
+    def preview(self) -> Preview | None:
+        return None
+
+    def release(self, *, data: bool, progress: Progress) -> Released:
+        had = sorted(self.provider.status())
+        self.provider.down(owner=self.state.identity())
+        return Released(deleted=[f"local hosts {', '.join(had)} and everything on them" if had else "no local hosts"])
+
+
+# ------------------------------------------------------------------------------------------ bare metal
+
+
+class BaremetalTarget:
+    kind = "baremetal"
+
+    def __init__(self, platform: Platform, state: State) -> None:
+        self.platform = platform
+        self.state = state
+
+    def acquire(self, *, create: bool, progress: Progress, allow_replace: bool = False,
+                allow_data_loss: bool = False) -> list[Host]:
+        t = self.platform.spec.target
+        assert t.kind == "baremetal"
+        pin = known_hosts_args(self.state)
         out = []
-        for name in platform.host_names:
+        for name in self.platform.host_names:
             h = t.hosts[name]
             key = h.ssh_private_key or ""  # "": the operator's ssh agent and ~/.ssh/config
             if key and not Path(key).is_absolute():
-                key = str(platform.spec_dir / key)
+                key = str(self.platform.spec_dir / key)
             out.append(Host(name=name, address=h.address, ssh_user=h.ssh_user or t.ssh_user, ssh_port=h.ssh_port,
-                            ssh_private_key=key, ssh_extra_args=""))
+                            ssh_private_key=key, ssh_extra_args=f"{pin} {key_args(key)}".strip(),
+                            data_device=h.data_device or ""))
         return out
-    return _pulumi_hosts(platform, build, state_dir, create=create)
 
+    def exists(self) -> bool:
+        return self.state.read_json("deployed.json") is not None
 
-def _pulumi_hosts(platform: Platform, build: Path, state_dir: Path, *, create: bool) -> list[Host]:
-    """Run the cloud stack with the Pulumi CLI (not testable on the development machines: no CLI, no cloud)."""
-    pulumi = shutil.which("pulumi")
-    if not pulumi:
-        raise IotplatError(f"deploying to {platform.target} needs the Pulumi CLI: install it from pulumi.com/docs/install, "
-                           "then rerun (render works without it)")
-    stack = f"{platform.name}-{platform.environment}"
-    stack_dir = data_dir("stacks") / platform.target
-    config = build / "pulumi" / platform.target / f"Pulumi.{stack}.yaml"
-    backend = state_dir / "pulumi"
-    backend.mkdir(mode=0o700, exist_ok=True)
-    env = {**os.environ, "PULUMI_BACKEND_URL": backend.resolve().as_uri(), "PULUMI_SKIP_UPDATE_CHECK": "true"}
-    env.setdefault("PULUMI_CONFIG_PASSPHRASE_FILE", str(Path(os.environ.get("IOTPLAT_VAULT_PASSWORD_FILE", ""))))
+    def preview(self) -> Preview | None:
+        return None
 
-    def run(*args: str) -> str:
-        proc = subprocess.run([pulumi, *args], cwd=stack_dir, env=env, capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["failed"])[-1]
-            raise IotplatError(f"pulumi {args[0]} failed for stack {stack}: {tail}")
-        return proc.stdout
-
-    run("stack", "select", "--create", stack)
-    if create:
-        run("up", "--yes", "--skip-preview", "--stack", stack, "--config-file", str(config))
-    outputs = json.loads(run("stack", "output", "--json", "--stack", stack))
-    user = outputs.get("sshUser", "admin")
-    jump = outputs.get("sshJumpHost")
-    hosts = []
-    for name in platform.host_names:
-        o = outputs["hosts"][name]
-        address = o.get("publicIp") or o["privateIp"]
-        extra = f"-o ProxyJump={user}@{jump}" if not o.get("publicIp") and jump else ""
-        hosts.append(Host(name=name, address=address, ssh_user=user, ssh_port=22, ssh_private_key="",
-                          ssh_extra_args=extra))
-    return hosts
-
-
-def release_hosts(platform: Platform, state_dir: Path) -> str:
-    """Remove the hosts themselves where iotplat created them (local: nspawn hosts; clouds: pulumi destroy)."""
-    if platform.target == "local":
-        local_provider(local_settings(platform)).down()
-        return "local hosts removed"
-    if platform.target == "baremetal":
-        return "bare-metal hosts kept (iotplat does not own them)"
-    pulumi = shutil.which("pulumi")
-    if not pulumi:
-        raise IotplatError("destroying cloud hosts needs the Pulumi CLI: install it from pulumi.com/docs/install")
-    stack = f"{platform.name}-{platform.environment}"
-    env = {**os.environ, "PULUMI_BACKEND_URL": (state_dir / "pulumi").resolve().as_uri()}
-    proc = subprocess.run([pulumi, "destroy", "--yes", "--stack", stack], cwd=data_dir("stacks") / platform.target,
-                          env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise IotplatError(f"pulumi destroy failed for stack {stack}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return f"cloud stack {stack} destroyed"
+    def release(self, *, data: bool, progress: Progress) -> Released:
+        return Released(kept=[f"the bare-metal hosts {', '.join(self.platform.host_names)} (iotplat does not own them)"])

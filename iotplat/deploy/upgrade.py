@@ -34,13 +34,22 @@ class Change:
         return f"{self.service} {self.old} -> {self.new}"
 
 
+def pin_text(versions: dict[str, str]) -> str:
+    """A per-release pin as one comparable string: the version when every release has the same one, else
+    `debian-12=<v>,debian-13=<v>` (a change of either release's pin is an upgrade)."""
+    values = {str(v) for v in versions.values()}
+    if len(values) == 1:
+        return values.pop()
+    return ",".join(f"{r}={versions[r]}" for r in sorted(versions))
+
+
 def versions(build: Path, wheelhouse: Path | None) -> dict[str, str]:
     """The versions this render deploys, read from the rendered group_vars (the roles' own inputs)."""
     gv = yaml.safe_load((build / "ansible" / "group_vars" / "all.yml").read_text())
     out = {
-        "mosquitto": str(gv["mosquitto_package_version"]),
-        "influxdb": str(gv["influxdb_package"].get("version", "")),
-        "grafana": str(gv["grafana_package"].get("version", "")),
+        "mosquitto": pin_text(gv["mosquitto_package_versions"]),
+        "influxdb": pin_text(gv["influxdb_package"].get("versions") or {}),
+        "grafana": pin_text(gv["grafana_package"].get("versions") or {}),
         "worker": str(gv["iotplat_version"]),
     }
     sums = wheelhouse / "SHA256SUMS" if wheelhouse else None

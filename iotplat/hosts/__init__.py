@@ -7,7 +7,7 @@ cloud targets get their hosts from Pulumi and bare metal from the inventory, all
 from __future__ import annotations
 
 from .api import Host, HostProvider, HostProviderError, HostState
-from .settings import DEFAULT_PACKAGES, LocalSettings
+from .settings import DEFAULT_PACKAGES, STOCK_PACKAGES, SUITES, ImageSpec, LocalSettings
 
 
 def local_provider(settings: LocalSettings) -> HostProvider:
@@ -23,6 +23,9 @@ __all__ = [
     "HostProvider",
     "HostProviderError",
     "HostState",
+    "ImageSpec",
     "LocalSettings",
+    "STOCK_PACKAGES",
+    "SUITES",
     "local_provider",
 ]

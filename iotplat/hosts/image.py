@@ -1,4 +1,4 @@
-"""The shared base image: a Debian 12 root file system built once with mmdebstrap.
+"""Shared base images: Debian root file systems built once with mmdebstrap, one per ImageSpec.
 
 Hosts mount it read-only as the lower layer of an overlay, so it must never change while in use;
 a different package list or mirror gives a different image (its key is a hash of the inputs).
@@ -16,11 +16,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import _sys
+from . import sysutil
 from .api import HostProviderError
-from .settings import SSH_USER, SUITE, LocalSettings
+from .settings import ImageSpec
 
-FORMAT = 3  # bump when the customisation below changes: every machine then rebuilds its base
+FORMAT = 4  # bump when the customisation below changes: every machine then rebuilds its base
 MASKED_UNITS = (  # timers that would grab the apt lock in the middle of a deployment
     "apt-daily.timer",
     "apt-daily-upgrade.timer",
@@ -46,13 +46,13 @@ SystemMaxUse=32M
 OK_FILE = "iotplat-base.json"
 
 
-def sources_list(mirror: str, security: str) -> str:
+def sources_list(suite: str, mirror: str, security: str) -> str:
     """Debian's usual three sources. Guests reach them through the apt proxy, which speaks http."""
     m, s = _http(mirror), _http(security)
     return (
-        f"deb {m} {SUITE} main\n"
-        f"deb {m} {SUITE}-updates main\n"
-        f"deb {s} {SUITE}-security main\n"
+        f"deb {m} {suite} main\n"
+        f"deb {m} {suite}-updates main\n"
+        f"deb {s} {suite}-security main\n"
     )
 
 
@@ -60,14 +60,15 @@ def _http(url: str) -> str:
     return "http://" + url.split("://", 1)[1] if url.startswith("https://") else url
 
 
-def base_key(settings: LocalSettings, mirror: str, security: str) -> str:
+def base_key(image: ImageSpec, mirror: str, security: str) -> str:
     inputs = {
         "format": FORMAT,
-        "suite": SUITE,
-        "packages": sorted(set(settings.packages)),
+        "suite": image.suite,
+        "profile": image.profile,
+        "packages": sorted(set(image.packages)),
         "mirror": mirror,
         "security": security,
-        "user": SSH_USER,
+        "user": image.user,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -94,33 +95,35 @@ def file_lock(path: Path, *, timeout: float, what: str) -> Iterator[None]:
         os.close(fd)
 
 
-def ensure_base(settings: LocalSettings, mirror: str, security: str) -> Path:
-    """Return the rootfs of the base image for these settings, building it if needed (~25 s)."""
-    key = base_key(settings, mirror, security)
-    bases = settings.state_dir / "base"
+def ensure_base(image: ImageSpec, state_dir: Path, mirror: str, security: str) -> Path:
+    """Return the rootfs of the base image `image` (under state_dir/base/), building it if needed (~25 s)."""
+    key = base_key(image, mirror, security)
+    bases = state_dir / "base"
     final = bases / key
     if (final / OK_FILE).is_file():
+        with contextlib.suppress(OSError):
+            os.utime(final / OK_FILE)  # last used: keeps it from garbage_collect
         return final / "rootfs"
-    with file_lock(settings.state_dir / "base.lock", timeout=900, what="building the base image"):
+    with file_lock(state_dir / "base.lock", timeout=900, what="building the base image"):
         if (final / OK_FILE).is_file():  # another process built it while we waited
             return final / "rootfs"
         tmp = bases / f"{key}.tmp"
-        _sys.remove_tree(tmp)
+        sysutil.remove_tree(tmp)
         if final.exists():
-            _sys.remove_tree(final)  # an unfinished build
+            sysutil.remove_tree(final)  # an unfinished build
         tmp.mkdir(parents=True)
         rootfs = tmp / "rootfs"
-        build = _sys.run(
+        build = sysutil.run(
             [
-                _sys.which("mmdebstrap"),
+                sysutil.which("mmdebstrap"),
                 "--variant=minbase",
-                "--include=" + ",".join(settings.packages),
+                "--include=" + ",".join(image.packages),
                 "--components=main",
-                SUITE,
+                image.suite,
                 str(rootfs),
-                f"deb {mirror} {SUITE} main",
-                f"deb {mirror} {SUITE}-updates main",
-                f"deb {security} {SUITE}-security main",
+                f"deb {mirror} {image.suite} main",
+                f"deb {mirror} {image.suite}-updates main",
+                f"deb {security} {image.suite}-security main",
             ],
             what=f"building the base image from {mirror} with mmdebstrap",
             timeout=900,
@@ -132,35 +135,39 @@ def ensure_base(settings: LocalSettings, mirror: str, security: str) -> Path:
             errors = [line for line in build.stderr.splitlines() if line.startswith("E:")] or ["failed"]
             raise HostProviderError(
                 f"building the base image with mmdebstrap from {mirror}: {errors[0]} (see {log}; check "
-                "that this machine reaches the mirror and that LocalSettings.packages exist in Debian 12)"
+                f"that this machine reaches the mirror and that the packages exist in Debian {image.suite})"
             )
-        _customize(rootfs, mirror, security)
-        info = {"key": key, "mirror": mirror, "security": security, "packages": list(settings.packages)}
+        _customize(rootfs, image, mirror, security)
+        info = {"key": key, "suite": image.suite, "profile": image.profile, "mirror": mirror, "security": security,
+                "packages": list(image.packages), "user": image.user}
         (tmp / OK_FILE).write_text(json.dumps(info, indent=2) + "\n")
         os.rename(tmp, final)
     return final / "rootfs"
 
 
-def _customize(root: Path, mirror: str, security: str) -> None:
+def _customize(root: Path, image: ImageSpec, mirror: str, security: str) -> None:
+    """What every image needs (sources, the login user a provisioned server has, per-host identity removed),
+    plus, for the "iotplat" profile only, the local target's tuning."""
     etc = root / "etc"
-    (etc / "apt" / "sources.list").write_text(sources_list(mirror, security))
-    _sys.run(
-        ["chroot", str(root), "useradd", "--create-home", "--shell", "/bin/bash", "--groups", "sudo,adm", SSH_USER],
-        what=f"creating user {SSH_USER} in the base image",
-    )
-    sudoers = etc / "sudoers.d" / SSH_USER
-    sudoers.write_text(f"{SSH_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n")
-    sudoers.chmod(0o440)
-    (etc / "ssh" / "sshd_config.d" / "iotplat.conf").write_text(SSHD_CONFIG)
+    sources = etc / "apt" / "sources.list.d" / "debian.sources"
+    sources.unlink(missing_ok=True)  # trixie's mmdebstrap writes deb822 sources; one list, as a server has
+    (etc / "apt" / "sources.list").write_text(sources_list(image.suite, mirror, security))
+    if image.user:
+        from .machine import create_user
+
+        create_user(root, image.user)
     for key in (etc / "ssh").glob("ssh_host_*"):
         key.unlink()  # every host gets its own keys
-    journald = etc / "systemd" / "journald.conf.d"
-    journald.mkdir(parents=True, exist_ok=True)
-    (journald / "iotplat.conf").write_text(JOURNALD_CONFIG)
     (etc / "machine-id").write_text("")  # every host gets its own id
     for name in ("hostname", "resolv.conf"):
         with contextlib.suppress(FileNotFoundError):
             (etc / name).unlink()
+    if image.profile != "iotplat":
+        return
+    (etc / "ssh" / "sshd_config.d" / "iotplat.conf").write_text(SSHD_CONFIG)
+    journald = etc / "systemd" / "journald.conf.d"
+    journald.mkdir(parents=True, exist_ok=True)
+    (journald / "iotplat.conf").write_text(JOURNALD_CONFIG)
     for unit in MASKED_UNITS:
         link = etc / "systemd" / "system" / unit
         with contextlib.suppress(FileNotFoundError):
@@ -168,16 +175,19 @@ def _customize(root: Path, mirror: str, security: str) -> None:
         link.symlink_to("/dev/null")
 
 
-def garbage_collect(settings: LocalSettings, in_use: set[str]) -> None:
-    """Remove base images that no instance uses (a changed package list leaves the old one behind)."""
-    bases = settings.state_dir / "base"
+def garbage_collect(state_dir: Path, in_use: set[str], keep_days: float = 7) -> None:
+    """Remove base images that no instance uses and no `up` used for `keep_days` (a changed package list or
+    mirror leaves the old one behind; images of other suites and profiles stay cached while in use)."""
+    bases = state_dir / "base"
     if not bases.is_dir():
         return
-    with file_lock(settings.state_dir / "base.lock", timeout=60, what="cleaning old base images"):
+    with file_lock(state_dir / "base.lock", timeout=60, what="cleaning old base images"):
         for entry in bases.iterdir():
-            if not entry.is_dir() or entry.name in in_use or _sys.mounts_under(entry):
+            if not entry.is_dir() or entry.name in in_use or sysutil.mounts_under(entry):
                 continue
-            # a base built in the last minutes may belong to an `up` that has not recorded it yet
+            marker = entry / OK_FILE
+            # an unfinished build (no marker) may belong to an `up` that is building it right now
             with contextlib.suppress(OSError):
-                if time.time() - entry.stat().st_mtime > 600:
-                    _sys.remove_tree(entry)
+                used = marker.stat().st_mtime if marker.exists() else entry.stat().st_mtime
+                if time.time() - used > keep_days * 86400:
+                    sysutil.remove_tree(entry)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from .api import HostProviderError
 
-SUITE = "bookworm"  # the guests are Debian 12, like the bare-metal hosts they stand in for
+# Debian releases the hosts can run: suite -> major version (iotplat supports exactly these on every target)
+SUITES = {"bookworm": "12", "trixie": "13"}
+SUITE = "bookworm"  # the local target's default: Debian 12
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_STATE_DIR = Path("/var/lib/iotplat/local")
 DEFAULT_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -27,11 +29,55 @@ DEFAULT_PACKAGES: tuple[str, ...] = (
     "procps",
     "ca-certificates",
 )
+# What a fresh Debian server has when an operator first logs in (a cloud image, or a netinst with "SSH
+# server"): no python3-apt (Ansible installs it), no iotplat tuning. Bare-metal tests start from this.
+STOCK_PACKAGES: tuple[str, ...] = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "libpam-systemd",
+    "openssh-server",
+    "sudo",
+    "python3",
+    "iproute2",
+    "procps",
+    "ca-certificates",
+)
+PROFILES = ("iotplat", "stock")
 SSH_USER = "deploy"
 FIRST_HOST_OFFSET = 11  # hosts get <network>+11, +12, ...; +1 is the bridge, the last usable is the dead gateway
 
-_INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_HOSTNAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a base image is built from; its hash names the image (a change builds a new one).
+
+    profile "iotplat": the local target's hosts (sshd key-only, journald capped, apt timers masked, python3-apt, the
+    login user baked in); profile "stock": a fresh Debian server as an operator gets it (bare-metal and cloud
+    stand-ins): the packages listed and nothing iotplat would otherwise rely on; its login user is created on a
+    machine's first boot (as cloud-init or an installer does), so one stock image serves every user name."""
+
+    suite: str = SUITE
+    profile: str = "iotplat"
+    packages: tuple[str, ...] = DEFAULT_PACKAGES
+    user: str | None = SSH_USER
+
+    def __post_init__(self) -> None:
+        if self.suite not in SUITES:
+            raise HostProviderError(f"unknown Debian suite {self.suite!r}: use one of {', '.join(SUITES)}")
+        if self.profile not in PROFILES:
+            raise HostProviderError(f"unknown image profile {self.profile!r}: use one of {', '.join(PROFILES)}")
+        if self.user is not None and (not _USER_RE.fullmatch(self.user) or self.user == "root"):
+            raise HostProviderError(f"invalid login user {self.user!r}: a Linux user name other than root")
+        object.__setattr__(self, "packages", tuple(self.packages))
+
+    @classmethod
+    def stock(cls, suite: str = SUITE) -> ImageSpec:
+        return cls(suite=suite, profile="stock", packages=STOCK_PACKAGES, user=None)
 
 
 @dataclass(frozen=True)
@@ -45,9 +91,12 @@ class LocalSettings:
     proxy_port: int = 13142  # apt-cacher-ng, bound to the bridge address only
     ca_bundle: Path | None = DEFAULT_CA_BUNDLE  # extra CAs in it are trusted by the guests (None: none)
     packages: tuple[str, ...] = field(default=DEFAULT_PACKAGES)  # base image packages
+    suite: str = SUITE  # Debian release of the hosts (bookworm = 12, trixie = 13)
+    profile: str = "iotplat"  # "stock": a fresh server as an operator gets it (see ImageSpec)
+    ssh_user: str = SSH_USER  # the login user (passwordless sudo) the hosts are created with
 
     def __post_init__(self) -> None:
-        if not _INSTANCE_RE.match(self.instance):
+        if not _INSTANCE_RE.fullmatch(self.instance):
             raise HostProviderError(
                 f"invalid instance name {self.instance!r}: use letters, digits, '.', '_' and '-' (max 63)"
             )
@@ -62,6 +111,14 @@ class LocalSettings:
             raise HostProviderError(f"network {self.network} is not a private range: use e.g. 10.213.0.0/24")
         if not 1 <= self.proxy_port <= 65535:
             raise HostProviderError(f"proxy_port {self.proxy_port} is not a TCP port")
+        self.image  # validates suite, profile and user
+
+    @property
+    def image(self) -> ImageSpec:
+        user = self.ssh_user if self.profile == "iotplat" else None  # stock: created on first boot
+        if not _USER_RE.fullmatch(self.ssh_user) or self.ssh_user == "root":
+            raise HostProviderError(f"invalid login user {self.ssh_user!r}: a Linux user name other than root")
+        return ImageSpec(suite=self.suite, profile=self.profile, packages=self.packages, user=user)
 
     # --- derived names -------------------------------------------------------------------------------
     @property
@@ -109,14 +166,15 @@ class LocalSettings:
 
 
 def check_hostname(name: str) -> None:
-    if not _HOSTNAME_RE.match(name):
+    if not _HOSTNAME_RE.fullmatch(name):
         raise HostProviderError(
             f"invalid host name {name!r}: use a DNS label (lower-case letters, digits and '-', max 63)"
         )
 
 
 def apt_mirrors(sources_dir: Path = Path("/etc/apt")) -> tuple[str, str]:
-    """(debian mirror, debian-security mirror) as this machine's apt sources name them."""
+    """(debian mirror, debian-security mirror) as this machine's apt sources name them (any supported suite:
+    a machine on Debian 12 serves Debian 13 hosts from the same mirror)."""
     entries: list[tuple[str, list[str]]] = []  # (uri, suites)
     one_line = [sources_dir / "sources.list", *sorted((sources_dir / "sources.list.d").glob("*.list"))]
     for path in one_line:
@@ -147,9 +205,9 @@ def apt_mirrors(sources_dir: Path = Path("/etc/apt")) -> tuple[str, str]:
                 entries.append((uri, fields.get("suites", "").split()))
     mirror = security = None
     for uri, suites in entries:
-        if mirror is None and SUITE in suites:
+        if mirror is None and set(SUITES) & set(suites):
             mirror = uri
-        if security is None and f"{SUITE}-security" in suites:
+        if security is None and {f"{s}-security" for s in SUITES} & set(suites):
             security = uri
     mirror = (mirror or DEFAULT_MIRROR).rstrip("/")
     if security is None:

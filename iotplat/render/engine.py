@@ -32,14 +32,16 @@ import yaml
 from iotplat import API_VERSION, __version__
 from iotplat.errors import InvalidInput
 from iotplat.render import dashboards
-from iotplat.render.layout import CREDENTIALS_DIR, PATHS
+from iotplat.render.layout import CREDENTIALS_DIR, DATA_DIRS, DATA_MOUNT, PATHS, mount_unit
 from iotplat.secrets.materials import Materials, server_names
+from iotplat.spec.model import RELEASES, Package
 from iotplat.spec.platform_model import (
     GRAFANA_INFLUX_USER,
     INFLUX_ADMIN_USER,
     WORKER_INFLUX_USER,
     WORKER_USER_PREFIX,
     Platform,
+    release_pins,
     template_filter,
     template_names,
 )
@@ -251,6 +253,14 @@ def _yaml(data: Any, header: str = "", sort_keys: bool = True) -> bytes:
     text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=sort_keys,
                      default_flow_style=False, width=120, allow_unicode=True)
     return ((f"# {header}\n" if header else "") + text).encode()
+
+
+def _package(pkg: Package) -> dict[str, Any]:
+    """A package pin as the roles read it: {source, versions: {release: version}, path?}."""
+    out: dict[str, Any] = {"source": pkg.source, "versions": release_pins(pkg.version)}
+    if pkg.path:
+        out["path"] = pkg.path
+    return out
 
 
 def _mosquitto_duration(seconds: float) -> str:
@@ -490,14 +500,31 @@ class Renderer:
 
     def firewall_sources(self) -> dict[str, list[str]]:
         """Where each ingress `source` may come from, for the hosts' nftables firewall (common role).
-        `internal` on bare metal is left to the role: the other hosts' private addresses."""
+
+        `internal` is left to the role except on the local target: the platform's own hosts, i.e. every host's
+        iotplat_private_address from the inventory (real addresses exist only at deploy time). On a cloud, SSH
+        also comes from inside the private network: hosts without a public address are reached through the
+        jump host (the cloud firewall admits only the jump host there)."""
         t = self.p.spec.target
         if t.kind == "local":
             return {k: [t.network] for k in ("devices", "internal", "admin", "ssh")}
         if t.kind == "baremetal":
             return {"devices": list(t.device_cidrs), "admin": list(t.admin_cidrs), "ssh": list(t.admin_cidrs)}
-        return {"devices": list(t.device_cidrs), "internal": [t.network_cidr], "admin": list(t.admin_cidrs),
-                "ssh": list(t.admin_cidrs)}
+        return {"devices": list(t.device_cidrs), "admin": list(t.admin_cidrs),
+                "ssh": [*t.admin_cidrs, t.network_cidr]}
+
+    def data_dirs(self, host: str) -> list[dict[str, str]]:
+        """The data folders of the services on `host` (on the host's data disk when it has one): each with the
+        folder on the disk that holds it and its systemd mount unit."""
+        services = self.p.services_on(host)
+        ix = self.p.spec.influxdb
+        out: list[dict[str, str]] = []
+        for svc in services:
+            for d in DATA_DIRS[svc]:
+                if svc == "influxdb" and d.endswith("influxdb2") != (ix.version == 2):
+                    continue
+                out.append({"path": d, "folder": f"{DATA_MOUNT}/{d.rsplit('/', 1)[1]}", "unit": mount_unit(d)})
+        return out
 
     def ansible_files(self, entries: list[FileEntry]) -> dict[str, bytes]:
         p = self.p
@@ -516,14 +543,17 @@ class Renderer:
                     for e in entries if e.host == host and e.cls == "secret"
                 ],
                 "worker_replicas": [r.number for r in p.replicas_on(host)],
+                "iotplat_data_dirs": self.data_dirs(host),
             }
-            if spec.target.kind == "baremetal":
+            if spec.target.kind == "baremetal":  # the user's own addresses (cloud and local ones come at deploy time)
                 bm = spec.target.hosts[host]
                 hv["ansible_host"] = bm.address
                 hv["ansible_user"] = bm.ssh_user or spec.target.ssh_user
                 hv["ansible_port"] = bm.ssh_port
                 if bm.ssh_private_key:
                     hv["ansible_ssh_private_key_file"] = bm.ssh_private_key
+                if bm.data_device:
+                    hv["iotplat_data_device"] = bm.data_device
             hosts[host] = hv
         groups = {svc: {"hosts": {h: None for h in p.placement[svc]}} for svc in ("broker", "influxdb", "grafana", "worker")}
         inventory = {"all": {"hosts": hosts, "children": groups}}
@@ -534,9 +564,12 @@ class Renderer:
             "iotplat_target": p.target,
             "iotplat_domain": spec.network.domain,
             "iotplat_service_hosts": {svc: p.placement[svc] for svc in ("broker", "influxdb", "grafana", "worker")},
-            "mosquitto_package_version": spec.broker.version,
+            "iotplat_releases": list(RELEASES),
+            "iotplat_data_mount": DATA_MOUNT,
+            "iotplat_data_mount_unit": mount_unit(DATA_MOUNT),
+            "mosquitto_package_versions": p.mosquitto_pins,
             "influxdb_version": ix.version,
-            "influxdb_package": p.influx_package.model_dump(exclude_none=True),
+            "influxdb_package": _package(p.influx_package),
             "influxdb_port": ix.port,
             "influxdb_database": p.influx_database,
             "influxdb_retention_policy": p.influx_retention_policy,
@@ -548,7 +581,7 @@ class Renderer:
             "influxdb_grafana_user": GRAFANA_INFLUX_USER,
             "grafana_enabled": spec.grafana.enabled,
             "grafana_required": spec.grafana.required,
-            "grafana_package": spec.grafana.package.model_dump(exclude_none=True),
+            "grafana_package": _package(spec.grafana.package),
             "grafana_port": spec.grafana.port,
             "grafana_admin_user": spec.grafana.admin_user,
             "worker_metrics_port": spec.ingestion.metrics_port,
@@ -587,10 +620,21 @@ class Renderer:
                 {"name": "Remove configuration and credentials",
                  "ansible.builtin.file": {"path": "{{ item }}", "state": "absent"},
                  "loop": ["/etc/iotplat", "/etc/mosquitto/iotplat", "/opt/iotplat"]},
+                {"name": "Unmount the data disk's folders and the disk (iotplat destroy --data)",
+                 "ansible.builtin.systemd_service": {"name": "{{ item }}", "state": "stopped", "enabled": False},
+                 "loop": "{{ (iotplat_data_dirs | map(attribute='unit') | list) + [iotplat_data_mount_unit] }}",
+                 "failed_when": False,
+                 "when": ["iotplat_destroy_data | bool", "iotplat_data_device | default('') | length > 0"]},
+                {"name": "Erase the data disk's file system (iotplat destroy --data)",
+                 "ansible.builtin.command": {"argv": ["wipefs", "--all", "{{ iotplat_data_device }}"]},
+                 "when": ["iotplat_destroy_data | bool", "iotplat_data_device | default('') | length > 0"]},
+                {"name": "Remove the data disk's mount units (iotplat destroy --data)",
+                 "ansible.builtin.file": {"path": "/etc/systemd/system/{{ item }}", "state": "absent"},
+                 "loop": "{{ (iotplat_data_dirs | map(attribute='unit') | list) + [iotplat_data_mount_unit] }}",
+                 "when": ["iotplat_destroy_data | bool", "iotplat_data_device | default('') | length > 0"]},
                 {"name": "Remove data (iotplat destroy --data)",
                  "ansible.builtin.file": {"path": "{{ item }}", "state": "absent"},
-                 "loop": ["/var/lib/mosquitto/mosquitto.db", "/var/lib/influxdb", "/var/lib/influxdb2",
-                          "/var/lib/grafana", "/var/lib/iotplat-worker"],
+                 "loop": sorted({d for dirs in DATA_DIRS.values() for d in dirs} | {DATA_MOUNT}),
                  "when": "iotplat_destroy_data | bool"},
             ],
         }]
@@ -646,7 +690,8 @@ class Renderer:
             "iotplat:deviceCidrs": list(t.device_cidrs),
             "iotplat:sshUser": t.ssh_user,
             "iotplat:sshPublicKey": pubkey,
-            "iotplat:image": "debian-12",
+            "iotplat:image": t.image,
+            "iotplat:mode": "active",
             "iotplat:tags": {"platform": p.name, "environment": p.environment, "managed-by": "iotplat"},
             "iotplat:hosts": [
                 {

@@ -31,3 +31,28 @@ PATHS = MappingProxyType(
         "worker_conf": "/etc/iotplat/worker.toml",
     }
 )
+
+# Where each service keeps its data on a host: what a data disk holds (mounted at DATA_MOUNT, each folder
+# bind-mounted from it), what `destroy --data` removes, and what backups read.
+DATA_MOUNT = "/srv/iotplat"
+
+
+def mount_unit(path: str) -> str:
+    """The systemd mount unit name of a path (`systemd-escape --path --suffix=mount`)."""
+    parts = []
+    for i, ch in enumerate(path.strip("/")):
+        if ch == "/":
+            parts.append("-")
+        elif ch.isascii() and (ch.isalnum() or ch in ":_" or (ch == "." and i > 0)):
+            parts.append(ch)
+        else:
+            parts.append("".join(f"\\x{b:02x}" for b in ch.encode()))
+    return ("".join(parts) or "-") + ".mount"
+DATA_DIRS = MappingProxyType(
+    {
+        "broker": ("/var/lib/mosquitto",),
+        "influxdb": ("/var/lib/influxdb", "/var/lib/influxdb2"),
+        "grafana": ("/var/lib/grafana",),
+        "worker": ("/var/lib/iotplat-worker",),
+    }
+)

@@ -142,6 +142,20 @@ class State:
         except ValueError:
             raise StateError(f"{path}: corrupt JSON; restore it from a backup or delete it") from None
 
+    # ---- identity
+    def identity(self) -> str:
+        """A random id of this state directory (created once): what iotplat records as the owner of hosts it
+        creates, so another state that uses the same platform name cannot take them over or remove them."""
+        path = self.dir / "id"
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            value = ""
+        if len(value) != 32:
+            value = os.urandom(16).hex()
+            _write_private(path, (value + "\n").encode())
+        return value
+
     # ---- lock
     @contextlib.contextmanager
     def lock(self, operation: str) -> Iterator[None]:

@@ -8,6 +8,7 @@ hint and the editor's completion always agree.
 from __future__ import annotations
 
 import difflib
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -142,6 +143,8 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[PathT, bool]:
             continue
         if isinstance(part, str) and (part.startswith("function-") or part in ("union", "json-or-python")):
             continue
+        if isinstance(part, str) and _BRANCH.fullmatch(part) and not (isinstance(cur, dict) and part in cur):
+            continue  # a branch of a plain union (str | dict[...]): pydantic's label, not a key of the document
         if isinstance(cur, dict) and isinstance(part, str) and part not in cur and path and path[-1] == "target":
             # discriminated union tag (target.<kind>.*): not a real key in the document
             if cur.get("kind") == part:
@@ -151,6 +154,10 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[PathT, bool]:
     return tuple(path), is_key
 
 
+# pydantic's labels of plain (not discriminated) union branches: `constrained-str`, `str`, `dict[...]`, ...
+_BRANCH = re.compile(r"(?:constrained-)?(?:str|int|float|bool|none|list|dict|tuple|set)(?:\[.*\])?")
+
+
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -158,6 +165,7 @@ def _describe(value: Any) -> str:
 
 def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
     out: list[Problem] = []
+    kinds: list[str] = []
     for err in exc.errors(include_url=False):
         path, is_key = _clean_loc(tuple(err["loc"]), doc.data)
         etype = err["type"]
@@ -173,6 +181,7 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
         elif etype == "missing":
             message = f"missing required key {str(path[-1])!r}"
             out.append(Problem(doc.file, *doc.where(path[:-1]), dotted(path), message, hint))
+            kinds.append(etype)
             continue
         elif etype in _TYPE_NAMES:
             message = f"expected {_TYPE_NAMES[etype]}, got {_typename(value)} {_describe(value)}"
@@ -200,6 +209,7 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
             message = "missing required key 'kind'"
             out.append(Problem(doc.file, *doc.where(path), dotted(path + ("kind",)), message,
                                "one of local, baremetal, aws, azure"))
+            kinds.append(etype)
             continue
         elif etype == "string_pattern_mismatch":
             pattern = ctx.get("pattern", "")
@@ -227,7 +237,36 @@ def problems_from(exc: ValidationError, doc: Document) -> list[Problem]:
             message = err["msg"]
         line, col = doc.where(path, key=key_pos or is_key)
         out.append(Problem(doc.file, line, col, dotted(path), message, hint))
-    return out
+        kinds.append(etype)
+    return _one_per_union(out, kinds)
+
+
+def _one_per_union(problems: list[Problem], kinds: list[str]) -> list[Problem]:
+    """A value that fails every branch of a union gets one error per branch at the same path; keep the branch whose
+    type matches the value (the others only say "expected a mapping"), or, when none does, say all types at once."""
+    by_path: dict[str, list[int]] = {}
+    for i, p in enumerate(problems):
+        by_path.setdefault(p.path, []).append(i)
+    drop: set[int] = set()
+    for path, idx in by_path.items():
+        nested = any(q.startswith((f"{path}.", f"{path}[")) and kinds[j] not in _TYPE_NAMES
+                     for j, q in enumerate(p.path for p in problems))
+        if nested:  # the mapping branch found the real problem inside: the string branch's complaint is noise
+            drop.update(i for i in idx if kinds[i] in _TYPE_NAMES)
+            continue
+        if len(idx) < 2:
+            continue
+        typed = [i for i in idx if kinds[i] in _TYPE_NAMES]
+        if len(typed) < len(idx):
+            drop.update(typed)
+        else:  # every branch refused the value's type: one line naming them all
+            names = sorted({_TYPE_NAMES[kinds[i]] for i in idx})
+            first = problems[idx[0]]
+            got = first.message.split(", got ", 1)[-1]
+            problems[idx[0]] = Problem(first.file, first.line, first.column, path,
+                                       f"expected {' or '.join(names)}, got {got}", first.hint)
+            drop.update(idx[1:])
+    return [p for i, p in enumerate(problems) if i not in drop]
 
 
 def _typename(value: Any) -> str:

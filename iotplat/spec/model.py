@@ -29,6 +29,9 @@ from iotplat import API_VERSION
 from iotplat.spec.units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
 
 SERVICES = ("broker", "worker", "influxdb", "grafana")
+# Debian releases iotplat deploys to (every target): each has its own table of pinned package versions.
+RELEASES = ("debian-12", "debian-13")
+Release = Literal["debian-12", "debian-13"]
 Service = Literal["broker", "worker", "influxdb", "grafana"]
 
 def full(body: str) -> str:
@@ -201,6 +204,12 @@ Size = Annotated[
     ),
 ]
 Port = Annotated[int, Field(ge=1, le=65535)]
+VersionPin = Annotated[
+    DebVersion | dict[Release, DebVersion],
+    Field(description="One exact package version for every host, or one per Debian release, "
+                      "e.g. {debian-12: 2.0.11-1.2+deb12u2, debian-13: 2.0.21-1}."),
+]
+DEVICE_PATH_RE = full(r"/dev/[A-Za-z0-9._:+/-]{1,200}")
 TopicTemplate = Annotated[
     str,
     Field(
@@ -220,6 +229,7 @@ class LocalTarget(Base):
 
     kind: Literal["local"]
     network: Cidr = Field("10.213.0.0/24", description="Private /24 for the hosts' bridge; must not clash with real networks.")
+    release: Release = Field("debian-12", description="Debian release of the throw-away hosts.")
     mirror: str | None = Field(None, pattern=full(MIRROR_URL),
                                description="Debian mirror URL for the hosts; default: this machine's apt source.")
     proxy_port: Port = Field(13142, description="Port of the package proxy the hosts use (bound to the bridge only).")
@@ -233,10 +243,15 @@ class BaremetalHost(Base):
     ssh_user: PosixUser | None = Field(None, description="Login user with sudo; default: target.ssh_user.")
     ssh_port: Port = 22
     ssh_private_key: ControllerPath | None = Field(None, description="Path to the SSH private key; default: your SSH agent/config.")
+    data_device: str | None = Field(
+        None, pattern=DEVICE_PATH_RE,
+        description="A disk for the platform's data, by a stable path (e.g. /dev/disk/by-id/...): formatted (ext4) "
+        "only if it holds no file system yet, mounted at /srv/iotplat, and the services' data folders live on it.",
+    )
 
 
 class BaremetalTarget(Base):
-    """Existing Debian 12 hosts reached over SSH."""
+    """Existing Debian 12 or 13 hosts reached over SSH (their SSH host keys are pinned on first contact)."""
 
     kind: Literal["baremetal"]
     ssh_user: PosixUser = Field("deploy", description="Default login user (needs passwordless sudo).")
@@ -279,7 +294,11 @@ class CloudCommon(Base):
         "never open to the internet (22, 3389, 8086, 3000) is held to the admin_cidrs limit.")
     network_cidr: Cidr = Field("10.42.0.0/16", description="The private network (VPC/VNet) of the platform.")
     ssh_public_key_file: ControllerPath = Field(description="Public key installed for the admin user (path, relative to the spec).")
-    disk_size: Size = Field("20GiB", description="Data disk per host (encrypted).")
+    ssh_private_key_file: ControllerPath | None = Field(
+        None, description="Its private key, for Ansible and `status` (path, relative to the spec); default: the public "
+        "key's path without .pub when that file exists, else your SSH agent.")
+    disk_size: Size = Field("20GiB", description="Data disk per host (encrypted); the services' data live on it.")
+    image: Literal["debian-13", "debian-12"] = Field("debian-13", description="Debian release of the VMs.")
 
 
 class AwsTarget(CloudCommon):
@@ -405,7 +424,9 @@ class Broker(Base):
     auth: BrokerAuth = BrokerAuth()
     limits: BrokerLimits = BrokerLimits()
     persistence: Persistence = Persistence()
-    version: DebVersion = Field("2.0.11-1.2+deb12u2", description="Pinned mosquitto package version.")
+    version: VersionPin | None = Field(
+        None, description="Pinned mosquitto package version (one, or one per Debian release); default: iotplat's "
+        "pins for each release (README: Supported host releases).")
 
 
 # --------------------------------------------------------------------------------------- devices
@@ -582,7 +603,7 @@ class Package(Base):
     source: Literal["distro", "upstream", "local"] = Field(
         description="distro: Debian's archive; upstream: the vendor's apt repository; local: a folder of .deb files."
     )
-    version: DebVersion = Field(description="Exact package version to install (pinned).")
+    version: VersionPin = Field(description="Exact package version to install (pinned): one, or one per Debian release.")
     path: ControllerPath | None = Field(None, description="With source: local, the folder holding the .deb files (on the controller).")
 
     @model_validator(mode="after")

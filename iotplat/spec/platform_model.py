@@ -14,11 +14,24 @@ from functools import cached_property
 from pathlib import Path
 
 from iotplat.spec.devices import Device
-from iotplat.spec.model import SERVICES, Package, PlatformSpec
+from iotplat.spec.model import RELEASES, SERVICES, Package, PlatformSpec
 
-# Pinned package versions deployed when the spec does not pin its own.
-INFLUXDB1_PACKAGE = Package(source="distro", version="1.6.7~rc0-1+b13")
+# Pinned package versions deployed when the spec does not pin its own: per Debian release, the version that
+# release's archive (with its security updates) ships. A host is configured with its own release's pin.
+MOSQUITTO_PINS = {"debian-12": "2.0.11-1.2+deb12u2", "debian-13": "2.0.21-1"}
+INFLUXDB1_PINS = {"debian-12": "1.6.7~rc0-1+b13", "debian-13": "1.6.7~rc0-2+b12"}
+INFLUXDB1_PACKAGE = Package(source="distro", version=dict(INFLUXDB1_PINS))  # type: ignore[arg-type]
 INFLUXDB2_PACKAGE = Package(source="upstream", version="2.7.11-1")
+
+
+def release_pins(version: str | dict[str, str]) -> dict[str, str]:
+    """A spec's version pin as {release: version}: one version applies to every release; a mapping names its
+    releases (a release it leaves out cannot be deployed: the role's preflight says so)."""
+    if isinstance(version, str):
+        return {r: version for r in RELEASES}
+    return {r: version[r] for r in RELEASES if r in version}
+
+
 WORKER_USER_PREFIX = "iotplat-worker-"
 GRAFANA_INFLUX_USER = "iotplat-grafana"
 INFLUX_ADMIN_USER = "iotplat-admin"
@@ -175,6 +188,11 @@ class Platform:
     @property
     def influx_bucket(self) -> str:
         return self.spec.influxdb.bucket or "iot"
+
+    @property
+    def mosquitto_pins(self) -> dict[str, str]:
+        v = self.spec.broker.version
+        return dict(MOSQUITTO_PINS) if v is None else release_pins(v)
 
     @property
     def influx_package(self) -> Package:

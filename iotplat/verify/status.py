@@ -1,6 +1,7 @@
 """Prove a deployed platform works: service health, certificates, and an end-to-end canary.
 
-Every probe runs from the controller, the way devices and operators reach the platform:
+Every probe runs from the controller, the way devices and operators reach the platform; internal ports (InfluxDB's
+API) are reached through an SSH tunnel to the host (iotplat.hosts.tunnel), never by opening them:
 - TLS on every service port: the chain verifies against the platform CA for the service's logical name,
   and the certificate's expiry is reported (a warning 30 days ahead);
 - systemd units and each worker replica's /healthz, read on the host over SSH;
@@ -35,6 +36,7 @@ from iotplat.spec.platform_model import GRAFANA_INFLUX_USER, Platform, template_
 
 WARN_DAYS = 30
 STALE_INTERVALS = 3  # a replica's counters older than this many health intervals fail its check
+WORKER_SETTLE = 20.0  # seconds a worker replica that is not ok (e.g. reconnecting) gets before it counts as failing
 DEAD_LETTER_WINDOW = 300.0  # seconds (at least 6 health intervals): dead letters growing in it fail the check
 
 
@@ -223,9 +225,11 @@ def _set_path(body: dict[str, Any], parts: list[str], value: Any) -> None:
 
 
 def influx_query(platform: Platform, address: str, ctx: ssl.SSLContext, user: str, password: str, q: str,
-                 method: str = "GET") -> dict:
+                 method: str = "GET", port: int | None = None) -> dict:
+    """One InfluxQL statement over HTTPS to address:port (default: the spec's port; a tunnel's local port when
+    reached through SSH), the certificate verified for influxdb.<domain>."""
     ix = platform.spec.influxdb
-    conn = _HTTPS(address, ix.port, ctx, platform.service_name("influxdb"))
+    conn = _HTTPS(address, port or ix.port, ctx, platform.service_name("influxdb"))
     try:
         params = {"db": platform.influx_database if ix.version == 1 else platform.influx_bucket, "q": q, "epoch": "ms"}
         headers = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
@@ -240,7 +244,9 @@ def influx_query(platform: Platform, address: str, ctx: ssl.SSLContext, user: st
 
 
 def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], ctx_factory: _Ctx,
-               timeout: float = 20) -> Check:
+               timeout: float = 20, influx_at: tuple[str, int] | None = None) -> Check:
+    """Publish as the canary device to the broker (its public address), then read the point back from InfluxDB
+    (`influx_at`: where its API is reachable from here, e.g. a tunnel; default its host's address and port)."""
     import paho.mqtt.client as mqtt
 
     ts_ms = int(time.time() * 1000)
@@ -271,7 +277,7 @@ def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], c
         client.loop_stop()
         client.disconnect()
     sub = platform.spec.ingestion.subscriptions[0]
-    influx = addr[platform.host_of("influxdb")]
+    influx, influx_port = influx_at or (addr[platform.host_of("influxdb")], platform.spec.influxdb.port)
     reader_pw = materials.secrets["influxdb_grafana_password"]
     where = f"time = {ts_ms}ms" if sub.timestamp else f"time > {ts_ms - 5000}ms"
     q = f'SELECT * FROM "{sub.measurement}" WHERE "device" = \'{platform.canary.id}\' AND {where}'
@@ -279,7 +285,8 @@ def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], c
     last = ""
     while time.monotonic() < deadline:
         try:
-            res = influx_query(platform, influx, ctx_factory.context(), GRAFANA_INFLUX_USER, reader_pw, q)
+            res = influx_query(platform, influx, ctx_factory.context(), GRAFANA_INFLUX_USER, reader_pw, q,
+                               port=influx_port)
             series = res.get("results", [{}])[0].get("series")
             if series:
                 return Check("canary", True, f"published to {topic}; stored and readable after "
@@ -382,61 +389,83 @@ def _counters_once(query: Callable[[str], dict], measurement: str, interval: flo
 
 def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_deployed: bool,
            canary: bool = True, grafana_reason: str = "") -> StatusReport:
+    from iotplat.hosts import HostProviderError
+    from iotplat.hosts.tunnel import forward
+
     report = StatusReport()
     addr = {h.name: h.address for h in hosts}
     by_name = {h.name: h for h in hosts}
     ca = _Ctx(materials.ca_cert_pem)
+    i = platform.host_of("influxdb")
     try:
-        # TLS on every service port
-        b = platform.host_of("broker")
-        for lst in platform.spec.broker.listeners:
-            ok, note, _ = tls_probe(addr[b], lst.port, platform.service_name("broker"), ca.context())
-            report.add(f"broker {lst.protocol} :{lst.port}", ok, note, host=b)
-        i = platform.host_of("influxdb")
-        ok, note, _ = tls_probe(addr[i], platform.spec.influxdb.port, platform.service_name("influxdb"), ca.context())
-        report.add(f"influxdb :{platform.spec.influxdb.port}", ok, note, host=i)
-        if platform.placement["grafana"]:
-            g = platform.host_of("grafana")
-            if grafana_deployed:
-                ok, note, _ = tls_probe(addr[g], platform.spec.grafana.port, platform.service_name("grafana"), ca.context())
-                report.add(f"grafana :{platform.spec.grafana.port}", ok, note, host=g)
-            else:
-                report.add("grafana", True, f"skipped at deploy: {grafana_reason or 'see the output of iotplat up'}",
-                           host=g, skipped=True)
-        if materials.ca_rotation_started:
-            report.add("CA rotation", True, f"overlap since {materials.ca_rotation_started}: hosts and device kits "
-                       "trust the current and the next CA; after every device has its new kit, run "
-                       "`iotplat rotate certs --ca --finish`", host=b)
-        # units and worker health on each host
-        for host in platform.host_names:
-            units = _units(platform, host, grafana_deployed)
-            ports = {r.number: platform.spec.ingestion.metrics_port + r.number - 1 for r in platform.replicas_on(host)}
-            try:
-                data = _ssh_json(by_name[host], _HOST_SCRIPT % (json.dumps(units), json.dumps(ports)))
-            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
-                report.add("ssh", False, f"cannot read service state: {exc}", host=host)
-                continue
-            for unit, state in data["units"].items():
-                report.add(f"unit {unit}", state == "active", state, host=host)
-            for n, health in data["workers"].items():
-                ok = health.get("status") == "ok"
-                detail = ", ".join(f"{k}={v}" for k, v in sorted(health.items()) if k != "status" and not isinstance(v, dict))
-                report.add(f"worker {n} /healthz", ok, f"{health.get('status')}: {detail}"[:300], host=host)
-        # InfluxDB answers, with least-privilege users
-        try:
-            influx_query(platform, addr[i], ca.context(), GRAFANA_INFLUX_USER,
-                         materials.secrets["influxdb_grafana_password"], "SHOW MEASUREMENTS")
-            report.add("influxdb query (read-only user)", True, "ok", host=i)
-        except (OSError, RuntimeError, ValueError) as exc:
-            report.add("influxdb query (read-only user)", False, str(exc), host=i)
-        health = platform.spec.ingestion.health
-        reader_pw = materials.secrets["influxdb_grafana_password"]
-        report.checks += worker_counters_checks(
-            lambda q: influx_query(platform, addr[i], ca.context(), GRAFANA_INFLUX_USER, reader_pw, q),
-            health.measurement, health.interval, {r.number: r.host for r in platform.replicas},
-            settle=min(health.interval + 2, 20))
-        if canary:
-            report.checks.append(run_canary(platform, materials, addr, ca))
+        with forward(by_name[i], platform.spec.influxdb.port) as influx_at:
+            _checks(platform, materials, hosts, grafana_deployed, canary, grafana_reason, report, ca, influx_at)
+    except HostProviderError as exc:  # the tunnel could not be set up
+        report.add("ssh tunnel", False, f"cannot reach InfluxDB on {i} through SSH: {exc}", host=i)
     finally:
         ca.close()
     return report
+
+
+def _checks(platform: Platform, materials: Materials, hosts: list[Host], grafana_deployed: bool, canary: bool,
+            grafana_reason: str, report: StatusReport, ca: _Ctx, influx_at: tuple[str, int]) -> None:
+    addr = {h.name: h.address for h in hosts}
+    by_name = {h.name: h for h in hosts}
+    # TLS on every service port (InfluxDB's through the tunnel: it is open only inside the platform)
+    b = platform.host_of("broker")
+    for lst in platform.spec.broker.listeners:
+        ok, note, _ = tls_probe(addr[b], lst.port, platform.service_name("broker"), ca.context())
+        report.add(f"broker {lst.protocol} :{lst.port}", ok, note, host=b)
+    i = platform.host_of("influxdb")
+    ok, note, _ = tls_probe(*influx_at, platform.service_name("influxdb"), ca.context())
+    report.add(f"influxdb :{platform.spec.influxdb.port}", ok, note + " (via SSH)" if ok else note, host=i)
+    if platform.placement["grafana"]:
+        g = platform.host_of("grafana")
+        if grafana_deployed:
+            ok, note, _ = tls_probe(addr[g], platform.spec.grafana.port, platform.service_name("grafana"), ca.context())
+            report.add(f"grafana :{platform.spec.grafana.port}", ok, note, host=g)
+        else:
+            report.add("grafana", True, f"skipped at deploy: {grafana_reason or 'see the output of iotplat up'}",
+                       host=g, skipped=True)
+    if materials.ca_rotation_started:
+        report.add("CA rotation", True, f"overlap since {materials.ca_rotation_started}: hosts and device kits "
+                   "trust the current and the next CA; after every device has its new kit, run "
+                   "`iotplat rotate certs --ca --finish`", host=b)
+    # units and worker health on each host
+    for host in platform.host_names:
+        units = _units(platform, host, grafana_deployed)
+        ports = {r.number: platform.spec.ingestion.metrics_port + r.number - 1 for r in platform.replicas_on(host)}
+        try:
+            data = _ssh_json(by_name[host], _HOST_SCRIPT % (json.dumps(units), json.dumps(ports)))
+            # a replica that is reconnecting (a broker restarted during the deploy) gets a few seconds to settle
+            deadline = time.monotonic() + WORKER_SETTLE
+            while (time.monotonic() < deadline
+                   and any(h.get("status") != "ok" for h in data["workers"].values())):
+                time.sleep(2)
+                data = _ssh_json(by_name[host], _HOST_SCRIPT % (json.dumps(units), json.dumps(ports)))
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+            report.add("ssh", False, f"cannot read service state: {exc}", host=host)
+            continue
+        for unit, state in data["units"].items():
+            report.add(f"unit {unit}", state == "active", state, host=host)
+        for n, health in data["workers"].items():
+            ok = health.get("status") == "ok"
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(health.items()) if k != "status" and not isinstance(v, dict))
+            report.add(f"worker {n} /healthz", ok, f"{health.get('status')}: {detail}"[:300], host=host)
+    # InfluxDB answers, with least-privilege users
+    reader_pw = materials.secrets["influxdb_grafana_password"]
+
+    def query(q: str) -> dict:
+        return influx_query(platform, influx_at[0], ca.context(), GRAFANA_INFLUX_USER, reader_pw, q, port=influx_at[1])
+
+    try:
+        query("SHOW MEASUREMENTS")
+        report.add("influxdb query (read-only user)", True, "ok", host=i)
+    except (OSError, RuntimeError, ValueError) as exc:
+        report.add("influxdb query (read-only user)", False, str(exc), host=i)
+    health = platform.spec.ingestion.health
+    report.checks += worker_counters_checks(
+        query, health.measurement, health.interval, {r.number: r.host for r in platform.replicas},
+        settle=min(health.interval + 2, 20))
+    if canary:
+        report.checks.append(run_canary(platform, materials, addr, ca, influx_at=influx_at))

@@ -63,13 +63,13 @@ def run_cli(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     return int(code), out, err
 
 
-def platform_materials(ctx: dict) -> tuple:
-    """(platform, materials, state) of the module's platform, as the CLI sees them."""
+def platform_materials(ctx: dict, env: str | None = None) -> tuple:
+    """(platform, materials, state) of the module's platform (environment `env`), as the CLI sees them."""
     from iotplat.secrets.materials import ensure_materials
     from iotplat.secrets.state import State
     from iotplat.spec.load import load_platform
 
-    p = load_platform(Path(ctx["spec"]))
+    p = load_platform(Path(ctx["spec"]), env)
     st = State.open(Path(ctx["env"]["IOTPLAT_STATE_DIR"]), p.name, p.environment)
     return p, ensure_materials(p, st), st
 

@@ -9,6 +9,7 @@ from iotplat.commands import render
 from iotplat.deploy import upgrade
 from iotplat.deploy.wheelhouse import write_checksums
 from iotplat.spec.load import load_platform
+from iotplat.spec.platform_model import release_pins
 from tests.helpers import EXAMPLES
 
 SPEC = EXAMPLES / "local" / "platform.yaml"  # edge: broker + worker, tsdb: influxdb, dash: grafana
@@ -22,8 +23,9 @@ def _versions(tmp_path: Path, wheelhouse: Path | None = None) -> dict[str, str]:
 def test_versions_come_from_the_rendered_pins_and_the_wheelhouse_digest(tmp_path: Path) -> None:
     p = load_platform(SPEC)
     v = _versions(tmp_path)
-    assert v["mosquitto"] == p.spec.broker.version
-    assert v["influxdb"] == p.influx_package.version
+    assert v["mosquitto"] == "debian-12=2.0.11-1.2+deb12u2,debian-13=2.0.21-1" == upgrade.pin_text(p.mosquitto_pins)
+    assert v["influxdb"] == upgrade.pin_text(release_pins(p.influx_package.version))
+    assert v["grafana"] == p.spec.grafana.package.version  # one version for every release
     assert "+" not in v["worker"]  # no wheelhouse: the release only
     wh = tmp_path / "wh"
     wh.mkdir()

@@ -182,6 +182,45 @@ def test_guest_reboot_comes_back(lab):
         pytest.fail("h2 did not come back within 60 s after `systemctl reboot`")
 
 
+def test_host_keys_are_pinned_not_trusted_on_first_use(lab, tmp_path):
+    """ssh to a local host checks its key against the instance's known_hosts (written from the host's own disk):
+    a host answering with another key is refused, as a reinstalled or impersonated server must be."""
+    provider, settings, hosts = lab
+    h1, h2 = hosts["h1"], hosts["h2"]
+    assert h1.host_keys and all(k.startswith(("ssh-ed25519 ", "ecdsa-sha2-")) for k in h1.host_keys)
+    assert "StrictHostKeyChecking=yes" in h1.ssh_extra_args and "/dev/null" not in h1.ssh_extra_args
+    assert ssh(h1, "true").returncode == 0
+    # the same login against a known_hosts that pins h2's keys for h1's address: refused
+    forged = tmp_path / "known_hosts"
+    forged.write_text("".join(f"{h1.address} {k}\n" for k in h2.host_keys))
+    argv = h1.ssh_argv("true")
+    argv[1:1] = ["-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={forged}"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode != 0 and "host key" in r.stderr.lower(), r.stderr
+
+
+def test_guests_can_load_their_own_firewall(lab):
+    """Hosts get CAP_NET_ADMIN in their own netns (nspawn --private-network): nftables rules load and filter,
+    so the common role's host firewall is applied here as on a real server."""
+    provider, _, hosts = lab
+    rules = ("table inet pytest_fw {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
+             "  tcp dport 2222 drop\n }\n}\n")
+    assert provider.exec("h2", ["sh", "-c", "command -v nft || (apt-get -q update && "
+                                "apt-get install -y -q nftables)"], timeout=300).returncode == 0
+    loaded = provider.exec("h2", ["sh", "-c", 'printf %s "$1" | nft -f -', "sh", rules])
+    assert loaded.returncode == 0, loaded.stderr
+    try:
+        listener = ("import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+                    "s.bind(('0.0.0.0',2222));s.listen();s.accept()")
+        provider.exec("h2", ["systemd-run", "--unit=pytest-fw-listener", "python3", "-c", listener])
+        probe = (f"import socket;socket.create_connection(('{hosts['h2'].address}',2222),timeout=3)")
+        r = ssh(hosts["h1"], f"python3 -c \"{probe}\"")
+        assert r.returncode != 0 and "timed out" in r.stderr, r.stderr  # dropped by h2's own ruleset
+    finally:
+        provider.exec("h2", ["nft", "delete", "table", "inet", "pytest_fw"])
+        provider.exec("h2", ["systemctl", "stop", "pytest-fw-listener"])
+
+
 def test_down_leaves_nothing(lab):
     provider, settings, _ = lab
     provider.down()

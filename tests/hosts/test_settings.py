@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from iotplat.hosts import HostProviderError, LocalSettings
+from iotplat.hosts import HostProviderError, ImageSpec, LocalSettings
 from iotplat.hosts.image import base_key, sources_list
 from iotplat.hosts.proxy import config
 from iotplat.hosts.settings import apt_mirrors, check_hostname
@@ -72,16 +72,43 @@ def test_apt_mirrors_from_deb822_and_one_line_sources(tmp_path: Path):
 
 def test_base_key_changes_with_its_inputs_only():
     s = LocalSettings("x")
-    key = base_key(s, "http://m/debian", "http://m/debian-security")
-    assert key == base_key(LocalSettings("other", network="10.1.0.0/24"), "http://m/debian", "http://m/debian-security")
-    assert key != base_key(LocalSettings("x", packages=(*s.packages, "curl")), "http://m/debian", "http://m/debian-security")
-    assert key != base_key(s, "http://other/debian", "http://m/debian-security")
+    m, sec = "http://m/debian", "http://m/debian-security"
+    key = base_key(s.image, m, sec)
+    assert key == base_key(LocalSettings("other", network="10.1.0.0/24").image, m, sec)
+    assert key != base_key(LocalSettings("x", packages=(*s.packages, "curl")).image, m, sec)
+    assert key != base_key(s.image, "http://other/debian", sec)
+    assert key != base_key(LocalSettings("x", suite="trixie").image, m, sec)
+    assert key != base_key(LocalSettings("x", profile="stock").image, m, sec)
+    assert key != base_key(LocalSettings("x", ssh_user="ops").image, m, sec)  # the local target's user is baked in
+    assert base_key(ImageSpec.stock("trixie"), m, sec) != base_key(ImageSpec.stock("bookworm"), m, sec)
+    # a stock image has no user (created on a machine's first boot): one image serves every login name
+    assert LocalSettings("x", profile="stock", ssh_user="ops").image == LocalSettings("y", profile="stock").image
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"suite": "buster"}, "unknown Debian suite"),
+    ({"profile": "fancy"}, "unknown image profile"),
+    ({"ssh_user": "root"}, "invalid login user"),
+    ({"ssh_user": "ops\nroot"}, "invalid login user"),
+])
+def test_invalid_image_settings_fail_with_a_fix(kwargs, message):
+    with pytest.raises(HostProviderError, match=message):
+        LocalSettings("x", **kwargs)
+
+
+def test_stock_images_add_nothing_iotplat_relies_on():
+    """A bare-metal stand-in must not carry what the local target's image adds (python3-apt, tuning)."""
+    stock = ImageSpec.stock("trixie")
+    assert "python3-apt" not in stock.packages and stock.profile == "stock" and stock.suite == "trixie"
+    assert "python3-apt" in LocalSettings("x").image.packages
 
 
 def test_guests_use_http_sources_and_the_proxy_remaps_them():
-    assert "deb http://m.example/debian bookworm main" in sources_list("https://m.example/debian", "http://s/x")
+    assert "deb http://m.example/debian bookworm main" in sources_list("bookworm", "https://m.example/debian", "http://s/x")
+    assert "deb http://s/x trixie-security main" in sources_list("trixie", "https://m.example/debian", "http://s/x")
     s = LocalSettings("x")
-    text = config(s, "http://m.example/debian", "http://m.example/debian-security", Path("/c"), Path("/cache"))
+    text = config("test", s.bridge_address, s.proxy_port, "http://m.example/debian",
+                  "http://m.example/debian-security", Path("/c"), Path("/cache"))
     assert "BindAddress: 10.213.0.1\n" in text and "Port: 13142\n" in text
     assert "Remap-debrep: m.example/debian deb.debian.org/debian" in text
     assert text.count("; http://m.example/debian/") == 1

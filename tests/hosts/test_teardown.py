@@ -115,3 +115,21 @@ def test_failed_up_leaves_nothing_running(make_settings, monkeypatch):
     with pytest.raises(HostProviderError, match="simulated"):
         local_provider(settings).up(["f1"])
     assert system_leftovers(settings) == []
+
+
+def test_an_instance_belongs_to_the_state_that_created_it(make_settings):
+    """Local instances are keyed by platform-environment; the owner recorded by the first `up` keeps another
+    state directory of the same platform name from taking over or removing its hosts (issue 9)."""
+    from iotplat.hosts import HostProviderError
+
+    settings = make_settings("pytest-owned", HIGH)
+    provider = local_provider(settings)
+    provider.up(["o1"], owner="state-a")
+    assert provider.owner() == "state-a"
+    with pytest.raises(HostProviderError, match="another iotplat state directory"):
+        provider.up(["o1"], owner="state-b")
+    with pytest.raises(HostProviderError, match="another iotplat state directory"):
+        provider.down(owner="state-b")
+    assert provider.status() == {"o1": "running"}  # nothing was touched
+    provider.down(owner="state-a")
+    assert provider.status() == {} and system_leftovers(settings) == []

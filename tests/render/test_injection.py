@@ -149,7 +149,11 @@ def _cloud(kind: str) -> dict[str, Any]:
         d["target"].update(region="eu-west-1", instance_types={"default": "t3.small"})
     else:
         d["target"].update(location="westeurope", vm_sizes={"default": "Standard_B2s"})
-    d["influxdb"] = {"version": 1}
+    # package pins per Debian release (the other baselines pin one version for every release)
+    d["broker"]["version"] = {"debian-12": "2.0.11-1.2+deb12u2", "debian-13": "2.0.21-1"}
+    d["influxdb"] = {"version": 1, "package": {"source": "distro",
+                                               "version": {"debian-12": "1.6.7~rc0-1+b13", "debian-13": "1.6.7~rc0-2+b12"}}}
+    d["grafana"]["package"] = {"source": "upstream", "version": {"debian-12": "11.3.1", "debian-13": "11.3.1"}}
     return d
 
 

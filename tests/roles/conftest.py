@@ -164,17 +164,10 @@ class Deployment:
         _live.append(self.provider)
         names = list(self.manifest["hosts"])
         self.hosts = {h.name: h for h in self.provider.up(names)}
-        inventory = {"all": {"hosts": {
-            h.name: {
-                "ansible_host": h.address,
-                "ansible_port": h.ssh_port,
-                "ansible_user": h.ssh_user,
-                "ansible_ssh_private_key_file": h.ssh_private_key,
-                "ansible_ssh_common_args": h.ssh_extra_args,
-                "ansible_become": True,
-                "iotplat_private_address": h.address,
-            } for h in self.hosts.values()}}}
-        self.addresses_file.write_text(yaml.safe_dump(inventory, default_flow_style=False))
+        from iotplat.deploy.ansible import addresses_inventory  # exactly what `iotplat up` writes
+
+        self.addresses_file.write_text(yaml.safe_dump(addresses_inventory(list(self.hosts.values())),
+                                                      default_flow_style=False))
 
     def down(self) -> None:
         if self.provider is not None:

@@ -226,12 +226,36 @@ def test_untaggable_types_really_take_no_tags(token: str) -> None:
 
 def test_outputs_feed_the_inventory(case: tuple[config.StackConfig, StackRun]) -> None:
     cfg, run = case
-    assert set(run.outputs) == {"hosts", "sshUser", "sshJumpHost"}
+    assert set(run.outputs) == {"hosts", "sshUser", "sshJumpHost", "mode"}
     assert list(run.outputs["hosts"]) == [h.name for h in cfg.hosts]
     for entry in run.outputs["hosts"].values():
         assert set(entry) == {"publicIp", "privateIp", "dataDevice"}
         assert entry["dataDevice"].startswith("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol")
     assert run.outputs["sshUser"] == cfg.ssh_user
+    assert run.outputs["mode"] == "active"
+
+
+@pytest.mark.parametrize("fixture", ["aws-1host", "aws-3host"])
+def test_a_retired_stack_keeps_exactly_the_data_volumes(fixture: str) -> None:
+    """`iotplat destroy` without --data retires the stack: the same volumes (same logical names and parents, so
+    Pulumi keeps them) and nothing that costs compute, addresses or exposes a port."""
+    active = run_stack("aws", load_fixture(fixture))
+    retired = run_stack("aws", load_fixture(fixture) | {"iotplat:mode": "retired"})
+    kept = {r.type for r in retired.resources if not r.type.startswith("iotplat:")}
+    assert kept == {"aws:ebs/volume:Volume"}
+    assert {r.name: r.inputs for r in retired.of_type("aws:ebs/volume:Volume")} == \
+        {r.name: r.inputs for r in active.of_type("aws:ebs/volume:Volume")}
+    assert [(r.type, r.name) for r in retired.resources if r.type == "iotplat:aws:Host"] == \
+        [(r.type, r.name) for r in active.resources if r.type == "iotplat:aws:Host"]
+    assert retired.outputs["mode"] == "retired" and retired.outputs["sshJumpHost"] is None
+    for name, entry in retired.outputs["hosts"].items():
+        assert entry["publicIp"] is None and entry["privateIp"] is None
+        assert entry["dataDevice"] == active.outputs["hosts"][name]["dataDevice"]
+
+
+def test_debian_13_is_an_image_choice() -> None:
+    run = run_stack("aws", load_fixture("aws-1host") | {"iotplat:image": "debian-13"})
+    assert run.of_type("aws:ec2/instance:Instance")
 
 
 def test_config_error_stops_the_program_with_one_line() -> None:

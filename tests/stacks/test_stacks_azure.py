@@ -186,11 +186,29 @@ def test_every_taggable_resource_is_tagged(case: tuple[config.StackConfig, Stack
 
 def test_outputs_feed_the_inventory(case: tuple[config.StackConfig, StackRun]) -> None:
     cfg, run = case
-    assert set(run.outputs) == {"hosts", "sshUser", "sshJumpHost"}
+    assert set(run.outputs) == {"hosts", "sshUser", "sshJumpHost", "mode"}
     assert list(run.outputs["hosts"]) == [h.name for h in cfg.hosts]
     for entry in run.outputs["hosts"].values():
         assert entry["dataDevice"] == "/dev/disk/azure/scsi1/lun0"
     assert run.outputs["sshUser"] == cfg.ssh_user
+
+
+@pytest.mark.parametrize("fixture", ["azure-1host", "azure-3host"])
+def test_a_retired_stack_keeps_exactly_the_data_disks(fixture: str) -> None:
+    """Retired (destroy without --data): the resource group and the same managed disks, nothing else."""
+    active = run_stack("azure", load_fixture(fixture))
+    retired = run_stack("azure", load_fixture(fixture) | {"iotplat:mode": "retired"})
+    kept = {r.type for r in retired.resources if not r.type.startswith("iotplat:")}
+    assert kept == {"azure-native:resources:ResourceGroup", "azure-native:compute:Disk"}
+    assert {r.name: r.inputs for r in retired.of_type("azure-native:compute:Disk")} == \
+        {r.name: r.inputs for r in active.of_type("azure-native:compute:Disk")}
+    assert retired.outputs["mode"] == "retired" and retired.outputs["sshJumpHost"] is None
+
+
+def test_debian_13_is_an_image_choice() -> None:
+    run = run_stack("azure", load_fixture("azure-1host") | {"iotplat:image": "debian-13"})
+    vm = run.of_type("azure-native:compute:VirtualMachine")[0]
+    assert vm.inputs["storageProfile"]["imageReference"]["offer"] == "debian-13"
 
 
 def test_reserved_admin_user_stops_the_program_with_one_line() -> None:

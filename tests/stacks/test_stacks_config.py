@@ -172,7 +172,7 @@ ERRORS: list[tuple[str, Mutation, str]] = [
         "unknown iotplat key",
         setter("iotplat:sshPassword", "hunter2"),
         "iotplat:sshPassword: unknown key; known keys are iotplat:platform, iotplat:environment, "
-        "iotplat:networkCidr, iotplat:sshUser, iotplat:sshPublicKey, iotplat:image, iotplat:adminCidrs, "
+        "iotplat:networkCidr, iotplat:sshUser, iotplat:sshPublicKey, iotplat:image, iotplat:mode, iotplat:adminCidrs, "
         "iotplat:deviceCidrs, iotplat:tags, iotplat:hosts",
     ),
     (
@@ -183,7 +183,7 @@ ERRORS: list[tuple[str, Mutation, str]] = [
     (
         "unknown image",
         setter("iotplat:image", "ubuntu-24.04"),
-        "iotplat:image: must be one of debian-12 (got 'ubuntu-24.04')",
+        "iotplat:image: must be one of debian-13, debian-12 (got 'ubuntu-24.04')",
     ),
     (
         "platform not a DNS label",

@@ -43,18 +43,25 @@ def data_device_path(volume_id: str) -> str:
 
 @dataclass
 class HostArgs:
-    ami_id: pulumi.Input[str]
+    ami_id: pulumi.Input[str] | None
     instance_type: str
-    subnet_id: pulumi.Input[str]
+    subnet_id: pulumi.Input[str] | None
     availability_zone: pulumi.Input[str]
     private_ip: str
-    security_group_id: pulumi.Input[str]
-    key_name: pulumi.Input[str]
+    security_group_id: pulumi.Input[str] | None
+    key_name: pulumi.Input[str] | None
     public: bool
     disk_gb: int
     ssh_user: str
     ssh_public_key: str
     tags: Mapping[str, str]
+    data_only: bool = False  # a retired platform: the data volume and nothing else
+
+    @classmethod
+    def data_only_args(cls, availability_zone: pulumi.Input[str], disk_gb: int, tags: Mapping[str, str]) -> HostArgs:
+        return cls(ami_id=None, instance_type="", subnet_id=None, availability_zone=availability_zone,
+                   private_ip="", security_group_id=None, key_name=None, public=False, disk_gb=disk_gb,
+                   ssh_user="", ssh_public_key="", tags=tags, data_only=True)
 
 
 class Host(pulumi.ComponentResource):
@@ -66,6 +73,22 @@ class Host(pulumi.ComponentResource):
         super().__init__("iotplat:aws:Host", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
+        volume = aws.ebs.Volume(
+            f"{name}-data",
+            availability_zone=args.availability_zone,
+            size=args.disk_gb,
+            type="gp3",
+            encrypted=True,
+            tags=tagged(args.tags, f"{name}-data"),
+            opts=child,
+        )
+        self.data_device = volume.id.apply(data_device_path)
+        self.public_ip = None
+        if args.data_only:  # retired: the volume keeps the data until the platform comes back or is destroyed
+            self.private_ip = None  # type: ignore[assignment]
+            self.register_outputs({"privateIp": None, "publicIp": None, "dataDevice": self.data_device})
+            return
+
         instance = aws.ec2.Instance(
             f"{name}-vm",
             ami=args.ami_id,
@@ -76,6 +99,8 @@ class Host(pulumi.ComponentResource):
             associate_public_ip_address=False,
             key_name=args.key_name,
             user_data=user_data(args.ssh_user, args.ssh_public_key),
+            # cloud-init creates users on the first boot only: a changed user must be a new instance
+            user_data_replace_on_change=True,
             metadata_options={
                 "http_endpoint": "enabled",
                 "http_tokens": "required",  # IMDSv2 only
@@ -92,15 +117,6 @@ class Host(pulumi.ComponentResource):
             # from the latest image, existing ones are upgraded in place by Ansible.
             opts=pulumi.ResourceOptions(parent=self, ignore_changes=["ami"]),
         )
-        volume = aws.ebs.Volume(
-            f"{name}-data",
-            availability_zone=args.availability_zone,
-            size=args.disk_gb,
-            type="gp3",
-            encrypted=True,
-            tags=tagged(args.tags, f"{name}-data"),
-            opts=child,
-        )
         aws.ec2.VolumeAttachment(
             f"{name}-data-attachment",
             device_name=DATA_DEVICE_NAME,
@@ -108,10 +124,10 @@ class Host(pulumi.ComponentResource):
             instance_id=instance.id,
             # Stop the instance rather than yank a mounted filesystem when the attachment goes.
             stop_instance_before_detaching=True,
-            opts=child,
+            # A replaced instance: the volume can be attached to one instance at a time (VolumeInUse otherwise)
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )
 
-        self.public_ip = None
         if args.public:
             address = aws.ec2.Eip(
                 f"{name}-ip",
@@ -123,7 +139,6 @@ class Host(pulumi.ComponentResource):
             self.public_ip = address.public_ip
 
         self.private_ip = instance.private_ip
-        self.data_device = volume.id.apply(data_device_path)
         self.register_outputs(
             {"privateIp": self.private_ip, "publicIp": self.public_ip, "dataDevice": self.data_device}
         )

@@ -20,6 +20,7 @@ class NetworkArgs:
     private_subnet_cidr: str | None
     nat_private_ip: str | None  # fixed, outside the hosts' range of the public subnet
     tags: Mapping[str, str]
+    retired: bool = False  # a retired platform keeps only its data volumes: no VPC, just the zone they are in
 
 
 class Network(pulumi.ComponentResource):
@@ -40,6 +41,10 @@ class Network(pulumi.ComponentResource):
             opts=pulumi.InvokeOutputOptions(parent=self),
         )
         self.availability_zone = zones.names[0]
+        self.vpc_id = self.public_subnet_id = self.private_subnet_id = None  # type: ignore[assignment]
+        if args.retired:
+            self.register_outputs({"availabilityZone": self.availability_zone})
+            return
 
         vpc = aws.ec2.Vpc(
             f"{name}-vpc",

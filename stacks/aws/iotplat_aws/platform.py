@@ -17,7 +17,7 @@ from .tags import tagged
 
 # Debian's official AMIs are published by this account (https://wiki.debian.org/Cloud/AmazonEC2Image).
 DEBIAN_OWNER = "136693071363"
-AMI_NAME_PATTERNS = {"debian-12": "debian-12-amd64-*"}
+AMI_NAME_PATTERNS = {"debian-12": "debian-12-amd64-*", "debian-13": "debian-13-amd64-*"}
 
 __all__ = ["Platform", "PlatformArgs"]
 
@@ -38,9 +38,18 @@ class Platform(pulumi.ComponentResource):
                 private_subnet_cidr=plan.private_subnet,
                 nat_private_ip=plan.nat_private_ip,
                 tags=cfg.tags,
+                retired=cfg.retired,
             ),
             opts=child,
         )
+        if cfg.retired:  # only the data volumes stay, under the same parents (same URNs: the same volumes)
+            def keep_disk(host_name: str, spec: HostSpec, placed: HostPlan, host_tags: dict[str, str]) -> Host:
+                return Host(host_name, HostArgs.data_only_args(network.availability_zone, spec.disk_gb, host_tags),
+                            opts=child)
+
+            self.hosts = build_hosts(name, cfg, plan, keep_disk)
+            self.register_outputs({"hosts": self.hosts})
+            return
         image = aws.ec2.get_ami_output(
             most_recent=True,
             owners=[DEBIAN_OWNER],

@@ -10,7 +10,10 @@ import pulumi
 from pulumi_azure_native import compute, network
 
 # Debian's own marketplace image (publisher Debian); gen2 for current VM sizes. No purchase plan.
-IMAGES = {"debian-12": {"publisher": "Debian", "offer": "debian-12", "sku": "12-gen2", "version": "latest"}}
+IMAGES = {
+    "debian-12": {"publisher": "Debian", "offer": "debian-12", "sku": "12-gen2", "version": "latest"},
+    "debian-13": {"publisher": "Debian", "offer": "debian-13", "sku": "13-gen2", "version": "latest"},
+}
 DATA_DISK_LUN = 0
 # Where the data disk appears on a Debian VM with the Azure udev rules (walinuxagent).
 DATA_DEVICE = f"/dev/disk/azure/scsi1/lun{DATA_DISK_LUN}"
@@ -24,14 +27,22 @@ class HostArgs:
     hostname: str
     vm_size: str
     image: str
-    subnet_id: pulumi.Input[str]
+    subnet_id: pulumi.Input[str] | None
     private_ip: str
-    security_group_id: pulumi.Input[str]
+    security_group_id: pulumi.Input[str] | None
     public: bool
     disk_gb: int
     ssh_user: str
     ssh_public_key: str
     tags: Mapping[str, str]
+    data_only: bool = False  # a retired platform: the data disk and nothing else
+
+    @classmethod
+    def data_only_args(cls, resource_group_name: pulumi.Input[str], location: str, hostname: str, disk_gb: int,
+                       tags: Mapping[str, str]) -> HostArgs:
+        return cls(resource_group_name=resource_group_name, location=location, hostname=hostname, vm_size="",
+                   image="", subnet_id=None, private_ip="", security_group_id=None, public=False, disk_gb=disk_gb,
+                   ssh_user="", ssh_public_key="", tags=tags, data_only=True)
 
 
 def _first_private_ip(configs: Any) -> str:
@@ -49,6 +60,26 @@ class Host(pulumi.ComponentResource):
         common = dict(
             resource_group_name=args.resource_group_name, location=args.location, tags=dict(args.tags)
         )
+
+        disk = compute.Disk(
+            f"{name}-data",
+            disk_name=f"{args.hostname}-data",
+            creation_data={"create_option": "Empty"},
+            disk_size_gb=args.disk_gb,
+            sku={"name": DISK_SKU},
+            # Managed disks are always encrypted at rest; say which keys, and allow no export URL.
+            encryption={"type": "EncryptionAtRestWithPlatformKey"},
+            network_access_policy="DenyAll",
+            public_network_access="Disabled",
+            opts=child,
+            **common,
+        )
+        self.data_device = DATA_DEVICE
+        if args.data_only:  # retired: the disk keeps the data until the platform comes back or is destroyed
+            self.public_ip = None
+            self.private_ip = None  # type: ignore[assignment]
+            self.register_outputs({"privateIp": None, "publicIp": None, "dataDevice": self.data_device})
+            return
 
         public_ip_ref = None
         self.public_ip = None
@@ -82,19 +113,6 @@ class Host(pulumi.ComponentResource):
             ],
             network_security_group={"id": args.security_group_id},
             enable_ip_forwarding=False,
-            opts=child,
-            **common,
-        )
-        disk = compute.Disk(
-            f"{name}-data",
-            disk_name=f"{args.hostname}-data",
-            creation_data={"create_option": "Empty"},
-            disk_size_gb=args.disk_gb,
-            sku={"name": DISK_SKU},
-            # Managed disks are always encrypted at rest; say which keys, and allow no export URL.
-            encryption={"type": "EncryptionAtRestWithPlatformKey"},
-            network_access_policy="DenyAll",
-            public_network_access="Disabled",
             opts=child,
             **common,
         )
@@ -144,7 +162,6 @@ class Host(pulumi.ComponentResource):
         )
 
         self.private_ip = nic.ip_configurations.apply(_first_private_ip)
-        self.data_device = DATA_DEVICE
         self.register_outputs(
             {"privateIp": self.private_ip, "publicIp": self.public_ip, "dataDevice": self.data_device}
         )

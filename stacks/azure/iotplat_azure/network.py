@@ -19,6 +19,9 @@ class NetworkArgs:
     # Azure's implicit "default outbound access" off, so a NAT gateway provides it.
     nat_gateway: bool
     tags: Mapping[str, str]
+    retired: bool = False  # a retired platform keeps only its data disks: no network
+
+
 
 
 class Network(pulumi.ComponentResource):
@@ -30,6 +33,10 @@ class Network(pulumi.ComponentResource):
         common = dict(
             resource_group_name=args.resource_group_name, location=args.location, tags=dict(args.tags)
         )
+        if args.retired:
+            self.subnet_id = None  # type: ignore[assignment]
+            self.register_outputs({})
+            return
 
         vnet = network.VirtualNetwork(
             f"{name}-vnet",

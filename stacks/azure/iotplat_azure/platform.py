@@ -44,9 +44,18 @@ class Platform(pulumi.ComponentResource):
                 subnet_cidr=plan.public_subnet,
                 nat_gateway=plan.needs_nat,
                 tags=cfg.tags,
+                retired=cfg.retired,
             ),
             opts=child,
         )
+        if cfg.retired:  # only the data disks stay, under the same parents (same URNs: the same disks)
+            def keep_disk(host_name: str, spec: HostSpec, placed: HostPlan, host_tags: dict[str, str]) -> Host:
+                return Host(host_name, HostArgs.data_only_args(group.name, cfg.location, spec.name, spec.disk_gb,
+                                                               host_tags), opts=child)
+
+            self.hosts = build_hosts(name, cfg, plan, keep_disk)
+            self.register_outputs({"hosts": self.hosts, "resourceGroup": group.name})
+            return
 
         def make_host(host_name: str, spec: HostSpec, placed: HostPlan, host_tags: dict[str, str]) -> Host:
             firewall = Firewall(

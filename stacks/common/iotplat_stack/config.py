@@ -24,7 +24,10 @@ from pulumi.errors import RunError
 NS = "iotplat"
 SOURCES = ("devices", "admin", "internal")
 PROTOCOLS = ("tcp", "udp")
-IMAGES = ("debian-12",)
+IMAGES = ("debian-13", "debian-12")
+# active: the whole platform; retired: only the data disks (and what holds them) are kept, every VM, address,
+# network and firewall is deleted. `iotplat destroy` without --data retires a stack; the next `up` reattaches.
+MODES = ("active", "retired")
 # Ports that must never be reachable from the whole internet (SSH, RDP, InfluxDB, Grafana).
 NEVER_WORLD_OPEN = (22, 3389, 8086, 3000)
 SSH_PORT = 22
@@ -144,6 +147,11 @@ class StackConfig:
     image: str
     tags: Mapping[str, str]
     hosts: tuple[Host, ...]
+    mode: str = "active"
+
+    @property
+    def retired(self) -> bool:
+        return self.mode == "retired"
 
     @property
     def name(self) -> str:
@@ -161,7 +169,7 @@ class StackConfig:
 
 
 # Keys read from the iotplat namespace; structured ones arrive from the engine as JSON text.
-PLAIN_KEYS = ("platform", "environment", "networkCidr", "sshUser", "sshPublicKey", "image")
+PLAIN_KEYS = ("platform", "environment", "networkCidr", "sshUser", "sshPublicKey", "image", "mode")
 OBJECT_KEYS = ("adminCidrs", "deviceCidrs", "tags", "hosts")
 KEYS = PLAIN_KEYS + OBJECT_KEYS
 
@@ -204,6 +212,9 @@ def parse(raw: Mapping[str, Any], target: str) -> StackConfig:
         raise ConfigError(f"{NS}:image", f"must be one of {', '.join(IMAGES)} (got {image!r})")
     tags = _tags(raw)
     cfg_hosts = _hosts(raw, rules)
+    mode = raw.get(f"{NS}:mode", "active")
+    if mode not in MODES:
+        raise ConfigError(f"{NS}:mode", f"must be one of {', '.join(MODES)} (got {mode!r})")
 
     cfg = StackConfig(
         target=target,
@@ -218,6 +229,7 @@ def parse(raw: Mapping[str, Any], target: str) -> StackConfig:
         image=image,
         tags=tags,
         hosts=cfg_hosts,
+        mode=mode,
     )
     _check_world_open(cfg)
     if not any(h.is_public for h in cfg.hosts):

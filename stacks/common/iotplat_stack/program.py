@@ -75,4 +75,5 @@ def run(
     built = platform(cfg.name, PlatformArgs(config=cfg, plan=layout))
     pulumi.export("hosts", built.hosts)
     pulumi.export("sshUser", cfg.ssh_user)
-    pulumi.export("sshJumpHost", layout.bastion)
+    pulumi.export("sshJumpHost", None if cfg.retired else layout.bastion)
+    pulumi.export("mode", cfg.mode)

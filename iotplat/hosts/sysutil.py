@@ -1,4 +1,4 @@
-"""Small system helpers: commands, processes, mounts, bounded waits. Linux only."""
+"""System helpers of the host providers: commands, processes, mounts, bounded waits. Linux only."""
 
 from __future__ import annotations
 
