@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from iotplat import __version__
 from iotplat.errors import ExitCode, InvalidInput, IotplatError, SpecInvalid
+from iotplat.services.registry import names as service_names
 from iotplat.errors import _one_line as one_line  # escapes control characters: a message is always one line
 
 EPILOG = """exit codes: 0 ok, 1 failure, 2 invalid input (nothing changed), 3 drift found (plan), 130 interrupted.
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="the services' journals from every host, merged and labelled, secrets masked",
                        epilog=EPILOG)
     _add_spec(p, optional=True)
-    p.add_argument("--service", choices=("broker", "worker", "influxdb", "grafana"), help="only this service")
+    p.add_argument("--service", choices=service_names(), help="only this service")
     p.add_argument("--host", help="only this host")
     p.add_argument("--since", help="journalctl --since value, e.g. -1h, '10 min ago' or 2026-11-25T10:00")
     p.add_argument("--lines", "-n", type=int, default=200, help="last N lines per host (default 200)")

@@ -26,9 +26,9 @@ import yaml
 
 from iotplat.errors import IotplatError
 from iotplat.hosts import Host
-from iotplat.resources import data_dir
 from iotplat.secrets.materials import Materials, secret_content
 from iotplat.secrets.vault import Vault, key_file_path
+from iotplat.services import roles_path
 
 _RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
                     r"(?:\s+rescued=(\d+))?(?:\s+ignored=(\d+))?")
@@ -216,7 +216,7 @@ def run_playbook(build: Path, hosts: list[Host], materials: Materials, state_dir
         argv.append(str(build / "ansible" / playbook))
         env = {
             **os.environ,
-            "ANSIBLE_ROLES_PATH": str(data_dir("roles")),
+            "ANSIBLE_ROLES_PATH": roles_path(),
             "ANSIBLE_CONFIG": str(build / "ansible" / "ansible.cfg"),
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_FORCE_COLOR": "0",

@@ -17,9 +17,6 @@ from iotplat.errors import InvalidInput, IotplatError
 from iotplat.hosts import Host
 from iotplat.spec.platform_model import Platform
 
-SERVICE_UNITS = {"broker": ["mosquitto"], "influxdb": ["influxdb"], "grafana": ["grafana-server"]}
-
-
 @dataclass(frozen=True, order=True)
 class LogLine:
     ts_us: int
@@ -32,17 +29,13 @@ class LogLine:
 
 
 def units_for(platform: Platform, host: str, service: str | None) -> dict[str, str]:
-    """unit -> service label for the services of `host` (optionally one service)."""
+    """unit -> service label for the services of `host` (optionally one service), as each service states them."""
+    from iotplat.services import placed
+
     out: dict[str, str] = {}
-    for svc in platform.services_on(host):
-        if service and svc != service:
-            continue
-        if svc == "worker":
-            for r in platform.replicas_on(host):
-                out[f"iotplat-worker@{r.number}"] = "worker"
-        else:
-            for unit in SERVICE_UNITS[svc]:
-                out[unit] = svc
+    for svc in placed(platform):
+        if host in platform.placement[svc.name] and service in (None, svc.name):
+            out.update({unit: svc.name for unit in svc.units(platform, host)})
     return out
 
 

@@ -149,14 +149,14 @@ def _influx_set_admin_password(ctx: Context, hosts: list, old: str, new: str) ->
     the stored password). The statement goes in the POST body, never in a URL that could be logged. InfluxDB is
     internal: it is reached through an SSH tunnel to its host."""
     from iotplat.hosts.tunnel import forward
-    from iotplat.verify.status import _HTTPS, _Ctx
+    from iotplat.verify.status import NamedHTTPS, TrustStore
 
     p = ctx.platform
     influx = {h.name: h for h in hosts}[p.host_of("influxdb")]
-    trust = _Ctx(ctx.materials.ca_cert_pem)
+    trust = TrustStore(ctx.materials.ca_cert_pem)
     try:
         with forward(influx, p.spec.influxdb.port) as (address, port):
-            conn = _HTTPS(address, port, trust.context(), p.service_name("influxdb"))
+            conn = NamedHTTPS(address, port, trust.context(), p.service_name("influxdb"))
             body = urllib.parse.urlencode({"q": f"SET PASSWORD FOR \"{INFLUX_ADMIN_USER}\" = '{new}'"})
             auth = base64.b64encode(f"{INFLUX_ADMIN_USER}:{old}".encode()).decode()
             try:
@@ -222,14 +222,14 @@ def _end_session(ctx: Context, hosts: list, client_id: str, password: str) -> bo
     lets them read nothing), so their sessions hold no queued messages. False if the broker refused us."""
     import paho.mqtt.client as mqtt
 
-    from iotplat.verify.status import _Ctx
+    from iotplat.verify.status import TrustStore
 
     p = ctx.platform
     listener = next((lst for lst in p.spec.broker.listeners if lst.protocol == "mqtt"), None)
     if listener is None:
         return False
     address = {h.name: h.address for h in hosts}[p.host_of("broker")]
-    trust = _Ctx(ctx.materials.ca_cert_pem)
+    trust = TrustStore(ctx.materials.ca_cert_pem)
     result: dict[str, Any] = {}
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                          clean_session=True)

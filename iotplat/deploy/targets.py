@@ -46,6 +46,9 @@ class Released:
 
 class TargetProvider(Protocol):
     kind: str
+    # destroy runs destroy.yml (every role's tasks/uninstall.yml) on the hosts before release; False: release
+    # deletes the hosts with everything on them (local hosts)
+    uninstall_first: bool
 
     def acquire(self, *, create: bool, progress: Progress, allow_replace: bool = False,
                 allow_data_loss: bool = False) -> list[Host]:
@@ -110,6 +113,7 @@ def local_settings(platform: Platform) -> LocalSettings:
 
 class LocalTarget:
     kind = "local"
+    uninstall_first = False
 
     def __init__(self, platform: Platform, state: State) -> None:
         self.platform = platform
@@ -146,6 +150,7 @@ class LocalTarget:
 
 class BaremetalTarget:
     kind = "baremetal"
+    uninstall_first = True
 
     def __init__(self, platform: Platform, state: State) -> None:
         self.platform = platform

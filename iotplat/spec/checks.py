@@ -14,7 +14,7 @@ from typing import Literal, TypeVar
 
 from iotplat.errors import Problem
 from iotplat.spec.errors_map import did_you_mean
-from iotplat.spec.model import AWS_REGIONS, AZURE_LOCATIONS, SERVICES
+from iotplat.spec.model import AWS_REGIONS, AZURE_LOCATIONS
 from iotplat.spec.platform_model import (
     GRAFANA_INFLUX_USER,
     INFLUX_ADMIN_USER,
@@ -51,20 +51,23 @@ def _column_hint(name: str, columns: set[str]) -> str:
 
 
 def check_placement(p: Platform, doc: Document) -> list[Problem]:
+    """Every required service runs somewhere, and a single-host service (the broker, InfluxDB, Grafana) on one."""
+    from iotplat.services import all_services
+
     out: list[Problem] = []
     names = [h.name for h in p.spec.hosts]
     for i, n in enumerate(names):
         if names.index(n) != i:
             out.append(doc.problem(("hosts", i, "name"), f"host name {n!r} is used twice"))
-    for svc in SERVICES:
-        placed = p.placement[svc]
-        if svc == "grafana" and not p.spec.grafana.enabled:
+    for svc in all_services():
+        if not svc.enabled(p):
             continue
-        if not placed:
-            out.append(doc.problem(("hosts",), f"no host runs the {svc} service",
-                                   f"add {svc!r} to the services of one host"))
-        elif svc in ("broker", "influxdb", "grafana") and len(placed) > 1:
-            out.append(doc.problem(("hosts",), f"{svc} is placed on {len(placed)} hosts ({', '.join(placed)}); "
+        placed = p.placement[svc.name]
+        if not placed and svc.required:
+            out.append(doc.problem(("hosts",), f"no host runs the {svc.name} service",
+                                   f"add {svc.name!r} to the services of one host"))
+        elif svc.single_host and len(placed) > 1:
+            out.append(doc.problem(("hosts",), f"{svc.name} is placed on {len(placed)} hosts ({', '.join(placed)}); "
                                    "it runs on exactly one", "keep it on one host"))
     return out
 

@@ -26,13 +26,23 @@ from pydantic import (
 )
 
 from iotplat import API_VERSION
+from iotplat.services.registry import names as service_names
 from iotplat.spec.units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
 
-SERVICES = ("broker", "worker", "influxdb", "grafana")
+# The services a host may run: iotplat's four and those of installed plugins (iotplat.services.registry).
+SERVICES = service_names()
 # Debian releases iotplat deploys to (every target): each has its own table of pinned package versions.
 RELEASES = ("debian-12", "debian-13")
 Release = Literal["debian-12", "debian-13"]
-Service = Literal["broker", "worker", "influxdb", "grafana"]
+
+
+def _known_service(value: str) -> str:
+    if value not in SERVICES:
+        raise ValueError(f"unknown service {value!r}; known services: {', '.join(SERVICES)}")
+    return value
+
+
+Service = Annotated[str, AfterValidator(_known_service), WithJsonSchema({"type": "string", "enum": list(SERVICES)})]
 
 def full(body: str) -> str:
     """A full-string pattern for `Field(pattern=...)`: the whole value must match `body`.

@@ -105,22 +105,25 @@ class Platform:
     # ---- placement
     @cached_property
     def placement(self) -> dict[str, list[str]]:
+        """service -> the hosts that run it (none for a service the spec switches off, e.g. grafana.enabled)."""
+        from iotplat.services import get
+
         out: dict[str, list[str]] = {s: [] for s in SERVICES}
         for host in self.spec.hosts:
             for svc in host.services:
                 out[svc].append(host.name)
-        if not self.spec.grafana.enabled:
-            out["grafana"] = []
+        for name in out:
+            if not get(name).enabled(self):
+                out[name] = []
         return out
 
     def host_of(self, service: str) -> str:
         return self.placement[service][0]
 
     def services_on(self, host: str) -> list[str]:
-        for h in self.spec.hosts:
-            if h.name == host:
-                return [s for s in SERVICES if s in h.services and (s != "grafana" or self.spec.grafana.enabled)]
-        raise KeyError(host)
+        if host not in self.host_names:
+            raise KeyError(host)
+        return [s for s in SERVICES if host in self.placement[s]]
 
     @property
     def host_names(self) -> list[str]:

@@ -1,0 +1,134 @@
+"""The MQTT broker: Mosquitto (role `mosquitto`, templates/mosquitto/)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from iotplat.services.base import Ingress, SecretFile, Service, ServiceFile, TlsPort
+
+if TYPE_CHECKING:
+    from iotplat.deploy.ops import Context
+    from iotplat.hosts import Host
+    from iotplat.render.engine import Renderer
+    from iotplat.spec.platform_model import Platform
+
+PERSISTENCE = "/var/lib/mosquitto"
+PERSISTENCE_FILE = f"{PERSISTENCE}/mosquitto.db"
+
+
+def _duration(seconds: float) -> str:
+    """persistent_client_expiration takes h d w m y: rounded up to hours."""
+    hours = max(1, int(-(-seconds // 3600)))
+    return f"{hours // 24}d" if hours % 24 == 0 else f"{hours}h"
+
+
+def acl_rules(p: Platform) -> tuple[list[str], list[dict[str, Any]], list[str]]:
+    """(device patterns, per-device rules, worker read filters) of the ACL: a topic template that names only
+    {device} becomes a `pattern` line with %u; one that names registry columns is written per device."""
+    from iotplat.spec.platform_model import template_filter, template_names
+
+    patterns: list[str] = []
+    per_device: list[dict[str, Any]] = []
+    needs_attrs = [t for t in p.spec.devices.topics if set(template_names(t)) - {"device"}]
+    for t in p.spec.devices.topics:
+        if t not in needs_attrs:
+            patterns.append(t.replace("{device}", "%u"))
+    if needs_attrs:
+        for d in sorted(p.all_devices, key=lambda d: d.id):
+            values = {"device": d.id, **dict(d.attributes)}
+            per_device.append({"user": d.id, "topics": [t.format(**values) for t in needs_attrs]})
+    reads = sorted({template_filter(s.topic) for s in p.spec.ingestion.subscriptions})
+    return patterns, per_device, reads
+
+
+class Broker(Service):
+    name: ClassVar[str] = "broker"
+    role: ClassVar[str] = "mosquitto"
+    title: ClassVar[str] = "MQTT broker"
+    single_host: ClassVar[bool] = True
+
+    def paths(self) -> Mapping[str, str]:
+        return {
+            "mosquitto_conf": "/etc/mosquitto/mosquitto.conf",
+            "mosquitto_dir": "/etc/mosquitto/iotplat",
+            "mosquitto_acl": "/etc/mosquitto/iotplat/acl",
+            "mosquitto_passwd": "/etc/mosquitto/iotplat/passwd",
+            "mosquitto_key": "/etc/mosquitto/iotplat/server.key",
+            "mosquitto_persistence": PERSISTENCE,
+        }
+
+    def files(self, r: Renderer) -> list[ServiceFile]:
+        p = r.p
+        spec = p.spec
+        conf = r.template(
+            "mosquitto/mosquitto.conf.j2",
+            broker=spec.broker,
+            listeners=spec.broker.listeners,
+            limits=spec.broker.limits,
+            autosave_interval=max(1, int(spec.broker.persistence.autosave_interval)),
+            client_expiration=_duration(spec.broker.persistence.client_expiration),
+            inflight=p.inflight,
+            queue_messages=p.queue_messages,
+            queue_bytes=p.queue_bytes,
+            message_size=spec.broker.limits.message_size,
+            tls_min=spec.tls.min_version,
+        )
+        patterns, per_device, reads = acl_rules(p)
+        acl = r.template(
+            "mosquitto/acl.j2",
+            patterns=patterns,
+            device_rules=per_device,
+            workers=[rep.username for rep in p.replicas],
+            worker_reads=reads,
+            dead_letter_topic=spec.ingestion.dead_letters.topic,
+        )
+        paths = self.paths()
+        return [ServiceFile(paths["mosquitto_conf"], conf),
+                ServiceFile(paths["mosquitto_acl"], acl, "0640", "root", "mosquitto")]
+
+    def secrets(self, p: Platform, host: str) -> list[SecretFile]:
+        paths = self.paths()
+        return [SecretFile(paths["mosquitto_passwd"], "mosquitto_passwd", "0640", "mosquitto"),
+                SecretFile(paths["mosquitto_key"], f"host_key:{host}", "0640", "mosquitto")]
+
+    def ingress(self, p: Platform, host: str) -> list[Ingress]:
+        rules = []
+        for lst in p.spec.broker.listeners:
+            label = "MQTT over TLS" if lst.protocol == "mqtt" else "MQTT over secure WebSockets"
+            rules.append(Ingress(lst.port, "devices", label))
+            rules.append(Ingress(lst.port, "internal", f"{label} (worker, canary)"))
+        return rules
+
+    def data_dirs(self, p: Platform) -> tuple[str, ...]:
+        return (PERSISTENCE,)
+
+    def group_vars(self, p: Platform) -> dict[str, Any]:
+        return {"mosquitto_package_versions": p.mosquitto_pins}
+
+    def units(self, p: Platform, host: str) -> list[str]:
+        return ["mosquitto"]
+
+    def tls_ports(self, p: Platform) -> list[TlsPort]:
+        return [TlsPort(lst.port, f"broker {lst.protocol} :{lst.port}", p.service_name("broker"))
+                for lst in p.spec.broker.listeners]
+
+    def backup(self, ctx: Context, host: Host) -> dict[str, bytes]:
+        """The persistence file (queued messages, sessions), saved first with SIGUSR1 to the broker's main
+        process; waits (5 s at most) for the file to change."""
+        from iotplat.deploy.backup import run_on
+
+        return {"mosquitto.db": run_on(host, (
+            f"set -e; f={PERSISTENCE_FILE}; old=$(stat -c %Y $f 2>/dev/null || echo 0); "
+            "systemctl kill --kill-whom=main -s USR1 mosquitto; i=0; "
+            "while [ $i -lt 50 ] && [ \"$(stat -c %Y $f 2>/dev/null || echo 0)\" = \"$old\" ]; do sleep 0.1; i=$((i+1)); done; "
+            "cat $f"))}
+
+    def restore(self, ctx: Context, host: Host, members: Mapping[str, bytes], info: Mapping[str, Any]) -> None:
+        from iotplat.deploy.backup import run_on
+
+        if "mosquitto.db" not in members:
+            return
+        run_on(host, (f"set -e; systemctl stop mosquitto; cat > {PERSISTENCE_FILE}; "
+                      f"chown mosquitto:mosquitto {PERSISTENCE_FILE}; chmod 0600 {PERSISTENCE_FILE}; "
+                      "systemctl start mosquitto"), stdin=members["mosquitto.db"])

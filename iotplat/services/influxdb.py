@@ -1,0 +1,163 @@
+"""The time-series database: InfluxDB 1.x from Debian or 2.x from InfluxData (role `influxdb`, templates/influxdb/)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from iotplat.services.base import Ingress, SecretFile, Service, ServiceFile, TlsPort
+
+if TYPE_CHECKING:
+    from iotplat.deploy.ops import Context
+    from iotplat.hosts import Host
+    from iotplat.render.engine import Renderer
+    from iotplat.spec.platform_model import Platform
+    from iotplat.verify.status import Check, Probe
+
+CREDENTIALS = "/etc/iotplat/credentials/influxdb"
+REMOTE_DIR = "/var/lib/iotplat-backup"
+
+
+def package(p: Platform) -> dict[str, Any]:
+    """The package pin as the role reads it: {source, versions: {release: version}, path?}."""
+    from iotplat.spec.platform_model import release_pins
+
+    pkg = p.influx_package
+    out: dict[str, Any] = {"source": pkg.source, "versions": release_pins(pkg.version)}
+    if pkg.path:
+        out["path"] = pkg.path
+    return out
+
+
+def influx2_env(p: Platform, host: str) -> str:
+    """Shell prefix for the `influx` CLI on the InfluxDB 2 host: the operator token comes from its root-only
+    credential file into the environment (never into argv), TLS is checked against the platform CA.
+    NOTE: InfluxDB 2 cannot be installed on the development machines; this path is not exercised by tests."""
+    url = f"https://{host}.{p.spec.network.domain}:{p.spec.influxdb.port}"
+    return (f"command -v influx >/dev/null || {{ echo 'the influx CLI is missing on {host}: apt-get install "
+            f"influxdb2-cli' >&2; exit 1; }}; export INFLUX_HOST={url} SSL_CERT_FILE=/etc/iotplat/tls/ca.crt "
+            f"INFLUX_TOKEN=\"$(cat {CREDENTIALS}/admin-token)\"; ")
+
+
+class InfluxDB(Service):
+    name: ClassVar[str] = "influxdb"
+    role: ClassVar[str] = "influxdb"
+    title: ClassVar[str] = "InfluxDB"
+    deploy_order: ClassVar[int] = 20
+    single_host: ClassVar[bool] = True
+
+    def paths(self) -> Mapping[str, str]:
+        return {
+            "influxdb1_conf": "/etc/influxdb/influxdb.conf",
+            "influxdb2_conf": "/etc/influxdb/config.toml",
+            "influxdb_conf_dir": "/etc/influxdb",
+            "influxdb1_data": "/var/lib/influxdb",
+            "influxdb2_data": "/var/lib/influxdb2",
+            "influxdb_credentials": CREDENTIALS,
+            "influxdb_key": "/run/credentials/influxdb.service/server.key",
+        }
+
+    def files(self, r: Renderer) -> list[ServiceFile]:
+        ix = r.p.spec.influxdb
+        paths = self.paths()
+        if ix.version == 1:
+            data = r.template("influxdb/influxdb.conf.j2", port=ix.port, tls_min=r.p.spec.tls.min_version)
+            return [ServiceFile(paths["influxdb1_conf"], data)]
+        data = r.template("influxdb/config.toml.j2", port=ix.port, tls_min=r.p.spec.tls.min_version)
+        return [ServiceFile(paths["influxdb2_conf"], data)]
+
+    def secrets(self, p: Platform, host: str) -> list[SecretFile]:
+        out = [SecretFile(f"{CREDENTIALS}/server.key", f"host_key:{host}"),
+               SecretFile(f"{CREDENTIALS}/admin-password", "influxdb_admin_password"),
+               SecretFile(f"{CREDENTIALS}/worker-password", "influxdb_worker_password"),
+               SecretFile(f"{CREDENTIALS}/grafana-password", "influxdb_grafana_password")]
+        if p.spec.influxdb.version == 2:
+            out.append(SecretFile(f"{CREDENTIALS}/admin-token", "influxdb_admin_token"))
+        return out
+
+    def ingress(self, p: Platform, host: str) -> list[Ingress]:
+        return [Ingress(p.spec.influxdb.port, "internal", "InfluxDB HTTPS")]
+
+    def data_dirs(self, p: Platform) -> tuple[str, ...]:
+        return (self.paths()["influxdb1_data"],) if p.spec.influxdb.version == 1 else (self.paths()["influxdb2_data"],)
+
+    def group_vars(self, p: Platform) -> dict[str, Any]:
+        from iotplat.spec.platform_model import GRAFANA_INFLUX_USER, INFLUX_ADMIN_USER, WORKER_INFLUX_USER
+        from iotplat.spec.units import format_duration
+
+        ix = p.spec.influxdb
+        return {
+            "influxdb_version": ix.version,
+            "influxdb_package": package(p),
+            "influxdb_port": ix.port,
+            "influxdb_database": p.influx_database,
+            "influxdb_retention_policy": p.influx_retention_policy,
+            "influxdb_org": p.influx_org,
+            "influxdb_bucket": p.influx_bucket,
+            "influxdb_retention": format_duration(ix.retention),
+            "influxdb_admin_user": INFLUX_ADMIN_USER,
+            "influxdb_worker_user": WORKER_INFLUX_USER,
+            "influxdb_grafana_user": GRAFANA_INFLUX_USER,
+        }
+
+    def units(self, p: Platform, host: str) -> list[str]:
+        return ["influxdb"]
+
+    def tls_ports(self, p: Platform) -> list[TlsPort]:
+        port = p.spec.influxdb.port
+        return [TlsPort(port, f"influxdb :{port}", p.service_name("influxdb"), internal=True)]
+
+    def checks(self, probe: Probe) -> list[Check]:
+        """InfluxDB answers a query of the read-only user (Grafana's), through the tunnel."""
+        from iotplat.verify.status import Check
+
+        host = probe.platform.host_of("influxdb")
+        try:
+            probe.query("SHOW MEASUREMENTS")
+            return [Check("influxdb query (read-only user)", True, "ok", host=host)]
+        except (OSError, RuntimeError, ValueError) as exc:
+            return [Check("influxdb query (read-only user)", False, str(exc), host=host)]
+
+    def backup(self, ctx: Context, host: Host) -> dict[str, bytes]:
+        """InfluxDB's own portable backup: of the platform's database (1.x), or of the whole instance with the
+        operator token (2.x, restored with `influx restore --full`)."""
+        import time
+
+        from iotplat.deploy.backup import run_on
+
+        p = ctx.platform
+        remote = f"{REMOTE_DIR}/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        if p.spec.influxdb.version == 2:
+            dump = f"{influx2_env(p, host.name)}influx backup {remote} >/dev/null"
+        else:
+            dump = (f"influxd backup -portable -database {p.influx_database} -host 127.0.0.1:8088 {remote} "
+                    ">/dev/null 2>&1")
+        return {"influxdb.tar": run_on(host, (
+            f"set -e; rm -rf {remote}; mkdir -p {remote}; {dump}; tar -C {remote} -cf - . ; rm -rf {remote}"))}
+
+    def restore(self, ctx: Context, host: Host, members: Mapping[str, bytes], info: Mapping[str, Any]) -> None:
+        """1.x: the database is dropped (admin, through the tunnel) and restored from the portable backup; 2.x:
+        `influx restore --full` of the whole instance."""
+        from iotplat.deploy.backup import run_on
+
+        p = ctx.platform
+        remote = f"{REMOTE_DIR}/restore"
+        if p.spec.influxdb.version == 2:
+            load = f"{influx2_env(p, host.name)}influx restore --full {remote} >/dev/null"
+        else:
+            from iotplat.hosts.tunnel import forward
+            from iotplat.spec.platform_model import INFLUX_ADMIN_USER
+            from iotplat.verify.status import TrustStore, influx_query
+
+            trust = TrustStore(ctx.materials.ca_cert_pem)
+            try:
+                admin_pw = ctx.materials.secrets["influxdb_admin_password"]
+                with forward(host, p.spec.influxdb.port) as (address, port):  # InfluxDB is internal: through SSH
+                    influx_query(p, address, trust.context(), INFLUX_ADMIN_USER, admin_pw,
+                                 f'DROP DATABASE "{p.influx_database}"', method="POST", port=port)
+            finally:
+                trust.close()
+            load = (f"influxd restore -portable -db {info['influxdb']['database']} -host 127.0.0.1:8088 {remote} "
+                    ">/dev/null")
+        run_on(host, f"set -e; rm -rf {remote}; mkdir -p {remote}; tar -C {remote} -xf -; {load}; rm -rf {remote}",
+               stdin=members["influxdb.tar"])
