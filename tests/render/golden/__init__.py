@@ -73,19 +73,10 @@ class Rendered:
 @contextlib.contextmanager
 def _environment(key: Path) -> Iterator[None]:
     """The vault key of the case, and nothing from the caller's environment that would change the render."""
-    names = ("IOTPLAT_VAULT_PASSWORD_FILE", "IOTPLAT_STATE_DIR", "IOTPLAT_ENV")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ["IOTPLAT_VAULT_PASSWORD_FILE"] = str(key)
-    os.environ.pop("IOTPLAT_STATE_DIR", None)
-    os.environ.pop("IOTPLAT_ENV", None)
-    try:
+    with mock.patch.dict(os.environ, {"IOTPLAT_VAULT_PASSWORD_FILE": str(key)}):  # restores all on exit
+        os.environ.pop("IOTPLAT_STATE_DIR", None)
+        os.environ.pop("IOTPLAT_ENV", None)
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
