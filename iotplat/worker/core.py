@@ -26,7 +26,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from .config import ConfigError, Subscription, WorkerConfig
+from .config import ConfigError, Subscription, WorkerConfig, topic_variable
 from .decoders import JsonDecoder, load_decoder_class
 from .health import HealthReporter
 from .lineproto import Point, Reason, Rejected, encode_point, excerpt
@@ -51,7 +51,7 @@ class Router:
         self.templates = []
         for s in subs:
             segs = s.topic.split("/")
-            self.templates.append((s, len(segs), [(seg[1:-1] if _is_var(seg) else None, seg) for seg in segs]))
+            self.templates.append((s, len(segs), [(topic_variable(seg), seg) for seg in segs]))
         self.cache: dict[str, tuple[Subscription, dict[str, str]] | None] = {}
 
     def match(self, topic: str) -> tuple[Subscription, dict[str, str]] | None:
@@ -84,10 +84,6 @@ class Router:
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _is_var(seg: str) -> bool:
-    return len(seg) > 2 and seg[0] == "{" and seg[-1] == "}"
 
 
 class RateLimiter:
