@@ -36,14 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
     log = Log(level=args.log_level, replica=cfg.replica)
     if args.check:
-        from .decoders import load_decoder_class
+        from .decoders import build_decoders
 
-        for i, sub in enumerate(cfg.subscriptions):
-            try:
-                load_decoder_class(sub.format)(sub, cfg.limits)
-            except (LookupError, ValueError) as e:
-                print(f"error: {cfg.path}: subscriptions[{i}].format: {e}", file=sys.stderr)
-                return EXIT_CONFIG
+        try:
+            build_decoders(cfg)  # what the worker's start builds: every decoder, with its options
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
         print(f"{cfg.path}: ok")
         return EXIT_OK
 

@@ -142,7 +142,7 @@ class Subscription:
     @property
     def filter(self) -> str:
         """The MQTT topic filter: every ``{name}`` level becomes ``+``."""
-        return "/".join("+" if _is_var(s) else s for s in self.topic.split("/"))
+        return "/".join("+" if topic_variable(s) is not None else s for s in self.topic.split("/"))
 
 
 @dataclass(frozen=True)
@@ -165,8 +165,9 @@ class WorkerConfig:
         return sub.filter
 
 
-def _is_var(segment: str) -> bool:
-    return len(segment) > 2 and segment[0] == "{" and segment[-1] == "}"
+def topic_variable(level: str) -> str | None:
+    """The name of a ``{name}`` topic level; None for a literal level."""
+    return level[1:-1] if len(level) > 2 and level[0] == "{" and level[-1] == "}" else None
 
 
 # --------------------------------------------------------------------------------------------

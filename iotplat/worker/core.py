@@ -26,8 +26,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from .config import ConfigError, Subscription, WorkerConfig
-from .decoders import JsonDecoder, load_decoder_class
+from .config import Subscription, WorkerConfig, topic_variable
+from .decoders import JsonDecoder, build_decoders
 from .health import HealthReporter
 from .lineproto import Point, Reason, Rejected, encode_point, excerpt
 from .logs import Log
@@ -51,7 +51,7 @@ class Router:
         self.templates = []
         for s in subs:
             segs = s.topic.split("/")
-            self.templates.append((s, len(segs), [(seg[1:-1] if _is_var(seg) else None, seg) for seg in segs]))
+            self.templates.append((s, len(segs), [(topic_variable(seg), seg) for seg in segs]))
         self.cache: dict[str, tuple[Subscription, dict[str, str]] | None] = {}
 
     def match(self, topic: str) -> tuple[Subscription, dict[str, str]] | None:
@@ -84,10 +84,6 @@ class Router:
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _is_var(seg: str) -> bool:
-    return len(seg) > 2 and seg[0] == "{" and seg[-1] == "}"
 
 
 class RateLimiter:
@@ -137,16 +133,7 @@ class Worker:
         self.log = log
         self.metrics = Metrics()
         self.ready_cb = ready
-        self.decoders: dict[str, Any] = {}
-        for i, sub in enumerate(cfg.subscriptions):
-            try:
-                cls = load_decoder_class(sub.format)
-            except LookupError as e:
-                raise ConfigError(cfg.path, f"subscriptions[{i}].format", str(e)) from None
-            try:
-                self.decoders[sub.name] = cls(sub, cfg.limits)
-            except (ValueError, TypeError, KeyError) as e:
-                raise ConfigError(cfg.path, f"subscriptions[{i}].options", f"{sub.format}: {e}") from None
+        self.decoders: dict[str, Any] = build_decoders(cfg)  # ConfigError: a decoder missing or refusing its options
         self.router = Router(cfg.subscriptions)
         self.routes: dict[bytes, tuple[Callable[[bytes, int, str], bytes | None], str] | None] = {}
         try:
