@@ -46,6 +46,7 @@ class Broker(Service):
     name: ClassVar[str] = "broker"
     role: ClassVar[str] = "mosquitto"
     title: ClassVar[str] = "MQTT broker"
+    deploy_order: ClassVar[int] = 10
     single_host: ClassVar[bool] = True
 
     def paths(self) -> Mapping[str, str]:
