@@ -23,6 +23,7 @@ from iotplat.secrets.passwords import bcrypt_many
 from .servers import free_port, kill_group, wait_port
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/bin/nats-server"
+WARMUP_USER = "warmup"
 TELEMETRY = "devices/{device}/telemetry"
 
 
@@ -121,12 +122,15 @@ class NatsCluster:
         ca = make_ca(d / "tls", usages=ca_usages)
         passwords = {f"dev{i:03d}": f"device-{i:03d}-secret-pw-0123456789" for i in range(devices)}
         passwords.update({f"iotplat-worker-{i}": f"worker-{i}-secret-pw-0123456789" for i in range(1, workers + 1)})
+        passwords[WARMUP_USER] = "warmup-secret-pw-0123456789abcdef"
         extra = dict(extra_users or {})
         passwords.update({name: pw for name, (pw, _, _) in extra.items()})
         hashes = bcrypt_many(passwords.items(), 4)
         users: list[User] = []
         for name in passwords:
-            if name in extra:
+            if name == WARMUP_USER:  # MQTT only, may do nothing
+                users.append(User(name, hashes[name], Permissions(), ("MQTT",)))
+            elif name in extra:
                 users.append(User(name, hashes[name], extra[name][1], extra[name][2]))
             elif name.startswith("iotplat-worker-"):
                 perms = worker_permissions(WorkerGrant(name), ["devices/+/telemetry"], dead_letter_topic)
@@ -156,20 +160,21 @@ class NatsCluster:
                     for port in (n.client_port, n.mqtt_port, n.http_port):
                         wait_port(port, 30, proc=n.proc, what=f"nats-server {n.name}")
                 c.wait_ready()
+                c.warm_mqtt()
             except BaseException:
                 c.close()
                 raise
         return c
 
     def wait_ready(self, timeout: float = 60.0, nodes: list[NatsNode] | None = None) -> None:
-        """Every running node answers /healthz?js-enabled=true (JetStream up; in a cluster: a meta leader)."""
+        """Every running node answers /healthz?js-enabled-only=true (JetStream up; in a cluster: a meta leader)."""
         deadline = time.monotonic() + timeout
         pending = [n for n in (nodes or self.nodes) if n.alive()]
         last = ""
         while pending and time.monotonic() < deadline:
             for n in list(pending):
                 try:
-                    st = n.monitor("/healthz?js-enabled=true")
+                    st = n.monitor("/healthz?js-enabled-only=true")
                     if st.get("status") == "ok" and (len(self.nodes) == 1 or self.meta_leader(n)):
                         pending.remove(n)
                 except OSError as e:
@@ -178,6 +183,22 @@ class NatsCluster:
         if pending:
             raise TimeoutError(f"nats nodes not ready: {[n.name for n in pending]} ({last})\n"
                                + "\n".join(n.log_text()[-2000:] for n in pending))
+
+    def warm_mqtt(self, timeout: float = 60.0) -> None:
+        """One MQTT connection, retried until accepted: the MQTT layer creates its streams ($MQTT_sess,
+        $MQTT_msgs, $MQTT_rmsgs, R3) on an account's first MQTT connect, and a connect racing that creation
+        on another node can be refused after its 4 s JetStream API timeout (measured: 1 in 4 fresh clusters
+        with two devices connecting at once). A deployment's canary does the same before devices arrive."""
+        deadline = time.monotonic() + timeout
+        while True:
+            p = MqttProbe(self.nodes[0].mqtt_port, WARMUP_USER, self.passwords[WARMUP_USER], self.ca_file)
+            try:
+                if p.wait_connack(max(1.0, deadline - time.monotonic())) == 0:
+                    return
+            finally:
+                p.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError("no MQTT connection accepted by the cluster")
 
     @staticmethod
     def meta_leader(n: NatsNode) -> str:
