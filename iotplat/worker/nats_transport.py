@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import ssl
 import threading
@@ -94,10 +95,15 @@ class NatsTransport:
         self._topics: dict[str, bytes] = {}
         self._prefix_len = len(cfg.subject_prefix)
         self._pending_acks: set[asyncio.Task[None]] = set()
+        self._generation = 0
+        self._perm_error = ""
         self.connected = False
 
     # ------------------------------------------------------------------ the Transport interface
     def start(self) -> None:
+        # asyncio warns on stderr, outside the worker's JSON log, each time a TLS peer closes ("returning true
+        # from eof_received() has no effect when using ssl"): keep its errors only
+        logging.getLogger("asyncio").setLevel(logging.ERROR)
         self._thread = threading.Thread(target=self._run, name="iotplat-nats", daemon=True)
         self._thread.start()
 
@@ -205,21 +211,51 @@ class NatsTransport:
         self._jsm = self._nc.jsm(timeout=10)
 
     async def _on_connect(self) -> None:
-        """After a connect or reconnect: ensure the stream, report whether every consumer still exists."""
+        """After a connect or reconnect: ensure the stream, report whether every consumer still exists.
+
+        JetStream may not answer for a while after a node was lost (the cluster elects new leaders: ~10 s
+        measured here after a kill -9): that is retried with backoff, reported through on_connect_failed,
+        and never taken for a lost session or a refused subscription."""
+        self._generation += 1
+        gen = self._generation
         self.connected = True
         for con in self._consumers.values():
             con.outstanding = 0  # requests of the old connection are gone (or come back as extra messages)
-        try:
-            await self._ensure_stream()
-            present = True
-            for filter_ in self._filters:
-                durable, _ = self._names(filter_)
-                if not await self._consumer_exists(durable):
-                    present = False
-        except Exception as e:
-            self.handler.on_connect_failed(f"JetStream: {_reason(e)}")
-            present = False
+        present = await self._retrying(gen, "JetStream", self._consumers_present)
+        if present is None or gen != self._generation:
+            return
         self.handler.on_connected(present)
+
+    async def _consumers_present(self) -> bool:
+        await self._ensure_stream()
+        present = True
+        for filter_ in self._filters:
+            durable, _ = self._names(filter_)
+            if not await self._consumer_exists(durable):
+                present = False
+        return present
+
+    async def _retrying(self, gen: int, what: str, call: Callable[[], Any]) -> Any:
+        """``await call()`` until it succeeds (None if stopping, superseded by a newer connection, or refused
+        for good: a permissions violation reported by the server, which is reported as fatal)."""
+        delay = self.cfg.reconnect_min
+        assert self._stop_event is not None
+        while not self._stopping.is_set() and gen == self._generation:
+            self._perm_error = ""
+            try:
+                return await call()
+            except Exception as e:
+                if self._perm_error:
+                    self.handler.on_connect_failed(f"{what}: {self._perm_error}")
+                    self.handler.on_subscribed([0x80])  # the core stops: the grant is wrong, retrying cannot help
+                    return None
+                self.handler.on_connect_failed(f"{what}: {_reason(e)} (retrying)")
+            try:
+                await asyncio.wait_for(self._stop_event.wait(), random.uniform(delay / 2, delay))
+            except asyncio.TimeoutError:
+                pass
+            delay = min(self.cfg.reconnect_max, delay * 2)
+        return None
 
     async def _shutdown(self) -> None:
         nc = self._nc
@@ -238,6 +274,9 @@ class NatsTransport:
 
     # ------------------------------------------------------------------ nats-py callbacks
     async def _error_cb(self, e: Exception) -> None:
+        text = _reason(e)
+        if "permissions violation" in text.lower():
+            self._perm_error = text
         if not self.connected:
             self.handler.on_connect_failed(_reason(e))
 
@@ -304,24 +343,28 @@ class NatsTransport:
 
         c = self.cfg
         assert self._nc is not None and self._jsm is not None
+        gen = self._generation
         granted: list[int] = []
         for filter_ in filters:
             try:
                 durable, subject = self._names(filter_)
-            except SubjectError:
+            except SubjectError as e:
+                self.handler.on_connect_failed(f"subscription {filter_!r}: {e}")
                 granted.append(0x80)
                 continue
-            try:
+
+            async def ensure(durable: str = durable, subject: str = subject) -> bool:
+                assert self._jsm is not None
                 if not await self._consumer_exists(durable):
                     await self._jsm.add_consumer(c.stream, api.ConsumerConfig(
                         durable_name=durable, filter_subject=subject, ack_policy=api.AckPolicy.EXPLICIT,
                         ack_wait=c.ack_wait, max_ack_pending=c.max_ack_pending,
                         max_deliver=c.max_deliver, deliver_policy=api.DeliverPolicy.ALL,
                         description="iotplat worker replicas (shared)"))
-            except Exception as e:
-                self.handler.on_connect_failed(f"JetStream consumer {durable}: {_reason(e)}")
-                granted.append(0x80)
-                continue
+                return True
+
+            if await self._retrying(gen, f"JetStream consumer {durable}", ensure) is None:
+                return  # stopping, a newer connection took over, or refused for good (already reported)
             con = self._consumers.get(durable)
             if con is None:
                 con = self._consumers[durable] = _Consumer(c.stream, durable, subject)

@@ -444,3 +444,74 @@ class NatsObserver:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+class FailoverPublisher:
+    """One device: QoS 1 JSON telemetry at a steady rate through ``ports`` (MQTT/TLS), moving to the next
+    node when its node goes away (the device kit lists every node), re-sending unacknowledged messages with
+    DUP. Records which sequence numbers the broker acknowledged and the longest gap between two acks."""
+
+    def __init__(self, ports: list[int], device: str, password: str, ca_file: str, seqs: range,
+                 rate: float, window: int = 100) -> None:
+        from .mqttload import LoadPublisher
+
+        self.device, self.seqs, self.rate = device, seqs, rate
+        self.ports = list(ports)
+        self.acked: set[int] = set()
+        self.sent_at: dict[int, int] = {}  # pid -> seq of its latest send
+        self.last_ack = 0.0
+        self.max_gap = 0.0
+        self.error: BaseException | None = None
+        self.done = False
+        class Rotating(LoadPublisher):
+            def _connect_once(inner) -> None:
+                try:
+                    super()._connect_once()
+                except (OSError, ConnectionError):
+                    self.ports.append(self.ports.pop(0))  # the next node for the next attempt
+                    inner.port = self.ports[0]
+                    raise
+
+        pub = Rotating(self.ports[0], device, password, client_id=device, ca_file=ca_file, window=window)
+        pub.on_ack = self._on_ack
+        self.pub = pub
+        self._thread: object = None
+
+    def _on_ack(self, pid: int, t: float) -> None:
+        seq = self.sent_at.get(pid)
+        if seq is not None:
+            self.acked.add(seq)
+        if self.last_ack:
+            self.max_gap = max(self.max_gap, t - self.last_ack)
+        self.last_ack = t
+
+    def messages(self, base_ms: int):
+        for seq in self.seqs:
+            yield (f"devices/{self.device}/telemetry",
+                   b'{"ts":%d,"seq":%d,"temp":%.2f}' % (base_ms + seq, seq, 20 + (seq % 100) / 10))
+
+    def start(self, base_ms: int, timeout: float = 300.0) -> "FailoverPublisher":
+        import threading
+
+        def on_sent(index: int, pid: int, t: float) -> None:
+            self.sent_at[pid] = self.seqs[index]
+
+        def run() -> None:
+            try:
+                self.pub.publish_all(self.messages(base_ms), rate=self.rate, timeout=timeout, on_sent=on_sent)
+                self.done = True
+            except BaseException as e:  # reported by join()
+                self.error = e
+            finally:
+                self.pub.disconnect()
+
+        th = threading.Thread(target=run, name=f"pub-{self.device}", daemon=True)
+        th.start()
+        self._thread = th
+        return self
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)  # type: ignore[attr-defined]
+        if self.error is not None:
+            raise self.error
+        assert self.done, f"{self.device}: still publishing after {timeout}s"
