@@ -117,6 +117,7 @@ class NatsCluster:
               extra_users: dict[str, tuple[str, Permissions, tuple[str, ...]]] | None = None,
               topics: tuple[str, ...] = (TELEMETRY,), dead_letter_topic: str = "iotplat/dead-letters",
               max_file_store: int = 1 << 30, ca_usages: str = "serverAuth,clientAuth",
+              stream: str = "$MQTT_msgs", subject_prefix: str = "$MQTT.msgs.",
               launch: bool = True, **options: object) -> "NatsCluster":
         d = Path(tempfile.mkdtemp(prefix="iotplat-nats-"))
         ca = make_ca(d / "tls", usages=ca_usages)
@@ -133,7 +134,8 @@ class NatsCluster:
             elif name in extra:
                 users.append(User(name, hashes[name], extra[name][1], extra[name][2]))
             elif name.startswith("iotplat-worker-"):
-                perms = worker_permissions(WorkerGrant(name), ["devices/+/telemetry"], dead_letter_topic)
+                perms = worker_permissions(WorkerGrant(name, stream, subject_prefix), ["devices/+/telemetry"],
+                                           dead_letter_topic)
                 users.append(User(name, hashes[name], perms, ("STANDARD",)))
             else:
                 perms = device_permissions(device_topics(name, {}, topics))
