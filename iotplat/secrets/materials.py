@@ -14,7 +14,8 @@ from pathlib import Path
 
 from iotplat.errors import InvalidInput
 from iotplat.secrets import pki
-from iotplat.secrets.passwords import generate_password, hash_iterations, hash_many
+from iotplat.secrets.passwords import (SecretSource, bcrypt_cost, bcrypt_hash_cost, bcrypt_many, generate_password,
+                                      hash_iterations, hash_many, pbkdf2_iterations)
 from iotplat.secrets.state import State
 from iotplat.spec.model import SecretRef
 from iotplat.spec.platform_model import Platform
@@ -163,26 +164,60 @@ def ensure_materials(platform: Platform, state: State) -> Materials:
             values[name] = pysecrets.token_hex(32) if name == "grafana_secret_key" else generate_password()
             state.mark("secrets")
         resolved[name] = values[name]
-    # MQTT users (devices, canary, worker replicas) with cached hashes
+    # MQTT users (devices, canary, worker replicas) with cached hashes, their cost by the secret's source
     users_doc = state.doc("users")
     users = users_doc.setdefault("users", {})
-    iterations = platform.spec.broker.auth.hash_iterations
     wanted = mqtt_usernames(platform)
-    todo: list[tuple[str, str]] = []
+    todo: dict[int, list[tuple[str, str]]] = {}
     for name in wanted:
         entry = users.get(name)
         if entry is None:
             entry = users[name] = {"password": generate_password()}
             state.mark("users")
+        iterations = mqtt_hash_iterations(platform, _source(entry))
         if hash_iterations(entry.get("hash", "")) != iterations:
-            todo.append((name, entry["password"]))
-    if todo:
-        for name, h in hash_many(todo, iterations).items():
+            todo.setdefault(iterations, []).append((name, entry["password"]))
+    for iterations, pairs in todo.items():
+        for name, h in hash_many(pairs, iterations).items():
             users[name]["hash"] = h
         state.mark("users")
     mqtt_users = {n: (users[n]["password"], users[n]["hash"]) for n in wanted}
-    return Materials(trust_pem, host_certs, mqtt_users, resolved, len(todo),
+    return Materials(trust_pem, host_certs, mqtt_users, resolved, sum(len(p) for p in todo.values()),
                      ca_rotation_started=ca_next["started"] if ca_next else "")
+
+
+def _source(entry: dict[str, str]) -> SecretSource:
+    """Where an MQTT user's secret came from: every one iotplat keeps today is generated; an entry may say
+    ``"source": "supplied"`` (a credential a person chose) to get the stretched cost."""
+    return SecretSource(entry.get("source", SecretSource.GENERATED.value))
+
+
+def mqtt_hash_iterations(platform: Platform, source: SecretSource) -> int:
+    """PBKDF2 iterations of one MQTT user's hash. A spec that sets ``broker.auth.hash_iterations`` gets it for
+    every user, as before; otherwise the cost follows the secret's source (passwords.py says why): generated
+    secrets the minimal cost, supplied ones the stretched default."""
+    auth = platform.spec.broker.auth
+    if "hash_iterations" in auth.model_fields_set:
+        return auth.hash_iterations
+    return pbkdf2_iterations(source, auth.hash_iterations)
+
+
+def bcrypt_hashes(state: State, names: list[str]) -> tuple[dict[str, str], int]:
+    """({user: bcrypt hash}, how many were computed) for MQTT users already in the state (ensure_materials
+    first): what nats-server.conf needs. Cached beside the PBKDF2 hash; recomputed only when missing or of
+    another cost than the secret's source asks for (rotation replaces the whole entry, hash included)."""
+    users = state.doc("users").setdefault("users", {})
+    todo: dict[int, list[tuple[str, str]]] = {}
+    for name in names:
+        entry = users[name]
+        cost = bcrypt_cost(_source(entry))
+        if bcrypt_hash_cost(entry.get("bcrypt", "")) != cost:
+            todo.setdefault(cost, []).append((name, entry["password"]))
+    for cost, pairs in todo.items():
+        for name, h in bcrypt_many(pairs, cost).items():
+            users[name]["bcrypt"] = h
+        state.mark("users")
+    return {n: users[n]["bcrypt"] for n in names}, sum(len(p) for p in todo.values())
 
 
 def _given_ca(platform: Platform) -> pki.CertKey:

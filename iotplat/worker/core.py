@@ -147,8 +147,8 @@ class Worker:
         self.dl_prefix = self.dl.measurement
         self.limiter = RateLimiter(self.dl.rate_per_device)
         self.max_payload = cfg.limits.max_payload
-        self.inflight_max = cfg.mqtt.inflight
-        self.flush_msgs = max(1, cfg.mqtt.inflight // 2)
+        self.inflight_max = cfg.inflight
+        self.flush_msgs = max(1, cfg.inflight // 2)
         self.max_points = cfg.batch.max_points
         self.max_delay = cfg.batch.max_delay
 
@@ -183,7 +183,7 @@ class Worker:
         self.health_reporter = HealthReporter(self)
 
         from .transport import make_transport
-        self.transport = make_transport(transport_kind, cfg.mqtt, self)
+        self.transport = make_transport(transport_kind, cfg.mqtt, self, cfg)
         self.block_when_full = transport_kind == "paho"
         self.wake_transport = getattr(self.transport, "wake", None)
         self.metrics.spool_bytes = self.spool.bytes
@@ -208,7 +208,7 @@ class Worker:
             self.log.info("mqtt_connected", session_present=True)
         if self.connects == 1 and not marker.exists():
             try:  # remembers across restarts that the broker had a session for this client id
-                marker.write_text(self.cfg.mqtt.client_id + "\n")
+                marker.write_text(self.cfg.client_id + "\n")
             except OSError:
                 pass
         self.transport.subscribe([self.cfg.subscription_filter(s) for s in self.cfg.subscriptions])
@@ -238,7 +238,7 @@ class Worker:
         self.connected = False
         self.metrics.connect_failures += 1
         self.log.every("connect_failed", 10.0, "error", "mqtt_connect_failed", reason=reason,
-                       broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}")
+                       broker=self.cfg.broker)
 
     def on_message(self, topic: str, payload: bytes, dup: bool, token: Any) -> None:
         """One message (the paho transport); blocks while the in-flight window is full."""
