@@ -396,3 +396,22 @@ def _add_dir(tar: tarfile.TarFile, name: str) -> None:
     info.type = tarfile.DIRTYPE
     info.mode = 0o755
     tar.addfile(info)
+
+
+def save_image(dest: Path, docs: ImageDocuments, layers: Iterable[ArchiveBlob], *, name: str, tag: str,
+               familiar: str) -> str:
+    """Write an image (its documents plus layer blobs) as an archive tagged `familiar:tag`; index.json names the
+    registry digest (the index when `docs` has one). Returns the archive's sha256."""
+    blobs = [ArchiveBlob(docs.config_digest, len(docs.config), data=docs.config),
+             ArchiveBlob(docs.manifest_digest, len(docs.manifest), data=docs.manifest), *layers]
+    if docs.index is not None:
+        blobs.append(ArchiveBlob(docs.digest, len(docs.index), data=docs.index))
+        top_type = OCI_INDEX
+    else:
+        top_type = OCI_MANIFEST
+    size = len(docs.index if docs.index is not None else docs.manifest)
+    top = Descriptor(top_type, docs.digest, size,
+                     annotations={ANNOTATION_IMAGE_NAME: f"{name}:{tag}", ANNOTATION_REF_NAME: tag})
+    layer_digests = [d["digest"] for d in json.loads(docs.manifest)["layers"]]
+    return write_archive(dest, blobs, top, repo_tags=[f"{familiar}:{tag}"], config_digest=docs.config_digest,
+                         layer_digests=layer_digests)
