@@ -413,3 +413,43 @@ def check_loaded(inspect_output: str, image: VerifiedImage) -> None:
     problem = loaded_image_problem(inspect_output, image)
     if problem:
         raise LoadedImageError(problem)
+
+
+def read_config(image: VerifiedImage) -> dict[str, Any]:
+    """The whole image config of a verified image (checked against its digest again)."""
+    with tarfile.open(image.archive, mode="r:*") as tar:
+        reader = _Reader(image.archive, tar)
+        size = reader.members[oci.blob_name(image.config_digest)].size
+        return reader.document(Descriptor(oci.OCI_CONFIG, image.config_digest, size), "image config")
+
+
+def layer_blobs(image: VerifiedImage) -> list[tuple[Descriptor, oci.ArchiveBlob]]:
+    """The layers of a verified image as blobs another archive can copy (each opens its own reader; every copy is
+    hashed again by oci.write_archive)."""
+    def opener(digest: str):  # noqa: ANN202 - returns a file object that closes its tar with it
+        def open_() -> IO[bytes]:
+            tar = tarfile.open(image.archive, mode="r:*")
+            reader = _Reader(image.archive, tar)
+            f = reader.open_blob(digest)
+            return _Closing(f, tar)
+        return open_
+
+    return [(d, oci.ArchiveBlob(d.digest, d.size, opener=opener(d.digest))) for d in image.layers]
+
+
+class _Closing:
+    """A member file that closes its tar when it is closed."""
+
+    def __init__(self, f: IO[bytes], tar: tarfile.TarFile) -> None:
+        self.f = f
+        self.tar = tar
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(n)
+
+    def __enter__(self) -> _Closing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+        self.tar.close()

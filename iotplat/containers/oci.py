@@ -116,13 +116,14 @@ class Platform:
 class Layer:
     """A gzip-compressed layer tar in a file, with the digests the manifest (compressed) and config (diff_id) need."""
 
-    path: Path
+    path: Path | None  # None: a layer of a base image, copied from its archive
     digest: str  # sha256 of the compressed bytes
     diff_id: str  # sha256 of the uncompressed tar
     size: int  # compressed size
+    media_type: str = OCI_LAYER_GZIP
 
     def descriptor(self) -> Descriptor:
-        return Descriptor(OCI_LAYER_GZIP, self.digest, self.size)
+        return Descriptor(self.media_type, self.digest, self.size)
 
 
 class _HashingWriter(io.RawIOBase):
