@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from iotplat.containers.archive import LoadArchive, check_loaded, inspect_argv, load_argv, prepare_archive
-from iotplat.containers.engine import DAEMON_JSON_PATH, daemon_json
+from iotplat.containers.engine import DAEMON_JSON_PATH, ENGINE_PACKAGES, daemon_json
 from iotplat.containers.oci import Platform
 from iotplat.hosts import LocalSettings, local_provider
 from iotplat.hosts.machine import Bind
@@ -33,6 +33,7 @@ STATE_DIR = Path(os.environ.get("IOTPLAT_TEST_STATE_DIR", "/var/lib/iotplat/loca
 INSTANCE = "pytest-containers"
 IMAGES_IN_HOST = "/srv/iotplat-images"
 HOSTS = {"c12": "bookworm", "c13": "trixie"}
+RELEASE = {"bookworm": "debian-12", "trixie": "debian-13"}
 _settings: list[LocalSettings] = []
 
 
@@ -129,8 +130,9 @@ def lab(request: pytest.FixtureRequest) -> Lab:
     def install(host: str) -> float:
         t = time.monotonic()
         lab.put(host, DAEMON_JSON_PATH, daemon_json())
+        packages = " ".join(ENGINE_PACKAGES[RELEASE[HOSTS[host]]])
         lab.sh(host, "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
-                     "--no-install-recommends docker.io >/dev/null", timeout=600)
+                     f"--no-install-recommends {packages} >/dev/null", timeout=600)
         lab.sh(host, "systemctl restart docker && for i in $(seq 100); do docker info >/dev/null 2>&1 && exit 0; "
                      "sleep 0.1; done; exit 1", timeout=60)
         return time.monotonic() - t

@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -109,7 +110,8 @@ def stand_in(which: str) -> StandIn:
             _build(recipe, mirror, folder)
         rec = json.loads(meta.read_text())
     os.utime(folder)  # used: kept by the pruning below
-    _prune(keep={p.parent for p in CACHE.glob("*/standin.json") if p.parent.stat().st_mtime > time.time() - 14 * 86400})
+    _prune(keep={p.parent for p in CACHE.glob("*/standin.json") if p.parent.stat().st_mtime > time.time() - 14 * 86400}
+           | {folder})
     return StandIn(recipe, folder / "image.tar", parse_image_ref(rec["ref"]), rec["config_digest"])
 
 
@@ -154,8 +156,9 @@ def _build(recipe: Recipe, mirror: str, folder: Path) -> None:
 
 
 def _prune(keep: set[Path]) -> None:
+    """Stand-ins not used for two weeks (only the folders this module made: a 20-hex key with a standin.json)."""
     for folder in CACHE.iterdir():
-        if folder.is_dir() and not folder.name.startswith(".") and folder not in keep:
+        if folder.is_dir() and re.fullmatch(r"[0-9a-f]{20}", folder.name) and folder not in keep:
             shutil.rmtree(folder, ignore_errors=True)
 
 
