@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import PLATFORM_DIR
+from tests.helpers import PLATFORM_DIR, clear_leftover_instance
 
 TOY = Path(__file__).resolve().parent / "toy"
 NETWORK = "10.222.0.0/24"
@@ -140,6 +140,7 @@ def deployed(plugin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         pytest.skip("needs root and systemd-nspawn (apt-get install systemd-container)")
     work = tmp_path_factory.mktemp("toy-up")
     spec = _spec(work, "toyup", NETWORK)
+    clear_leftover_instance("toyup-default")
     ctx = {"work": work, "spec": str(spec), "build": str(work / "build")}
     try:
         yield ctx
