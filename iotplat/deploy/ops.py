@@ -14,6 +14,7 @@ from iotplat.deploy import upgrade
 from iotplat.errors import ExitCode, InvalidInput, IotplatError
 from iotplat.hosts import Host
 from iotplat.secrets.materials import Materials
+from iotplat.services import all_services
 from iotplat.secrets.state import State, resolve_state_root
 from iotplat.spec.platform_model import Platform
 
@@ -332,12 +333,10 @@ def _pins(build: Path) -> dict[str, dict[str, str]]:
 
     gv = yaml.safe_load((build / "ansible" / "group_vars" / "all.yml").read_text())
     out: dict[str, dict[str, str]] = {}
-    tables = {"mosquitto": gv.get("mosquitto_package_versions") or {},
-              "influxdb": (gv.get("influxdb_package") or {}).get("versions") or {},
-              "grafana": (gv.get("grafana_package") or {}).get("versions") or {} if gv.get("grafana_enabled") else {}}
-    for package, versions in tables.items():
-        for release, version in versions.items():
-            out.setdefault(release, {})[package] = str(version)
+    for svc in all_services():
+        for package, versions in svc.package_pins(gv).items():
+            for release, version in versions.items():
+                out.setdefault(release, {})[package] = str(version)
     return out
 
 

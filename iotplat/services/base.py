@@ -11,7 +11,9 @@ A service (the broker, InfluxDB, the worker, Grafana, or a plugin's) declares, i
 - where its data lives (`data_dirs`: the data disk, `destroy --data`);
 - its systemd units (`status`, `logs`, `destroy`), the TLS ports and health endpoints `status` probes, and the
   checks only it knows how to make;
-- its backup and restore hooks (`iotplat backup` / `restore`).
+- its backup and restore hooks (`iotplat backup` / `restore`);
+- the versions it deploys (`versions`), which `up` compares with the last deploy to roll an upgrade out host by
+  host, and how to roll each back.
 
 Render, status, logs, backup/restore and destroy loop over `iotplat.services.all_services()`; none of them
 names a service. Adding a service is this one module (registered in iotplat/services/__init__.py, or by a
@@ -32,6 +34,15 @@ if TYPE_CHECKING:
     from iotplat.render.engine import Renderer
     from iotplat.spec.platform_model import Platform
     from iotplat.verify.status import Check, Probe
+
+
+def pin_text(versions: Mapping[str, str]) -> str:
+    """A per-release pin as one comparable string: the version when every release has the same one, else
+    `debian-12=<v>,debian-13=<v>` (a change of either release's pin is an upgrade)."""
+    values = {str(v) for v in versions.values()}
+    if len(values) == 1:
+        return values.pop()
+    return ",".join(f"{r}={versions[r]}" for r in sorted(versions))
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,11 @@ class Service:
     roles_path: ClassVar[Path | None] = None
     templates_path: ClassVar[Path | None] = None
 
+    # What `up` records and compares per deploy (deployed.json "versions"): key -> how to roll it back, with
+    # {old} (the previous version) and {spec} (the spec file). Keys stay stable across releases (they name
+    # what is versioned: mosquitto, influxdb, grafana, worker), or an upgrade would go unnoticed once.
+    version_keys: ClassVar[Mapping[str, str]] = {}
+
     def enabled(self, p: Platform) -> bool:
         """False: the spec switches it off (then no host runs it, whatever the placement says)."""
         return True
@@ -141,6 +157,20 @@ class Service:
     def checks(self, probe: Probe) -> list[Check]:
         """Checks only this service knows how to make (run by status after the generic ones)."""
         return []
+
+    # --- versions ----------------------------------------------------------------------------------------
+    def package_pins(self, gv: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+        """The Debian packages it installs, read from the rendered group_vars (what the role is told to
+        install): {package: {debian release: version}}; `plan` prints them."""
+        return {}
+
+    def versions(self, gv: Mapping[str, Any], wheelhouse: Path | None) -> dict[str, str]:
+        """{version key: comparable text} for `up`'s rolling upgrade; by default one per package pin."""
+        return {k: pin_text(v) for k, v in self.package_pins(gv).items()}
+
+    def rollback(self, key: str, old: str, spec_file: str) -> str:
+        """How to go back to version `old` of `key` (the hint a failed rolling upgrade prints)."""
+        return self.version_keys[key].format(old=old, spec=spec_file)
 
     # --- backup and restore ----------------------------------------------------------------------------
     def backup(self, ctx: Context, host: Host) -> dict[str, bytes]:

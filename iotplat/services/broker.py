@@ -48,6 +48,7 @@ class Broker(Service):
     title: ClassVar[str] = "MQTT broker"
     deploy_order: ClassVar[int] = 10
     single_host: ClassVar[bool] = True
+    version_keys: ClassVar[Mapping[str, str]] = {"mosquitto": "set broker.version back to {old} in {spec}"}
 
     def paths(self) -> Mapping[str, str]:
         return {
@@ -106,6 +107,9 @@ class Broker(Service):
 
     def group_vars(self, p: Platform) -> dict[str, Any]:
         return {"mosquitto_package_versions": p.mosquitto_pins}
+
+    def package_pins(self, gv: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+        return {"mosquitto": dict(gv["mosquitto_package_versions"])}
 
     def units(self, p: Platform, host: str) -> list[str]:
         return ["mosquitto"]

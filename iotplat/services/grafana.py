@@ -33,6 +33,10 @@ class Grafana(Service):
     title: ClassVar[str] = "Grafana"
     deploy_order: ClassVar[int] = 40
     single_host: ClassVar[bool] = True
+    version_keys: ClassVar[Mapping[str, str]] = {"grafana": "set grafana.package.version back to {old} in {spec}"}
+
+    def package_pins(self, gv: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+        return {"grafana": dict(gv["grafana_package"].get("versions") or {})} if gv.get("grafana_enabled") else {}
 
     def enabled(self, p: Platform) -> bool:
         return p.spec.grafana.enabled

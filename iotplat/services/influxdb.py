@@ -45,6 +45,10 @@ class InfluxDB(Service):
     title: ClassVar[str] = "InfluxDB"
     deploy_order: ClassVar[int] = 20
     single_host: ClassVar[bool] = True
+    version_keys: ClassVar[Mapping[str, str]] = {"influxdb": "set influxdb.package.version back to {old} in {spec}"}
+
+    def package_pins(self, gv: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+        return {"influxdb": dict(gv["influxdb_package"].get("versions") or {})}
 
     def paths(self) -> Mapping[str, str]:
         return {

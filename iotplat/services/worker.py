@@ -3,7 +3,9 @@ templates/worker/)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from iotplat.services.base import SecretFile, Service, ServiceFile
@@ -24,6 +26,19 @@ class Worker(Service):
     role: ClassVar[str] = "worker"
     title: ClassVar[str] = "Ingestion worker"
     deploy_order: ClassVar[int] = 30
+    version_keys: ClassVar[Mapping[str, str]] = {"worker": "reinstall the iotplat release that deployed worker {old}"}
+
+    def versions(self, gv: Mapping[str, Any], wheelhouse: Path | None) -> dict[str, str]:
+        """The iotplat release, plus the digest of the wheelhouse the role installs (the same SHA256SUMS the
+        role compares): new code under the same release number is an upgrade too."""
+        version = str(gv["iotplat_version"])
+        sums = wheelhouse / "SHA256SUMS" if wheelhouse else None
+        if sums and sums.exists():
+            version += "+" + hashlib.sha256(sums.read_bytes()).hexdigest()[:12]
+        return {"worker": version}
+
+    def rollback(self, key: str, old: str, spec_file: str) -> str:
+        return super().rollback(key, old.split("+")[0], spec_file)  # the release, without the wheelhouse digest
 
     def paths(self) -> Mapping[str, str]:
         return {"worker_conf": "/etc/iotplat/worker.toml", "worker_credentials": CREDENTIALS,
