@@ -31,6 +31,7 @@ import yaml
 
 from iotplat import API_VERSION, __version__
 from iotplat.errors import InvalidInput
+from iotplat.render import targets as render_targets
 from iotplat.render.layout import CREDENTIALS_DIR, DATA_MOUNT, PATHS, mount_unit, paths
 from iotplat.services import all_services, by_deploy_order, placed, template_paths
 from iotplat.secrets.materials import Materials, server_names
@@ -318,19 +319,9 @@ class Renderer:
         return host_ingress(self.p, host)
 
     def firewall_sources(self) -> dict[str, list[str]]:
-        """Where each ingress `source` may come from, for the hosts' nftables firewall (common role).
-
-        `internal` is left to the role except on the local target: the platform's own hosts, i.e. every host's
-        iotplat_private_address from the inventory (real addresses exist only at deploy time). On a cloud, SSH
-        also comes from inside the private network: hosts without a public address are reached through the
-        jump host (the cloud firewall admits only the jump host there)."""
-        t = self.p.spec.target
-        if t.kind == "local":
-            return {k: [t.network] for k in ("devices", "internal", "admin", "ssh")}
-        if t.kind == "baremetal":
-            return {"devices": list(t.device_cidrs), "admin": list(t.admin_cidrs), "ssh": list(t.admin_cidrs)}
-        return {"devices": list(t.device_cidrs), "admin": list(t.admin_cidrs),
-                "ssh": [*t.admin_cidrs, t.network_cidr]}
+        """Where each ingress `source` may come from, for the hosts' nftables firewall (common role): the
+        target's to say (iotplat/render/targets.py)."""
+        return render_targets.for_platform(self.p).firewall_sources(self.p)
 
     def data_dirs(self, host: str) -> list[dict[str, str]]:
         """The data folders of the services on `host` (on the host's data disk when it has one): each with the
@@ -342,6 +333,7 @@ class Renderer:
         p = self.p
         spec = p.spec
         services = placed(p)
+        target = render_targets.for_platform(p)
         hosts: dict[str, Any] = {}
         for host in p.host_names:
             hv: dict[str, Any] = {
@@ -360,15 +352,7 @@ class Renderer:
             for svc in services:
                 if host in p.placement[svc.name]:
                     hv.update(svc.host_vars(p, host))
-            if spec.target.kind == "baremetal":  # the user's own addresses (cloud and local ones come at deploy time)
-                bm = spec.target.hosts[host]
-                hv["ansible_host"] = bm.address
-                hv["ansible_user"] = bm.ssh_user or spec.target.ssh_user
-                hv["ansible_port"] = bm.ssh_port
-                if bm.ssh_private_key:
-                    hv["ansible_ssh_private_key_file"] = bm.ssh_private_key
-                if bm.data_device:
-                    hv["iotplat_data_device"] = bm.data_device
+            hv.update(target.host_vars(p, host))  # e.g. bare metal: the user's own addresses
             hosts[host] = hv
         groups = {svc.name: {"hosts": {h: None for h in p.placement[svc.name]}} for svc in all_services()}
         inventory = {"all": {"hosts": hosts, "children": groups}}
@@ -447,48 +431,12 @@ class Renderer:
         }
 
     def pulumi_files(self) -> dict[str, bytes]:
-        p = self.p
-        t = p.spec.target
-        if t.kind not in ("aws", "azure"):
+        target = render_targets.for_platform(self.p)
+        stack = target.stack_config(self.p, self.host_ingress)
+        if stack is None:
             return {}
-        sizes = t.instance_types if t.kind == "aws" else t.vm_sizes
-        key_path = Path(t.ssh_public_key_file)
-        key_path = key_path if key_path.is_absolute() else p.spec_dir / key_path
-        try:
-            pubkey = key_path.read_text().strip()
-        except OSError as exc:
-            raise InvalidInput(f"{p.spec_file}: target.ssh_public_key_file: cannot read {key_path}: {exc.strerror}") from None
-        if not pubkey.startswith(("ssh-ed25519 ", "ssh-rsa ")):
-            raise InvalidInput(f"{p.spec_file}: target.ssh_public_key_file: {key_path} is not an ssh-ed25519 or ssh-rsa "
-                               "public key (the .pub file)")
-        config: dict[str, Any] = {
-            "iotplat:platform": p.name,
-            "iotplat:environment": p.environment,
-            "iotplat:networkCidr": t.network_cidr,
-            "iotplat:adminCidrs": list(t.admin_cidrs),
-            "iotplat:deviceCidrs": list(t.device_cidrs),
-            "iotplat:sshUser": t.ssh_user,
-            "iotplat:sshPublicKey": pubkey,
-            "iotplat:image": t.image,
-            "iotplat:mode": "active",
-            "iotplat:tags": {"platform": p.name, "environment": p.environment, "managed-by": "iotplat"},
-            "iotplat:hosts": [
-                {
-                    "name": h,
-                    "size": sizes.get(h, sizes.get("default")),
-                    "diskGb": max(1, p.spec.target.disk_size // (1024**3)),
-                    "services": p.services_on(h),
-                    "ingress": self.host_ingress(h),
-                }
-                for h in p.host_names
-            ],
-        }
-        if t.kind == "aws":
-            config["aws:region"] = t.region
-        else:
-            config["azure-native:location"] = t.location
-        name = f"pulumi/{t.kind}/Pulumi.{p.name}-{p.environment}.yaml"
-        return {name: _yaml({"config": config}, MANAGED + f" Stack config for stacks/{t.kind}.")}
+        name, config = stack
+        return {name: _yaml({"config": config}, MANAGED + f" Stack config for stacks/{target.kind}.")}
 
 
 @dataclass
