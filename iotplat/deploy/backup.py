@@ -39,6 +39,7 @@ from iotplat.secrets.vault import Vault, key_file_path
 
 if TYPE_CHECKING:
     from iotplat.deploy.ops import Context
+    from iotplat.spec.platform_model import Platform
 
 Progress = Callable[[str], None]
 
@@ -247,7 +248,7 @@ def open_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return info, members
 
 
-def check_fits(info: dict[str, Any], platform: Any, move: bool = False) -> None:
+def check_fits(info: dict[str, Any], platform: Platform, move: bool = False) -> None:
     """Refuse, before anything changes, an archive of another platform or of another InfluxDB major version, and
     one of another environment unless the platform is being moved there (`move`)."""
     if info["platform"] != platform.name or (info["environment"] != platform.environment and not move):

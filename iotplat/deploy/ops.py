@@ -20,6 +20,7 @@ from iotplat.spec.platform_model import Platform
 
 if TYPE_CHECKING:
     from iotplat.deploy.targets import TargetProvider
+    from iotplat.spec.model import Target
 
 Progress = Callable[[str], None]
 DEPLOYED = "deployed.json"
@@ -103,10 +104,8 @@ def check_target_switch(ctx: Context) -> None:
         f"`iotplat destroy --data` with the old spec first. Nothing was changed")
 
 
-def _target_of(deployed: dict[str, Any]) -> Any:
+def _target_of(deployed: dict[str, Any]) -> Target:
     from pydantic import TypeAdapter
-
-    from iotplat.spec.model import Target
 
     return TypeAdapter(Target).validate_python(deployed["target_spec"], strict=False)
 

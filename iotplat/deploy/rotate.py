@@ -26,6 +26,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from iotplat.deploy.ansible import PlaybookResult
 from iotplat.deploy.ops import DEPLOYED, Context, Progress, open_context, status_of
 from iotplat.errors import InvalidInput, IotplatError
 from iotplat.secrets import rotation
@@ -51,7 +52,7 @@ def _deployed_context(spec: str | None, env: str | None, state_dir: str | None, 
     return ctx
 
 
-def _check(result: Any, what: str) -> None:
+def _check(result: PlaybookResult, what: str) -> None:
     if result.returncode != 0 or result.failed:
         detail = "; ".join(result.failures[:3]) or (result.output.strip().splitlines() or ["see the output"])[-1]
         raise IotplatError(f"{what} failed: {detail}; the state already holds the new values: rerun the same "
