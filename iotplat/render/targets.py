@@ -76,15 +76,13 @@ class Cloud(RenderTarget):
     """AWS and Azure share the stack config's shape; they differ in the size table and the region key."""
 
     sizes_field: ClassVar[str]  # the target's size table: instance_types | vm_sizes
+    region_field: ClassVar[str]  # the target's region: region | location
     region_key: ClassVar[str]  # the provider's region setting in the stack config
 
     def _target(self, p: Platform) -> AwsTarget | AzureTarget:
         t = p.spec.target
         assert isinstance(t, (AwsTarget, AzureTarget))
         return t
-
-    def _region(self, t: AwsTarget | AzureTarget) -> str:
-        raise NotImplementedError
 
     def firewall_sources(self, p: Platform) -> dict[str, list[str]]:
         """SSH also comes from inside the private network: hosts without a public address are reached through
@@ -126,7 +124,7 @@ class Cloud(RenderTarget):
                 }
                 for h in p.host_names
             ],
-            self.region_key: self._region(t),
+            self.region_key: getattr(t, self.region_field),
         }
         return f"pulumi/{self.kind}/Pulumi.{p.name}-{p.environment}.yaml", config
 
@@ -134,21 +132,15 @@ class Cloud(RenderTarget):
 class Aws(Cloud):
     kind: ClassVar[str] = "aws"
     sizes_field: ClassVar[str] = "instance_types"
+    region_field: ClassVar[str] = "region"
     region_key: ClassVar[str] = "aws:region"
-
-    def _region(self, t: AwsTarget | AzureTarget) -> str:
-        assert isinstance(t, AwsTarget)
-        return t.region
 
 
 class Azure(Cloud):
     kind: ClassVar[str] = "azure"
     sizes_field: ClassVar[str] = "vm_sizes"
+    region_field: ClassVar[str] = "location"
     region_key: ClassVar[str] = "azure-native:location"
-
-    def _region(self, t: AwsTarget | AzureTarget) -> str:
-        assert isinstance(t, AzureTarget)
-        return t.location
 
 
 TARGETS: dict[str, RenderTarget] = {t.kind: t for t in (Local(), Baremetal(), Aws(), Azure())}
