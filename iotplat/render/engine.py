@@ -45,7 +45,7 @@ CLASSES = ("identical", "per-host", "secret")
 @dataclass(frozen=True)
 class FileEntry:
     cls: str  # identical | per-host | secret
-    service: str  # broker | worker | influxdb | grafana | common
+    service: str  # a service name (iotplat.services), "backup" or "common"
     host: str
     dest: str  # absolute path on the host
     mode: str
@@ -295,20 +295,14 @@ class Renderer:
         """Scheduled backups (spec `backup`): a script, a oneshot service and its timer on every host that holds
         data; the common role installs them and enables the timer (or removes them when the schedule is gone)."""
         b = self.p.spec.backup
-        services = self.p.services_on(host)
-        if not b.schedule or not {"influxdb", "broker"} & set(services):
+        on_host = [svc for svc in placed(self.p) if host in self.p.placement[svc.name]]
+        steps = [step for svc in on_host if (step := svc.scheduled_backup(self, host)) is not None]
+        if not b.schedule or not steps:
             return []
-        ix = self.p.spec.influxdb
-        influx = None
-        if "influxdb" in services:
-            influx = {"version": ix.version, "database": self.p.influx_database,
-                      "url": f"https://{host}.{self.p.spec.network.domain}:{ix.port}",
-                      "token_file": f"{CREDENTIALS_DIR}/influxdb/admin-token"}
-        broker = {"persistence": "/var/lib/mosquitto"} if "broker" in services else None
-        what = ", ".join(x for x, on in (("InfluxDB", influx), ("Mosquitto's persistence file", broker)) if on)
-        after = " ".join(u for u, on in (("influxdb.service", influx), ("mosquitto.service", broker)) if on)
-        ctx = {"what": what, "keep": b.keep, "dir": b.dir, "schedule": b.schedule, "after": after,
-               "influx": influx, "broker": broker, "ca_cert": PATHS["ca_cert"]}
+        ctx = {"what": ", ".join(s.what for s in steps), "keep": b.keep, "dir": b.dir, "schedule": b.schedule,
+               "after": " ".join(s.after for s in steps),
+               # fragments the services rendered from their own templates, through the same format filters
+               "steps": [Escaped(s.script.decode().rstrip("\n")) for s in steps]}
         return [("/usr/local/sbin/iotplat-backup", self.template("backup/iotplat-backup.sh.j2", **ctx), "0750"),
                 ("/etc/systemd/system/iotplat-backup.service", self.template("backup/iotplat-backup.service.j2", **ctx),
                  "0644"),

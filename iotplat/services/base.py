@@ -67,6 +67,17 @@ class SecretFile:
 
 
 @dataclass(frozen=True)
+class BackupStep:
+    """A service's part of a host's scheduled backup (spec `backup.schedule`): a shell fragment, rendered from the
+    service's own template, that writes its files into "$work"; what it saves (for the unit's description) and
+    the unit the backup runs after."""
+
+    what: str
+    after: str
+    script: bytes
+
+
+@dataclass(frozen=True)
 class Ingress:
     """A port a host accepts, and from whom: devices, admin (admin_cidrs) or internal (the platform's hosts)."""
 
@@ -137,6 +148,10 @@ class Service:
     def host_vars(self, p: Platform, host: str) -> dict[str, Any]:
         """Inputs that differ per host (e.g. the worker replicas placed on it)."""
         return {}
+
+    def scheduled_backup(self, r: Renderer, host: str) -> BackupStep | None:
+        """Its step in the host's scheduled backup, or None when it has nothing to save there."""
+        return None
 
     # --- hosts -----------------------------------------------------------------------------------------
     def units(self, p: Platform, host: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.services.base import Ingress, SecretFile, Service, ServiceFile, TlsPort
+from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
     from iotplat.deploy.ops import Context
@@ -107,6 +107,10 @@ class Broker(Service):
 
     def group_vars(self, p: Platform) -> dict[str, Any]:
         return {"mosquitto_package_versions": p.mosquitto_pins}
+
+    def scheduled_backup(self, r: Renderer, host: str) -> BackupStep | None:
+        return BackupStep("Mosquitto's persistence file", "mosquitto.service",
+                          r.template("mosquitto/backup-step.sh.j2", persistence_file=PERSISTENCE_FILE))
 
     def package_pins(self, gv: Mapping[str, Any]) -> dict[str, dict[str, str]]:
         return {"mosquitto": dict(gv["mosquitto_package_versions"])}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.services.base import Ingress, SecretFile, Service, ServiceFile, TlsPort
+from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
     from iotplat.deploy.ops import Context
@@ -81,6 +81,16 @@ class InfluxDB(Service):
 
     def ingress(self, p: Platform, host: str) -> list[Ingress]:
         return [Ingress(p.spec.influxdb.port, "internal", "InfluxDB HTTPS")]
+
+    def scheduled_backup(self, r: Renderer, host: str) -> BackupStep | None:
+        """InfluxDB's portable backup (1.x: the database through the RPC port on loopback; 2.x: the instance)."""
+        from iotplat.render.layout import PATHS
+
+        ix = r.p.spec.influxdb
+        script = r.template("influxdb/backup-step.sh.j2", version=ix.version, database=r.p.influx_database,
+                            url=f"https://{host}.{r.p.spec.network.domain}:{ix.port}",
+                            token_file=f"{CREDENTIALS}/admin-token", ca_cert=PATHS["ca_cert"])
+        return BackupStep("InfluxDB", "influxdb.service", script)
 
     def data_dirs(self, p: Platform) -> tuple[str, ...]:
         return (self.paths()["influxdb1_data"],) if p.spec.influxdb.version == 1 else (self.paths()["influxdb2_data"],)
