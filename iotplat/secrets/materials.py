@@ -29,7 +29,6 @@ SERVICE_SECRETS = (
     "grafana_admin_password",
     "grafana_secret_key",
 )
-SERVER_SERVICES = ("broker", "influxdb", "grafana")
 
 
 @dataclass(frozen=True)
@@ -108,16 +107,16 @@ def resolve_ref(ref: SecretRef, platform: Platform, what: str) -> str:
 
 
 def server_names(platform: Platform, host: str) -> list[str]:
-    names = [platform.host_fqdn(host)]
-    services = platform.services_on(host)
-    for svc in SERVER_SERVICES:
-        if svc in services:
-            names.append(platform.service_name(svc))
-    if "broker" in services:
-        names.extend(platform.spec.broker.server_names)
-    if "grafana" in services and platform.spec.grafana.domain:
-        names.append(platform.spec.grafana.domain)
+    names = [platform.host_fqdn(host), *_service_cert_names(platform, host)]
     return sorted(dict.fromkeys(names))
+
+
+def _service_cert_names(platform: Platform, host: str) -> list[str]:
+    """The names the TLS servers on `host` answer to (each service's `cert_names`, iotplat/services)."""
+    from iotplat.services import all_services
+
+    on = set(platform.services_on(host))
+    return [n for svc in all_services() if svc.name in on for n in svc.cert_names(platform)]
 
 
 def mqtt_usernames(platform: Platform) -> list[str]:
@@ -143,7 +142,7 @@ def ensure_materials(platform: Platform, state: State) -> Materials:
     certs = sec.setdefault("hosts", {})
     host_certs: dict[str, pki.CertKey] = {}
     for host in platform.host_names:
-        if not any(s in SERVER_SERVICES for s in platform.services_on(host)):
+        if not _service_cert_names(platform, host):  # no TLS server on it (e.g. a worker-only host)
             continue
         names = server_names(platform, host)
         cur = certs.get(host)

@@ -161,6 +161,11 @@ class Service:
     def tls_ports(self, p: Platform) -> list[TlsPort]:
         return []
 
+    def cert_names(self, p: Platform) -> list[str]:
+        """DNS names its TLS server must answer to (beside the host's own name), for the host certificate the
+        state issues; none: the service serves no TLS and needs no certificate."""
+        return []
+
     def health(self, p: Platform, host: str) -> dict[str, int]:
         """HTTP health endpoints on the host's loopback: label -> port (GET /healthz must say status ok)."""
         return {}

@@ -118,6 +118,9 @@ class Broker(Service):
     def units(self, p: Platform, host: str) -> list[str]:
         return ["mosquitto"]
 
+    def cert_names(self, p: Platform) -> list[str]:
+        return [p.service_name("broker"), *p.spec.broker.server_names]
+
     def tls_ports(self, p: Platform) -> list[TlsPort]:
         return [TlsPort(lst.port, f"broker {lst.protocol} :{lst.port}", p.service_name("broker"))
                 for lst in p.spec.broker.listeners]

@@ -104,6 +104,9 @@ class Grafana(Service):
     def units(self, p: Platform, host: str) -> list[str]:
         return ["grafana-server"]
 
+    def cert_names(self, p: Platform) -> list[str]:
+        return [p.service_name("grafana"), *([p.spec.grafana.domain] if p.spec.grafana.domain else [])]
+
     def tls_ports(self, p: Platform) -> list[TlsPort]:
         return [TlsPort(p.spec.grafana.port, f"grafana :{p.spec.grafana.port}", p.service_name("grafana"))]
 

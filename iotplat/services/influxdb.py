@@ -79,6 +79,9 @@ class InfluxDB(Service):
             out.append(SecretFile(f"{CREDENTIALS}/admin-token", "influxdb_admin_token"))
         return out
 
+    def cert_names(self, p: Platform) -> list[str]:
+        return [p.service_name("influxdb")]
+
     def ingress(self, p: Platform, host: str) -> list[Ingress]:
         return [Ingress(p.spec.influxdb.port, "internal", "InfluxDB HTTPS")]
 
