@@ -93,6 +93,11 @@ class Service:
     roles_path: ClassVar[Path | None] = None
     templates_path: ClassVar[Path | None] = None
 
+    def role_for(self, p: Platform) -> str:
+        """The role that deploys it on this platform (a service with engine variants chooses one; site.yml,
+        destroy.yml)."""
+        return self.role
+
     def enabled(self, p: Platform) -> bool:
         """False: the spec switches it off (then no host runs it, whatever the placement says)."""
         return True
