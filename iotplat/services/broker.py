@@ -129,7 +129,9 @@ class Broker(Service):
 
     def group_vars(self, p: Platform) -> dict[str, Any]:
         if _nats(p):
-            return {"nats_package_versions": p.nats_pins}
+            # mosquitto_package_versions stays, empty: iotplat/deploy/upgrade.py reads it for every platform (it
+            # does not know nats-server's pins yet, so a nats pin change is not a rolling upgrade: README says so)
+            return {"nats_package_versions": p.nats_pins, "mosquitto_package_versions": {}}
         return {"mosquitto_package_versions": p.mosquitto_pins}
 
     def units(self, p: Platform, host: str) -> list[str]:
@@ -140,12 +142,10 @@ class Broker(Service):
         return {"nats-server": nats.MONITOR_PORT} if _nats(p) else {}
 
     def tls_ports(self, p: Platform) -> list[TlsPort]:
-        ports = [TlsPort(lst.port, f"broker {lst.protocol} :{lst.port}", p.service_name("broker"))
-                 for lst in p.spec.broker.listeners]
-        if _nats(p):
-            ports.append(TlsPort(nats.CLIENT_PORT, f"nats client :{nats.CLIENT_PORT}", p.service_name("broker"),
-                                 internal=True))
-        return ports
+        # not nats's client port: the NATS protocol sends its INFO line in the clear before the TLS handshake
+        # (2.9), so a TLS probe cannot read it; the workers' health and the cluster checks cover it
+        return [TlsPort(lst.port, f"broker {lst.protocol} :{lst.port}", p.service_name("broker"))
+                for lst in p.spec.broker.listeners]
 
     def checks(self, probe: Probe) -> list[Check]:
         """On nats: the cluster's health (iotplat/verify/nats_cluster.py): nodes, routes, meta leader, stream."""

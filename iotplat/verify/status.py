@@ -247,6 +247,11 @@ def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], c
     listener = next((lst for lst in platform.spec.broker.listeners if lst.protocol == "mqtt"), None)
     if listener is None:
         return Check("canary", True, "skipped: no MQTT (non-WebSocket) listener", skipped=True)
+    if platform.spec.broker.engine == "nats":  # every node takes devices: the first that accepts, as a device would
+        from iotplat.hosts.sysutil import tcp_open
+
+        broker = next((h for h in platform.placement["broker"] if h in addr and tcp_open(addr[h], listener.port)),
+                      broker)
     password = materials.mqtt_users[platform.canary.id][0]
     # nats-server's MQTT layer speaks 3.1.1 only (broker.engine: nats)
     protocol = mqtt.MQTTv311 if platform.spec.broker.engine == "nats" else mqtt.MQTTv5
