@@ -5,14 +5,16 @@ One platform for the whole module. Proves: `up` and `status` green with the cana
 to a broker host, read back from InfluxDB) and the cluster checks; two devices publish QoS 1 with a sequence number
 at a steady bounded rate while `systemctl stop nats-server` stops the node they are connected to: every message
 the cluster acknowledged is in InfluxDB (counted per sequence number), the devices reconnect to another node,
-`status` names the stopped node; then `destroy --yes`. A stopped unit inside an nspawn host stands in for a failed
-node; a host cut off the network or killed with -9 is not covered here (tests/nats/test_failover.py kills nodes
-on loopback).
+`status` names the stopped node (and the canary uses another node); then, with the cluster green again, kill -9
+of the node the devices use (systemd restarts it) together with kill -9 of worker replica 1: again every
+acknowledged message is in InfluxDB (replica 2 takes over through the shared durable consumer). At the end the
+fixture runs `destroy --yes`. A host cut off the network is not covered here.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -119,7 +121,10 @@ def test_01_up_deploys_the_cluster_and_status_is_green(deployed: dict, capfd) ->
     assert ("n1", "unit iotplat-worker@1") in ok and ("n2", "unit iotplat-worker@2") in ok
 
 
-def test_02_a_stopped_node_loses_no_acknowledged_message(deployed: dict, capfd) -> None:
+def _under_load(deployed: dict, first: str, lose) -> tuple[list[Device], object]:
+    """Two devices publish COUNT messages each, connected first to `first`; once a quarter is acknowledged,
+    `lose(provider)` breaks something. Returns the devices (joined) after every acknowledged message was found
+    in InfluxDB by its sequence number (asserted), and the provider."""
     from iotplat.deploy.targets import local_settings
     from iotplat.hosts import local_provider
     from iotplat.spec.load import load_platform
@@ -128,7 +133,8 @@ def test_02_a_stopped_node_loses_no_acknowledged_message(deployed: dict, capfd) 
     p, m, _ = platform_materials(deployed)
     hosts = deployed["hosts"]
     ca = str(Path(deployed["build"]) / "hosts/n1/etc/iotplat/tls/ca.crt")
-    order = [hosts["n1"], hosts["n2"], hosts["n3"]]
+    names = ["n1", "n2", "n3"]
+    order = [hosts[h] for h in names[names.index(first):] + names[:names.index(first)]]
     base_ms = int(time.time() * 1000) - 10 * COUNT  # device timestamps in the recent past, one ms apart
     devs = [Device(order, p.service_name("broker"), d, m.mqtt_users[d][0], ca).start(base_ms) for d in DEVICES]
     deadline = time.monotonic() + 60
@@ -136,10 +142,9 @@ def test_02_a_stopped_node_loses_no_acknowledged_message(deployed: dict, capfd) 
         time.sleep(0.2)
     assert min(len(d.acked) for d in devs) >= COUNT // 4, "devices are not being acknowledged"
     provider = local_provider(local_settings(load_platform(Path(deployed["spec"]))))
-    provider.exec("n1", ["systemctl", "stop", "nats-server"])
+    lose(provider)
     for d in devs:
         d.join(240)
-        assert hosts["n1"] in d.used and len(d.used) >= 2, d.used  # moved to another node
     trust = TrustStore(m.ca_cert_pem)
     reader = m.secrets["influxdb_grafana_password"]
 
@@ -160,10 +165,40 @@ def test_02_a_stopped_node_loses_no_acknowledged_message(deployed: dict, capfd) 
         trust.close()
     assert all(len(d.acked) == COUNT for d in devs), {d.device: len(d.acked) for d in devs}
     assert not any(missing.values()), {k: (len(v), v[:10]) for k, v in missing.items()}
+    print(f"{first}: {sum(len(d.acked) for d in devs)} acknowledged, all in InfluxDB; hosts used: "  # figures
+          + "; ".join(f"{d.device} {d.used}" for d in devs), file=sys.stderr)  # (stdout is the CLI's JSON)
+    return devs, provider
 
+
+def test_02_a_stopped_node_loses_no_acknowledged_message(deployed: dict, capfd) -> None:
+    hosts = deployed["hosts"]
+    devs, provider = _under_load(deployed, "n1", lambda prov: prov.exec("n1", ["systemctl", "stop", "nats-server"]))
+    for d in devs:
+        assert hosts["n1"] in d.used and len(d.used) >= 2, d.used  # moved to another node
     code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
     assert code == 1, (out + err)[-3000:]
     report = json.loads(out)
     failed = {(c["host"], c["name"]) for c in report["checks"] if not c["ok"]}
     assert ("n1", "nats node") in failed and ("n1", "unit nats-server") in failed, failed
-    provider.exec("n1", ["systemctl", "start", "nats-server"])
+    assert any(c["name"] == "canary" and c["ok"] for c in report["checks"]), "the canary uses another node"
+    provider.exec("n1", ["systemctl", "start", "nats-server"])  # type: ignore[attr-defined]
+
+
+def test_03_node_and_worker_killed_lose_no_acknowledged_message(deployed: dict, capfd) -> None:
+    """kill -9 of the node the devices use (systemd restarts it: Restart=on-failure) and of worker replica 1
+    at the same moment: the devices move on, replica 2 takes over replica 1's messages, nothing acknowledged lost."""
+    deadline = time.monotonic() + 120
+    while True:  # n1, started again by the last test, back in the cluster
+        code, out, _ = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
+        if code == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert code == 0, out[-3000:]
+    hosts = deployed["hosts"]
+
+    def kill(prov) -> None:
+        prov.exec("n2", ["systemctl", "kill", "--signal=KILL", "nats-server"])
+        prov.exec("n1", ["systemctl", "kill", "--signal=KILL", "iotplat-worker@1"])
+
+    devs, _ = _under_load(deployed, "n2", kill)  # (a device may find n2 restarted before it tries another node)
+    assert all(d.used[0] == hosts["n2"] for d in devs)
