@@ -5,7 +5,8 @@ What every rendered node gets:
   server certificate; the client port is not for devices (each device user may connect over MQTT only);
 - cluster routes (3 or 5 nodes) over TLS with verification both ways (each node presents its certificate
   to the others; it must carry the clientAuth usage as well as serverAuth), routes listed explicitly and not
-  advertised to clients;
+  advertised to clients; each node advertises its route address by the name the others dial (gossiped
+  routes then verify a name the certificate carries, not the listener's IP);
 - the monitoring port (``/varz``, ``/routez``, ``/jsz``; ``status`` reads it) on an internal address only:
   an unspecified (0.0.0.0, ::) or public address is refused;
 - JetStream with its store directory and limits; MQTT's own streams replicated on every node up to 3;
@@ -290,6 +291,9 @@ def render_node(cfg: NodeConfig) -> str:
             f"  name: {quote(cfg.cluster_name)}",
             f"  listen: {quote(_hostport(cfg.cluster_listen, 'cluster_listen'))}",
             "  no_advertise: true",
+            # the address the other nodes learn for this one (route gossip): its own name, so an implicit
+            # route verifies the certificate for a name it carries, never for a bare IP of the listener
+            f"  advertise: {quote(_route_host(cfg.node) + ':' + str(cfg.node.route_port))}",
             f"  tls {{ {tls_block}, verify: true, timeout: 5 }}",
             f"  routes: {_list(routes)}",
             "}",

@@ -376,7 +376,7 @@ class Renderer:
             "strategy": "free",
             "tasks": [
                 {"name": "Baseline on every host", "ansible.builtin.include_role": {"name": "common"}},
-                *({"name": svc.title, "ansible.builtin.include_role": {"name": svc.role},
+                *({"name": svc.title, "ansible.builtin.include_role": {"name": svc.role_for(p)},
                    "when": f"'{svc.name}' in group_names"} for svc in ordered),
             ],
         }]
@@ -389,7 +389,7 @@ class Renderer:
             "vars": {"iotplat_destroy_data": False},
             "tasks": [
                 *({"name": f"Remove {svc.title}",
-                   "ansible.builtin.include_role": {"name": svc.role, "tasks_from": "uninstall"},
+                   "ansible.builtin.include_role": {"name": svc.role_for(p), "tasks_from": "uninstall"},
                    "when": f"'{svc.name}' in group_names"} for svc in reversed(ordered)),
                 {"name": "Remove iotplat's files and the data disk's mounts",
                  "ansible.builtin.include_role": {"name": "common", "tasks_from": "uninstall"}},

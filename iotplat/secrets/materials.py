@@ -146,7 +146,9 @@ def ensure_materials(platform: Platform, state: State) -> Materials:
             continue
         names = server_names(platform, host)
         cur = certs.get(host)
-        if cur is None or pki.needs_renewal(cur["cert"], names, ca.cert_pem):
+        routes = platform.spec.broker.engine == "nats" and "broker" in platform.services_on(host)
+        if cur is None or pki.needs_renewal(cur["cert"], names, ca.cert_pem) or (
+                routes and not pki.has_client_auth(cur["cert"])):
             issued = pki.issue_server_cert(ca, platform.host_fqdn(host), names, platform.spec.tls.server_cert_days)
             certs[host] = {"cert": issued.cert_pem, "key": issued.key_pem}
             state.mark("secrets")
@@ -181,7 +183,15 @@ def ensure_materials(platform: Platform, state: State) -> Materials:
             users[name]["hash"] = h
         state.mark("users")
     mqtt_users = {n: (users[n]["password"], users[n]["hash"]) for n in wanted}
-    return Materials(trust_pem, host_certs, mqtt_users, resolved, sum(len(p) for p in todo.values()),
+    computed = sum(len(p) for p in todo.values())
+    if platform.spec.broker.engine == "nats":  # each broker host's nats-server.conf holds bcrypt hashes: a secret
+        from iotplat.services import nats
+
+        hashes, more = bcrypt_hashes(state, nats.usernames(platform))
+        computed += more
+        for host, conf in nats.node_configs(platform, hashes).items():
+            resolved[nats.secret_key(host)] = conf
+    return Materials(trust_pem, host_certs, mqtt_users, resolved, computed,
                      ca_rotation_started=ca_next["started"] if ca_next else "")
 
 

@@ -120,6 +120,11 @@ class Service:
     # what is versioned: mosquitto, influxdb, grafana, worker), or an upgrade would go unnoticed once.
     version_keys: ClassVar[Mapping[str, str]] = {}
 
+    def role_for(self, p: Platform) -> str:
+        """The role that deploys it on this platform (a service with engine variants chooses one; site.yml,
+        destroy.yml)."""
+        return self.role
+
     def enabled(self, p: Platform) -> bool:
         """False: the spec switches it off (then no host runs it, whatever the placement says)."""
         return True

@@ -1,10 +1,12 @@
-"""The MQTT broker: Mosquitto (role `mosquitto`, templates/mosquitto/)."""
+"""The MQTT broker: Mosquitto (role `mosquitto`, templates/mosquitto/), or with `broker.engine: nats` a NATS
+JetStream cluster on `broker.nodes` hosts (role `nats`; what differs lives in iotplat/services/nats.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from iotplat.services import nats
 from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
@@ -12,6 +14,7 @@ if TYPE_CHECKING:
     from iotplat.hosts import Host
     from iotplat.render.engine import Renderer
     from iotplat.spec.platform_model import Platform
+    from iotplat.verify.status import Check, Probe
 
 PERSISTENCE = "/var/lib/mosquitto"
 PERSISTENCE_FILE = f"{PERSISTENCE}/mosquitto.db"
@@ -42,13 +45,18 @@ def acl_rules(p: Platform) -> tuple[list[str], list[dict[str, Any]], list[str]]:
     return patterns, per_device, reads
 
 
+def _nats(p: Platform) -> bool:
+    return p.spec.broker.engine == "nats"
+
+
 class Broker(Service):
     name: ClassVar[str] = "broker"
     role: ClassVar[str] = "mosquitto"
     title: ClassVar[str] = "MQTT broker"
     deploy_order: ClassVar[int] = 10
     single_host: ClassVar[bool] = True
-    version_keys: ClassVar[Mapping[str, str]] = {"mosquitto": "set broker.version back to {old} in {spec}"}
+    version_keys: ClassVar[Mapping[str, str]] = {"mosquitto": "set broker.version back to {old} in {spec}",
+                                                 "nats-server": "set broker.version back to {old} in {spec}"}
 
     def paths(self) -> Mapping[str, str]:
         return {
@@ -58,11 +66,20 @@ class Broker(Service):
             "mosquitto_passwd": "/etc/mosquitto/iotplat/passwd",
             "mosquitto_key": "/etc/mosquitto/iotplat/server.key",
             "mosquitto_persistence": PERSISTENCE,
+            "nats_conf": nats.CONF,
+            "nats_dir": nats.CONF_DIR,
+            "nats_key": nats.KEY,
+            "nats_store": nats.STORE_DIR,
         }
+
+    def role_for(self, p: Platform) -> str:
+        return "nats" if _nats(p) else self.role
 
     def files(self, r: Renderer) -> list[ServiceFile]:
         p = r.p
         spec = p.spec
+        if _nats(p):  # nats-server.conf differs per node and holds the users' bcrypt hashes: a secret (below)
+            return []
         conf = r.template(
             "mosquitto/mosquitto.conf.j2",
             broker=spec.broker,
@@ -91,11 +108,18 @@ class Broker(Service):
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
         paths = self.paths()
+        if _nats(p):
+            return [SecretFile(paths["nats_conf"], nats.secret_key(host), "0640", "nats"),
+                    SecretFile(paths["nats_key"], f"host_key:{host}", "0640", "nats")]
         return [SecretFile(paths["mosquitto_passwd"], "mosquitto_passwd", "0640", "mosquitto"),
                 SecretFile(paths["mosquitto_key"], f"host_key:{host}", "0640", "mosquitto")]
 
     def ingress(self, p: Platform, host: str) -> list[Ingress]:
         rules = []
+        if _nats(p):  # monitoring listens on loopback only: no rule
+            rules.append(Ingress(nats.CLIENT_PORT, "internal", "NATS over TLS (worker replicas)"))
+            if len(p.placement["broker"]) > 1:
+                rules.append(Ingress(nats.ROUTE_PORT, "internal", "NATS cluster routes (mutual TLS)"))
         for lst in p.spec.broker.listeners:
             label = "MQTT over TLS" if lst.protocol == "mqtt" else "MQTT over secure WebSockets"
             rules.append(Ingress(lst.port, "devices", label))
@@ -103,33 +127,56 @@ class Broker(Service):
         return rules
 
     def data_dirs(self, p: Platform) -> tuple[str, ...]:
-        return (PERSISTENCE,)
+        return (nats.STORE_DIR,) if _nats(p) else (PERSISTENCE,)
 
     def group_vars(self, p: Platform) -> dict[str, Any]:
+        if _nats(p):
+            return {"nats_package_versions": p.nats_pins}
         return {"mosquitto_package_versions": p.mosquitto_pins}
 
     def scheduled_backup(self, r: Renderer, host: str) -> BackupStep | None:
+        if _nats(r.p):  # JetStream's store is replicated on the nodes; not archived (as `iotplat backup`)
+            return None
         return BackupStep("Mosquitto's persistence file", "mosquitto.service",
                           r.template("mosquitto/backup-step.sh.j2", persistence_file=PERSISTENCE_FILE))
 
     def package_pins(self, gv: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+        """The engine's package: a changed pin of either is a rolling upgrade, node by node with the canary."""
+        if "nats_package_versions" in gv:
+            return {"nats-server": dict(gv["nats_package_versions"])}
         return {"mosquitto": dict(gv["mosquitto_package_versions"])}
 
     def units(self, p: Platform, host: str) -> list[str]:
-        return ["mosquitto"]
+        return [nats.UNIT] if _nats(p) else ["mosquitto"]
+
+    def health(self, p: Platform, host: str) -> dict[str, int]:
+        """nats-server's /healthz on the host's loopback (monitoring port): ok once JetStream is up."""
+        return {"nats-server": nats.MONITOR_PORT} if _nats(p) else {}
 
     def cert_names(self, p: Platform) -> list[str]:
         return [p.service_name("broker"), *p.spec.broker.server_names]
 
     def tls_ports(self, p: Platform) -> list[TlsPort]:
+        # not nats's client port: the NATS protocol sends its INFO line in the clear before the TLS handshake
+        # (2.9), so a TLS probe cannot read it; the workers' health and the cluster checks cover it
         return [TlsPort(lst.port, f"broker {lst.protocol} :{lst.port}", p.service_name("broker"))
                 for lst in p.spec.broker.listeners]
+
+    def checks(self, probe: Probe) -> list[Check]:
+        """On nats: the cluster's health (iotplat/verify/nats_cluster.py): nodes, routes, meta leader, stream."""
+        if not _nats(probe.platform):
+            return []
+        from iotplat.verify import nats_cluster
+
+        return nats_cluster.checks(probe)
 
     def backup(self, ctx: Context, host: Host) -> dict[str, bytes]:
         """The persistence file (queued messages, sessions), saved first with SIGUSR1 to the broker's main
         process; waits (5 s at most) for the file to change."""
         from iotplat.deploy.backup import run_on
 
+        if _nats(ctx.platform):  # JetStream's store is replicated on the nodes; not archived (README says so)
+            return {}
         return {"mosquitto.db": run_on(host, (
             f"set -e; f={PERSISTENCE_FILE}; old=$(stat -c %Y $f 2>/dev/null || echo 0); "
             "systemctl kill --kill-whom=main -s USR1 mosquitto; i=0; "
@@ -139,7 +186,7 @@ class Broker(Service):
     def restore(self, ctx: Context, host: Host, members: Mapping[str, bytes], info: Mapping[str, Any]) -> None:
         from iotplat.deploy.backup import run_on
 
-        if "mosquitto.db" not in members:
+        if "mosquitto.db" not in members or _nats(ctx.platform):
             return
         run_on(host, (f"set -e; systemctl stop mosquitto; cat > {PERSISTENCE_FILE}; "
                       f"chown mosquitto:mosquitto {PERSISTENCE_FILE}; chmod 0600 {PERSISTENCE_FILE}; "

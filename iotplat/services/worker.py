@@ -45,6 +45,7 @@ class Worker(Service):
                 "worker_home": "/opt/iotplat", "worker_venv": "/opt/iotplat/venv", "worker_data": "/var/lib/iotplat-worker"}
 
     def files(self, r: Renderer) -> list[ServiceFile]:
+        from iotplat.services.nats import worker_section
         from iotplat.spec.platform_model import WORKER_INFLUX_USER, WORKER_USER_PREFIX
 
         p = r.p
@@ -85,6 +86,7 @@ class Worker(Service):
             metrics_port=ing.metrics_port,
             health={"interval": ing.health.interval, "measurement": ing.health.measurement},
             subscriptions=[s.model_dump() for s in ing.subscriptions],
+            nats=worker_section(p) if spec.broker.engine == "nats" else None,
         )
         return [ServiceFile(self.paths()["worker_conf"], data)]
 

@@ -426,7 +426,16 @@ class Persistence(Base):
     client_expiration: Duration = Field("7d", description="Persistent sessions idle this long are removed.")
 
 
+BROKER_ENGINES = ("mosquitto", "nats")
+
+
 class Broker(Base):
+    engine: Literal["mosquitto", "nats"] = Field(
+        "mosquitto", description="mosquitto: one Mosquitto process on one host (MQTT 3.1.1 and 5); nats: NATS with "
+        "JetStream on `nodes` hosts, devices speak MQTT 3.1.1 (QoS 0/1) to any of them (README: Broker engines).")
+    nodes: int = Field(
+        1, ge=1, le=5, description="Broker hosts (those listing the `broker` service): 1, or with engine: nats 3 or 5 "
+        "for a cluster that keeps every acknowledged message when one node (two of five) is lost.")
     listeners: list[Listener] = Field(default_factory=lambda: [Listener()], min_length=1)
     server_names: list[DnsName] = Field(
         [], description="Public DNS names devices use for the broker; added to its certificate."
@@ -435,8 +444,8 @@ class Broker(Base):
     limits: BrokerLimits = BrokerLimits()
     persistence: Persistence = Persistence()
     version: VersionPin | None = Field(
-        None, description="Pinned mosquitto package version (one, or one per Debian release); default: iotplat's "
-        "pins for each release (README: Supported host releases).")
+        None, description="Pinned package version of the engine (mosquitto, or nats-server with engine: nats; one, "
+        "or one per Debian release); default: iotplat's pins for each release (README: Supported host releases).")
 
 
 # --------------------------------------------------------------------------------------- devices
@@ -757,7 +766,7 @@ class PlatformSpec(Base):
     tls: Tls = Field(Tls(), description="The platform CA and TLS policy; every service port uses TLS.")
     hosts: list[HostSpec] = Field(default_factory=_default_hosts, min_length=1,
                                   description="Hosts and the services placed on each; default: one host `core` with all four.")
-    broker: Broker = Field(Broker(), description="Mosquitto: listeners, device authentication, limits, persistence.")
+    broker: Broker = Field(Broker(), description="The MQTT broker (Mosquitto, or a NATS cluster): listeners, device authentication, limits, persistence.")
     devices: Devices = Field(Devices(), description="The device registry and each device's topic namespace (ACLs derive from it).")
     ingestion: Ingestion = Field(description="The worker: subscriptions, decoding, batching, spool, dead letters, replicas.")
     influxdb: InfluxDB = Field(description="The time-series database: version, names, retention, package.")

@@ -247,8 +247,15 @@ def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], c
     listener = next((lst for lst in platform.spec.broker.listeners if lst.protocol == "mqtt"), None)
     if listener is None:
         return Check("canary", True, "skipped: no MQTT (non-WebSocket) listener", skipped=True)
+    if platform.spec.broker.engine == "nats":  # every node takes devices: the first that accepts, as a device would
+        from iotplat.hosts.sysutil import tcp_open
+
+        broker = next((h for h in platform.placement["broker"] if h in addr and tcp_open(addr[h], listener.port)),
+                      broker)
     password = materials.mqtt_users[platform.canary.id][0]
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=platform.canary.id, protocol=mqtt.MQTTv5)
+    # nats-server's MQTT layer speaks 3.1.1 only (broker.engine: nats)
+    protocol = mqtt.MQTTv311 if platform.spec.broker.engine == "nats" else mqtt.MQTTv5
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=platform.canary.id, protocol=protocol)
     # the address is dialled, the certificate is verified for the broker's logical name
     client.tls_set_context(ctx_factory.for_name(platform.service_name("broker")))
     client.username_pw_set(platform.canary.id, password)

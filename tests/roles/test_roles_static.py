@@ -21,7 +21,7 @@ from iotplat.commands import render
 from tests.helpers import EXAMPLES, PLATFORM_DIR
 from tests.roles.conftest import ROLES, VENV_BIN
 
-ROLE_NAMES = ("common", "mosquitto", "influxdb", "grafana", "worker")
+ROLE_NAMES = ("common", "mosquitto", "nats", "influxdb", "grafana", "worker")
 SPECS = [PLATFORM_DIR / "platform.yaml", *sorted(EXAMPLES.glob("*/platform.yaml"))]
 # Variables of the invocation contract (docs/roles.md): -e, the addresses inventory and secrets.yml.
 CONTRACT_VARS = {"iotplat_build_dir", "iotplat_worker_wheelhouse", "iotplat_secrets", "iotplat_private_address"}
