@@ -46,6 +46,10 @@ MQTT_WORKER_NOTE = ("Mosquitto 2.0.11 drops the messages queued for a session wh
 def _deployed_context(spec: str | None, env: str | None, state_dir: str | None, out_dir: str | None,
                       progress: Progress) -> Context:
     ctx = open_context(spec, env, state_dir, out_dir, progress)
+    if ctx.platform.spec.broker.engine != "mosquitto":
+        # the reload path (broker-reload.yml) is Mosquitto's; nats-server's has not been built or tested yet
+        raise InvalidInput(f"{ctx.platform.spec_file}: broker.engine: `iotplat rotate` supports the mosquitto engine "
+                           f"only for now, not {ctx.platform.spec.broker.engine} (README: Broker engines)")
     if ctx.state.read_json(DEPLOYED) is None:
         raise IotplatError(f"{ctx.platform.key} has not been deployed from this state directory; run `iotplat up` "
                            "first (a new platform gets fresh certificates and credentials anyway)")
