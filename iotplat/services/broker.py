@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from iotplat.containers.runtime import container_files, container_vars
 from iotplat.services.base import Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
@@ -86,7 +87,8 @@ class Broker(Service):
         )
         paths = self.paths()
         return [ServiceFile(paths["mosquitto_conf"], conf),
-                ServiceFile(paths["mosquitto_acl"], acl, "0640", "root", "mosquitto")]
+                ServiceFile(paths["mosquitto_acl"], acl, "0640", "root", "mosquitto"),
+                *container_files(p, self.name)]  # runtime: container adds the unit that runs the image
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
         paths = self.paths()
@@ -105,7 +107,7 @@ class Broker(Service):
         return (PERSISTENCE,)
 
     def group_vars(self, p: Platform) -> dict[str, Any]:
-        return {"mosquitto_package_versions": p.mosquitto_pins}
+        return {"mosquitto_package_versions": p.mosquitto_pins, **container_vars(p, self.name, self.role)}
 
     def units(self, p: Platform, host: str) -> list[str]:
         return ["mosquitto"]

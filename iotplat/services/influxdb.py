@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from iotplat.containers.runtime import container_files, container_vars
 from iotplat.services.base import Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class InfluxDB(Service):
         paths = self.paths()
         if ix.version == 1:
             data = r.template("influxdb/influxdb.conf.j2", port=ix.port, tls_min=r.p.spec.tls.min_version)
-            return [ServiceFile(paths["influxdb1_conf"], data)]
+            return [ServiceFile(paths["influxdb1_conf"], data), *container_files(r.p, self.name)]
         data = r.template("influxdb/config.toml.j2", port=ix.port, tls_min=r.p.spec.tls.min_version)
         return [ServiceFile(paths["influxdb2_conf"], data)]
 
@@ -98,6 +99,7 @@ class InfluxDB(Service):
             "influxdb_admin_user": INFLUX_ADMIN_USER,
             "influxdb_worker_user": WORKER_INFLUX_USER,
             "influxdb_grafana_user": GRAFANA_INFLUX_USER,
+            **container_vars(p, self.name, self.role),
         }
 
     def units(self, p: Platform, host: str) -> list[str]:
