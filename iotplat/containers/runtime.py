@@ -179,6 +179,10 @@ def container_vars(p: Platform, service: str, role: str) -> dict[str, object]:
     of a package platform is unchanged byte for byte."""
     out: dict[str, object] = {}
     if runtime_of(p.spec, service) == "container":
+        from .engine import ENGINE_PACKAGES, daemon_json
+
+        out["iotplat_container_engine"] = {"packages": {k: list(v) for k, v in ENGINE_PACKAGES.items()},
+                                           "daemon_json": daemon_json().decode()}
         out[f"{role}_runtime"] = "container"
         sc = service_container(p, service)
         out[f"{role}_container"] = {

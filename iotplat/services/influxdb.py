@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.containers.runtime import container_files, container_vars
+from iotplat.containers.runtime import container_files, container_vars, runtime_of
 from iotplat.services.base import Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
@@ -68,10 +68,12 @@ class InfluxDB(Service):
         return [ServiceFile(paths["influxdb2_conf"], data)]
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
-        out = [SecretFile(f"{CREDENTIALS}/server.key", f"host_key:{host}"),
-               SecretFile(f"{CREDENTIALS}/admin-password", "influxdb_admin_password"),
-               SecretFile(f"{CREDENTIALS}/worker-password", "influxdb_worker_password"),
-               SecretFile(f"{CREDENTIALS}/grafana-password", "influxdb_grafana_password")]
+        # in a container influxd (the image's user) reads its key from the read-only mounted folder: group-readable
+        mode, group = ("0640", "influxdb") if runtime_of(p.spec, self.name) == "container" else ("0600", "root")
+        out = [SecretFile(f"{CREDENTIALS}/server.key", f"host_key:{host}", mode, group),
+               SecretFile(f"{CREDENTIALS}/admin-password", "influxdb_admin_password", mode, group),
+               SecretFile(f"{CREDENTIALS}/worker-password", "influxdb_worker_password", mode, group),
+               SecretFile(f"{CREDENTIALS}/grafana-password", "influxdb_grafana_password", mode, group)]
         if p.spec.influxdb.version == 2:
             out.append(SecretFile(f"{CREDENTIALS}/admin-token", "influxdb_admin_token"))
         return out
