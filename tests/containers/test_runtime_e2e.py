@@ -1,0 +1,148 @@
+"""End to end: platform/examples/containers (the broker and InfluxDB 1.x in containers, the worker as a package: a
+mixed platform) deployed by `iotplat up` onto two local nspawn hosts, with the stand-in images given as archives --
+the air-gapped path, for real: verified on the controller, copied, loaded and checked by image ID on the hosts.
+
+What it proves: the spec's runtime and images reach the hosts through render and the roles; Docker is installed
+from Debian with iotplat's daemon.json; the units run the verified images by ID under the package's unit names, so
+`status` (units, TLS, canary: a real message through the containerized broker into the containerized InfluxDB),
+`logs` and `destroy` work unchanged; no secret is in `docker inspect`; a changed digest is drift for `plan`; the roles' uninstall path removes
+containers, units and images. What it cannot: the upstream images themselves (tests/support/images.py says how the stand-ins differ), hosts
+other than Debian 12, a registry pull (none is reachable here).
+
+Network 10.237.0.0/24 only. One platform for the module; about 3-4 minutes with the stand-ins cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.conftest import local_platform, module_env, platform_materials, run_cli
+from tests.helpers import EXAMPLES
+
+pytestmark = [pytest.mark.hosts, pytest.mark.slow]
+NETWORK = "10.237.0.0/24"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root and systemd-nspawn")
+    from tests.support.images import stand_in
+
+    broker, influx = stand_in("mosquitto"), stand_in("influxdb")
+    work = tmp_path_factory.mktemp("ctr-up")
+
+    def edit(spec: dict) -> None:
+        spec["name"], spec["target"]["network"] = "ctr", NETWORK
+        spec["images"] = {"broker": str(broker.ref), "influxdb": str(influx.ref),
+                          "archive": {"broker": str(broker.archive), "influxdb": str(influx.archive)}}
+
+    for ctx in local_platform(work, EXAMPLES / "containers" / "platform.yaml", edit, devices=["dev-a", "dev-b"],
+                              env={"IOTPLAT_IMAGE_CACHE": str(work / "image-cache")}, destroy_data=True):
+        ctx["standins"] = {"broker": broker, "influxdb": influx}
+        yield ctx  # then `iotplat destroy --data` deletes the hosts
+
+
+@pytest.fixture(autouse=True)
+def _module_state(isolated_state, deployed: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    module_env(deployed, monkeypatch)
+
+
+def _exec(deployed: dict, host: str, script: str) -> str:
+    from iotplat.deploy.targets import local_settings
+    from iotplat.hosts import local_provider
+    from iotplat.spec.load import load_platform
+
+    provider = local_provider(local_settings(load_platform(Path(deployed["spec"]))))
+    r = provider.exec(host, ["sh", "-c", script], timeout=120)
+    assert r.returncode == 0, (script, r.stderr)
+    return r.stdout
+
+
+def test_01_up_runs_broker_and_influxdb_in_containers_and_status_is_green(deployed: dict, capfd) -> None:
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
+    assert code == 0, (out + err)[-4000:]
+    result = json.loads(out)
+    deployed["hosts"] = result["hosts"]
+    assert result["ok"] is True
+    ok = {(c["host"], c["name"]) for c in result["status"] if c["ok"] and not c["skipped"]}
+    assert ("edge", "unit mosquitto") in ok and ("tsdb", "unit influxdb") in ok, result["status"]
+    assert ("edge", "canary") in ok  # a real message: device -> broker container -> worker -> InfluxDB container
+    # the units run the verified images by ID, in containers
+    for host, name, which in (("edge", "mosquitto", "broker"), ("tsdb", "influxdb", "influxdb")):
+        image = _exec(deployed, host, f"docker inspect --format '{{{{.Image}}}}' {name}").strip()
+        assert image == deployed["standins"][which].config_digest
+        assert _exec(deployed, host, f"systemctl show -p ExecStart --value {name}.service").count("docker wait") == 1
+    # the worker stays a package (mixed platform)
+    assert _exec(deployed, "edge", "systemctl is-active iotplat-worker@1.service").strip() == "active"
+    assert "docker" not in _exec(deployed, "edge", "systemctl cat iotplat-worker@1.service")
+
+
+def test_02_no_secret_in_docker_inspect(deployed: dict) -> None:
+    _, m, _ = platform_materials(deployed)
+    inspect = _exec(deployed, "edge", "docker inspect mosquitto") + _exec(deployed, "tsdb", "docker inspect influxdb")
+    values = [v for v in m.secrets.values() if isinstance(v, str) and len(v) >= 8]
+    values += [pw for pw, _ in m.mqtt_users.values()]
+    assert values and not [v for v in values if v in inspect]
+    env = json.loads(_exec(deployed, "tsdb", "docker inspect influxdb"))[0]["Config"]["Env"] or []
+    assert not [e for e in env if e.split("=", 1)[0].startswith("INFLUXDB_")]
+
+
+def test_03_second_up_changes_nothing(deployed: dict, capfd) -> None:
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json", "--no-verify")
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["changed"] == 0, json.loads(out).get("recap")
+
+
+def test_04_logs_show_the_containers_journal(deployed: dict, capfd) -> None:
+    code, out, err = run_cli(capfd, "logs", deployed["spec"], "--out", deployed["build"], "--service", "broker",
+                             "--since", "1 hour ago", "--lines", "200")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines and all(" edge/broker: " in line for line in lines)
+    # Mosquitto's own start-up lines, written by the container through Docker's journald driver
+    assert any("mosquitto version" in line and "running" in line for line in lines), out[-2000:]
+
+
+def test_05_a_changed_digest_is_drift(deployed: dict, capfd) -> None:
+    import yaml
+
+    code, out, _ = run_cli(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
+    assert code == 0 and json.loads(out)["drift"] is False
+    spec_path = Path(deployed["spec"])
+    original = spec_path.read_text()
+    spec = yaml.safe_load(original)
+    ref = deployed["standins"]["broker"].ref
+    spec["images"]["broker"] = f"{ref.familiar_name}:{ref.tag}@sha256:{'1' * 64}"  # a new pin, pulled (no archive)
+    del spec["images"]["archive"]["broker"]
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    try:
+        code, out, err = run_cli(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
+        assert code == 3, (out + err)[-3000:]
+        result = json.loads(out)
+        assert any(c["host"] == "edge" for c in result["changes"])
+        assert "sha256:" + "1" * 64 in "\n".join(result["diff"])  # the unit's new image
+    finally:
+        spec_path.write_text(original)
+        run_cli(capfd, "render", deployed["spec"], "--out", deployed["build"])
+
+
+def test_06_uninstall_removes_containers_units_and_images(deployed: dict) -> None:
+    """The roles' uninstall path (destroy.yml, which `iotplat destroy` runs on bare-metal and cloud hosts; local hosts
+    are deleted whole, so it is run here directly on the live hosts first)."""
+    from iotplat.deploy.ansible import run_playbook
+    from iotplat.deploy.ops import open_context
+
+    ctx = open_context(deployed["spec"], None, None, deployed["build"], lambda s: None)
+    hosts = ctx.target().acquire(create=False, progress=lambda s: None)
+    result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, playbook="destroy.yml",
+                          extra_vars={"iotplat_destroy_data": False})
+    assert result.returncode == 0, result.failures
+    for host, name, which in (("edge", "mosquitto", "broker"), ("tsdb", "influxdb", "influxdb")):
+        assert _exec(deployed, host, "docker ps -aq").strip() == ""
+        assert deployed["standins"][which].config_digest not in _exec(deployed, host, "docker images -q --no-trunc")
+        assert _exec(deployed, host, f"test -e /etc/systemd/system/{name}.service && echo yes || echo no").strip() == "no"
