@@ -5,9 +5,10 @@ The spec's `runtime` is `package` (the default) or `container` for the whole pla
 iotplat.containers.images.DEFAULT_IMAGES); `images.archive.<service>` names a local archive (relative to the spec)
 that the hosts load instead of pulling.
 
-Supported in this phase: the broker (Mosquitto) and InfluxDB 1.x in containers. The worker (whose image iotplat
-builds at deploy time from the wheelhouse), Grafana and InfluxDB 2.x are refused by the spec check with one line
-(`UNSUPPORTED`), never half-deployed.
+Supported in this phase: the broker (Mosquitto), InfluxDB 1.x and the worker in containers; the worker's image is
+built by iotplat at render from the worker's wheelhouse (the one the package runtime installs) on a verified base
+archive (`images.archive.worker_base`: required, since iotplat cannot pull on the controller). Grafana and InfluxDB
+2.x are refused by the spec check with one line (`UNSUPPORTED`), never half-deployed.
 
 `container_plan(p)` is the one place render and the roles' inputs come from: per container service the image
 reference, and when it comes from an archive the verified image ID (the unit runs the image by that ID) and the
@@ -34,10 +35,8 @@ if TYPE_CHECKING:
 
 RuntimeName = Literal["package", "container"]
 # The services that can run in a container now, and why the others cannot yet (the spec check's message).
-SUPPORTED = ("broker", "influxdb")
+SUPPORTED = ("broker", "influxdb", "worker")
 UNSUPPORTED = {
-    "worker": "the worker in a container is not supported yet (its image is built from the wheelhouse at deploy "
-              "time, which `iotplat up` does not do yet)",
     "grafana": "Grafana in a container is not supported yet (no Grafana image can be built or tested here)",
 }
 # The spec's images.* key of each service (the worker's image is built on a base image).
@@ -123,6 +122,8 @@ def container_image(p: Platform, service: str) -> ContainerImage:
 
     ref = image_ref(p.spec, service)
     source = archive_source(p, service)
+    if service == "worker":
+        return _worker_image(p, ref, source)
     if source is None:
         return ContainerImage(service, ref)
     try:
@@ -138,6 +139,33 @@ def container_image(p: Platform, service: str) -> ContainerImage:
     return _PLANS[key]
 
 
+def wheelhouse_root() -> Path:
+    """Where `iotplat up` keeps the worker's wheelhouses ($XDG_CACHE_HOME/iotplat/wheelhouse, as deploy/ops.py)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "iotplat" / "wheelhouse"
+
+
+def _worker_image(p: Platform, base_ref: ImageRef, base_archive: Path | None) -> ContainerImage:
+    """The worker image, built from the wheelhouse the package runtime installs, on the verified base archive."""
+    from iotplat.deploy.wheelhouse import build_wheelhouse
+
+    from .archive import ArchiveError, prepare_archive
+    from .worker_image import build_worker_image
+
+    if base_archive is None:  # check_runtime refuses this before render
+        raise ArchiveError("the worker image is built on a base image archive: set images.archive.worker_base")
+    wheelhouse = build_wheelhouse(wheelhouse_root())
+    st = base_archive.stat() if base_archive.exists() else None
+    key = ("worker", f"{base_archive}\0{st.st_size if st else ''}:{st.st_mtime_ns if st else ''}\0{wheelhouse}",
+           str(base_ref))
+    if key not in _PLANS:
+        built = build_worker_image(wheelhouse, base_archive, base_ref, HOST_PLATFORM, image_cache() / "worker")
+        loaded = prepare_archive(built.archive, built.ref, HOST_PLATFORM, image_cache())
+        _PLANS[key] = ContainerImage("worker", built.ref, loaded.image.image_id, loaded.path.name,
+                                     loaded.sha256.removeprefix("sha256:"))
+    return _PLANS[key]
+
+
 def container_plan(p: Platform) -> dict[str, ContainerImage]:
     """Every container service of the platform and its image."""
     return {name: container_image(p, name) for name in container_services(p)}
@@ -150,13 +178,15 @@ UNIT_DIR = "/etc/systemd/system"  # overrides a package's unit of the same name 
 
 def service_container(p: Platform, service: str) -> ServiceContainer:
     """The profile (iotplat.containers.profiles) of one container service, with its image and ports."""
-    from .profiles import broker_service, influxdb1_service
+    from .profiles import broker_service, influxdb1_service, worker_service
 
     image = container_image(p, service).run
     if service == "broker":
         return broker_service(image, tuple(sorted({lst.port for lst in p.spec.broker.listeners})))
     if service == "influxdb":
         return influxdb1_service(image, p.spec.influxdb.port)
+    if service == "worker":
+        return worker_service(image, p.spec.ingestion.metrics_port)
     raise ValueError(f"{service} cannot run in a container yet")  # refused by check_runtime before render
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.containers.runtime import container_files, container_vars
+from iotplat.containers.runtime import container_files, container_vars, runtime_of
 from iotplat.services.base import Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
@@ -121,9 +121,12 @@ class Broker(Service):
         process; waits (5 s at most) for the file to change."""
         from iotplat.deploy.backup import run_on
 
+        # in a container the unit's main process is `docker wait`: the signal goes to the container instead
+        save = ("docker kill --signal USR1 mosquitto >/dev/null" if runtime_of(ctx.platform.spec, self.name) == "container"
+                else "systemctl kill --kill-whom=main -s USR1 mosquitto")
         return {"mosquitto.db": run_on(host, (
             f"set -e; f={PERSISTENCE_FILE}; old=$(stat -c %Y $f 2>/dev/null || echo 0); "
-            "systemctl kill --kill-whom=main -s USR1 mosquitto; i=0; "
+            f"{save}; i=0; "
             "while [ $i -lt 50 ] && [ \"$(stat -c %Y $f 2>/dev/null || echo 0)\" = \"$old\" ]; do sleep 0.1; i=$((i+1)); done; "
             "cat $f"))}
 

@@ -40,6 +40,22 @@ def influx2_env(p: Platform, host: str) -> str:
             f"INFLUX_TOKEN=\"$(cat {CREDENTIALS}/admin-token)\"; ")
 
 
+def _influxd(p: Platform, folder: str) -> str:
+    """`influxd` for a portable backup or restore into/from `folder`: the host's (package), or in a container of the
+    service's own image (container runtime: the host has no influxd), on the host network (the backup port listens
+    on 127.0.0.1:8088), as the image's user, with `folder` mounted read-write (made theirs first)."""
+    if runtime_of(p.spec, "influxdb") != "container":
+        return "influxd"
+    from iotplat.containers.profiles import INFLUXDB1_UID
+    from iotplat.containers.runtime import container_image
+
+    image = container_image(p, "influxdb").run  # a closed value: sha256:<id> or name@sha256:<digest>
+    uid = f"{INFLUXDB1_UID}:{INFLUXDB1_UID}"
+    return (f"chown {uid} {folder}; docker run --rm --network host --user {uid} --cap-drop ALL --security-opt "
+            f"no-new-privileges --log-driver none --mount type=bind,source={folder},target={folder} "
+            f"--entrypoint influxd {image}")
+
+
 class InfluxDB(Service):
     name: ClassVar[str] = "influxdb"
     role: ClassVar[str] = "influxdb"
@@ -134,8 +150,8 @@ class InfluxDB(Service):
         if p.spec.influxdb.version == 2:
             dump = f"{influx2_env(p, host.name)}influx backup {remote} >/dev/null"
         else:
-            dump = (f"influxd backup -portable -database {p.influx_database} -host 127.0.0.1:8088 {remote} "
-                    ">/dev/null 2>&1")
+            dump = (f"{_influxd(p, remote)} backup -portable -database {p.influx_database} -host 127.0.0.1:8088 "
+                    f"{remote} >/dev/null 2>&1")
         return {"influxdb.tar": run_on(host, (
             f"set -e; rm -rf {remote}; mkdir -p {remote}; {dump}; tar -C {remote} -cf - . ; rm -rf {remote}"))}
 
@@ -161,7 +177,7 @@ class InfluxDB(Service):
                                  f'DROP DATABASE "{p.influx_database}"', method="POST", port=port)
             finally:
                 trust.close()
-            load = (f"influxd restore -portable -db {info['influxdb']['database']} -host 127.0.0.1:8088 {remote} "
-                    ">/dev/null")
+            load = (f"{_influxd(p, remote)} restore -portable -db {info['influxdb']['database']} -host 127.0.0.1:8088 "
+                    f"{remote} >/dev/null")
         run_on(host, f"set -e; rm -rf {remote}; mkdir -p {remote}; tar -C {remote} -xf -; {load}; rm -rf {remote}",
                stdin=members["influxdb.tar"])

@@ -526,7 +526,12 @@ def check_runtime(p: Platform, doc: Document) -> list[Problem]:
             except ImageRefError as exc:
                 out.append(doc.problem(("images",), exc.message, exc.hint))
         source = archive_source(p, svc)
-        if source is not None and not source.is_file():
+        if svc == "worker" and source is None:
+            out.append(doc.problem(where(svc), "the worker's image is built by iotplat on a base image, which must be "
+                                   "given as an archive", "set images.archive.worker_base to a `skopeo copy "
+                                   "--preserve-digests docker://NAME@DIGEST oci-archive:FILE` archive of "
+                                   "images.worker_base (default python:3.13-slim-trixie)"))
+        elif source is not None and not source.is_file():
             out.append(doc.problem(("images", "archive", IMAGE_KEYS[svc]), f"{source} is not a file",
                                    "give the path of a `skopeo copy --preserve-digests docker://NAME@DIGEST "
                                    "oci-archive:FILE` archive, relative to the spec"))

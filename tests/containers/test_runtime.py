@@ -145,8 +145,38 @@ def test_reference_helpers_are_closed_values() -> None:
     assert img.run == ref.pinned and set(img.as_vars()) == {"ref", "tagged", "pinned", "run"}
 
 
-@pytest.mark.parametrize("extra", [{"runtime": {"worker": "container"}}, {"runtime": {"grafana": "container"}}])
-def test_unsupported_services_are_refused_not_half_deployed(tmp_path: Path, cli, extra: dict) -> None:
+@pytest.mark.parametrize(("extra", "says"), [({"runtime": {"worker": "container"}}, "must be given as an archive"),
+                                              ({"runtime": {"grafana": "container"}}, "not supported yet")])
+def test_what_cannot_run_is_refused_not_half_deployed(tmp_path: Path, cli, extra: dict, says: str) -> None:
     spec = _spec(tmp_path, extra)
     result = cli("render", str(spec), "--out", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state"))
-    assert result.code == 2 and "not supported yet" in result.err and not (tmp_path / "out").exists()
+    assert result.code == 2 and says in result.err and not (tmp_path / "out").exists()
+
+
+def test_the_worker_image_is_built_from_the_wheelhouse_at_render(tmp_path: Path, monkeypatch) -> None:
+    """runtime worker: container: iotplat builds the worker image on the verified base archive from the wheelhouse
+    the package runtime installs, and the replicas' template unit runs it by its ID; the credentials become readable
+    by the image's group (they are mounted read-only), nothing else of the worker's files changes."""
+    monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "cache"))
+    base, digest, _ = build(tmp_path, name="docker.io/library/python", familiar="python", tag="3.13-test")
+    (tmp_path / "ctr").mkdir()
+    (tmp_path / "pkg").mkdir()
+    state = tmp_path / "state"
+    render(str(_spec(tmp_path / "pkg", {})), None, out_dir=str(tmp_path / "out-pkg"), state_dir=str(state))
+    spec = _spec(tmp_path / "ctr", {"runtime": {"worker": "container"},
+                                    "images": {"worker_base": f"python:3.13-test@{digest}",
+                                               "archive": {"worker_base": str(base)}}})
+    render(str(spec), None, out_dir=str(tmp_path / "out-ctr"), state_dir=str(state))
+    pkg, ctr = _host_files(tmp_path / "out-pkg"), _host_files(tmp_path / "out-ctr")
+    assert {n: d for n, d in ctr.items() if n in pkg} == pkg
+    (unit_name,) = [n for n in set(ctr) - set(pkg)]
+    assert unit_name.endswith("/etc/systemd/system/iotplat-worker@.service")
+    gv = _group_vars(tmp_path / "out-ctr")
+    image = gv["worker_container"]["image"]
+    assert image["tagged"].startswith("localhost/iotplat-worker:") and image["image_id"].startswith("sha256:")
+    unit = ctr[unit_name].decode()
+    assert f" {image['image_id']} " in unit and "--user 10001:10001" in unit and "iotplat-worker-%i" in unit
+    assert (tmp_path / "cache" / image["archive"]).is_file()
+    secrets = yaml.safe_load((tmp_path / "out-ctr/ansible/inventory.yml").read_text())
+    files = [f for h in secrets["all"]["hosts"].values() for f in h["iotplat_secret_files"] if f["service"] == "worker"]
+    assert files and {(f["group"], f["mode"]) for f in files} == {("iotplat-worker", "0640")}

@@ -2,7 +2,8 @@
 mixed platform) deployed by `iotplat up` onto two local nspawn hosts, with the stand-in images given as archives --
 the air-gapped path, for real: verified on the controller, copied, loaded and checked by image ID on the hosts.
 
-What it proves: the spec's runtime and images reach the hosts through render and the roles; Docker is installed
+What it proves: the spec's runtime and images reach the hosts (then the worker moves from its package into the
+container iotplat builds for it from the same wheelhouse) through render and the roles; Docker is installed
 from Debian with iotplat's daemon.json; the units run the verified images by ID under the package's unit names, so
 `status` (units, TLS, canary: a real message through the containerized broker into the containerized InfluxDB),
 `logs` and `destroy` work unchanged; no secret is in `docker inspect`; a changed digest is drift for `plan`; the roles' uninstall path removes
@@ -131,6 +132,82 @@ def test_05_a_changed_digest_is_drift(deployed: dict, capfd) -> None:
         run_cli(capfd, "render", deployed["spec"], "--out", deployed["build"])
 
 
+def test_05b_the_worker_moves_into_a_container(deployed: dict, capfd) -> None:
+    """runtime.worker: container on the running platform: iotplat builds the worker image from the same wheelhouse on
+    the stand-in python base, `up` replaces the package's replicas with containers (same unit names), the canary
+    passes through them, and they run as the image's non-root user."""
+    import yaml
+
+    from tests.support.images import stand_in
+
+    python = stand_in("python")
+    spec_path = Path(deployed["spec"])
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["runtime"]["worker"] = "container"
+    spec["images"]["worker_base"] = str(python.ref)
+    spec["images"]["archive"]["worker_base"] = str(python.archive)
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
+    assert code == 0, (out + err)[-4000:]
+    result = json.loads(out)
+    ok = {(c["host"], c["name"]) for c in result["status"] if c["ok"] and not c["skipped"]}
+    assert ("edge", "canary") in ok and ("edge", "unit iotplat-worker@1") in ok, result["status"]
+    gv = yaml.safe_load((Path(deployed["build"]) / "ansible/group_vars/all.yml").read_text())
+    image_id = gv["worker_container"]["image"]["image_id"]
+    assert _exec(deployed, "edge", "docker inspect --format '{{.Image}}' iotplat-worker-1").strip() == image_id
+    assert _exec(deployed, "edge", "docker exec iotplat-worker-1 id -u").strip() == "10001"
+    size = int(_exec(deployed, "edge", f"docker image inspect --format '{{{{.Size}}}}' {image_id}"))
+    assert size < 150_000_000
+
+
+def test_05c_backup_and_restore_run_inside_the_images(deployed: dict, capfd) -> None:
+    """`backup` then `restore` on the all-container platform: InfluxDB's portable backup and restore run in a
+    container of its own image (the host has no influxd), the broker saves through `docker kill --signal USR1`; the
+    rows written before the backup are there after the restore (which drops the database first)."""
+    import time
+
+    import paho.mqtt.client as mqtt
+
+    from iotplat.verify.status import TrustStore, influx_query
+    from tests.deploy.conftest import mqtt_connect
+
+    p, m, _ = platform_materials(deployed)
+    edge, tsdb = deployed["hosts"]["edge"], deployed["hosts"]["tsdb"]
+    ca = str(Path(deployed["build"]) / "hosts/edge/etc/iotplat/tls/ca.crt")
+    ts0 = int(time.time() * 1000) - 600_000
+    c, seen = mqtt_connect(edge, ca, "dev-a", m.mqtt_users["dev-a"][0], protocol=mqtt.MQTTv311)
+    assert seen["rc"] == 0
+    for i in range(20):
+        c.publish("devices/dev-a/telemetry", json.dumps({"temperature": i, "humidity": 1, "ts": ts0 + i}),
+                  qos=1).wait_for_publish(10)
+    c.loop_stop()
+    c.disconnect()
+    trust = TrustStore(m.ca_cert_pem)
+
+    def count() -> int:
+        res = influx_query(p, tsdb, trust.context(), "iotplat-grafana", m.secrets["influxdb_grafana_password"],
+                           f"SELECT count(temperature) FROM telemetry WHERE device = 'dev-a' AND time >= {ts0}ms "
+                           f"AND time < {ts0 + 20}ms")
+        series = res["results"][0].get("series") or [{"values": [[0, 0]]}]
+        return int(series[0]["values"][0][1])
+
+    try:
+        deadline = time.time() + 60
+        while count() < 20 and time.time() < deadline:
+            time.sleep(1)
+        assert count() == 20
+        code, out, err = run_cli(capfd, "backup", deployed["spec"], "--out", deployed["build"], "--to",
+                                 str(Path(deployed["work"]) / "backups"), "--json")
+        assert code == 0, (out + err)[-3000:]
+        archive = json.loads(out)["archive"]
+        code, out, err = run_cli(capfd, "restore", deployed["spec"], "--out", deployed["build"], "--from", archive,
+                                 "--yes", "--json")
+        assert code == 0, (out + err)[-3000:]
+        assert count() == 20
+    finally:
+        trust.close()
+
+
 def test_06_uninstall_removes_containers_units_and_images(deployed: dict) -> None:
     """The roles' uninstall path (destroy.yml, which `iotplat destroy` runs on bare-metal and cloud hosts; local hosts
     are deleted whole, so it is run here directly on the live hosts first)."""
@@ -146,3 +223,4 @@ def test_06_uninstall_removes_containers_units_and_images(deployed: dict) -> Non
         assert _exec(deployed, host, "docker ps -aq").strip() == ""
         assert deployed["standins"][which].config_digest not in _exec(deployed, host, "docker images -q --no-trunc")
         assert _exec(deployed, host, f"test -e /etc/systemd/system/{name}.service && echo yes || echo no").strip() == "no"
+    assert _exec(deployed, "edge", "docker images -q").strip() == ""  # the worker image too
