@@ -148,7 +148,9 @@ def test_05b_the_worker_moves_into_a_container(deployed: dict, capfd) -> None:
     spec["images"]["archive"]["worker_base"] = str(python.archive)
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
-    assert code == 0, (out + err)[-4000:]
+    if code != 0:  # what the replica said, for the failure message
+        err += _exec(deployed, "edge", "journalctl -u iotplat-worker@1 -n 40 --no-pager -o cat; docker ps -a || true")
+    assert code == 0, (out + err)[-6000:]
     result = json.loads(out)
     ok = {(c["host"], c["name"]) for c in result["status"] if c["ok"] and not c["skipped"]}
     assert ("edge", "canary") in ok and ("edge", "unit iotplat-worker@1") in ok, result["status"]
