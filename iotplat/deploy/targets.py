@@ -108,6 +108,10 @@ def local_settings(platform: Platform) -> LocalSettings:
         kwargs["ca_bundle"] = Path(t.ca_bundle)
     if os.environ.get("IOTPLAT_LOCAL_STATE_DIR"):
         kwargs["state_dir"] = Path(os.environ["IOTPLAT_LOCAL_STATE_DIR"])
+    from iotplat.containers.runtime import container_services
+
+    if container_services(platform):  # a service runs in a container: the hosts may run Docker (hosts/machine.py)
+        kwargs["container_engine"] = True
     return LocalSettings(**kwargs)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from iotplat.containers.runtime import container_files, container_vars, runtime_of
 from iotplat.services import nats
 from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
 
@@ -43,6 +44,14 @@ def acl_rules(p: Platform) -> tuple[list[str], list[dict[str, Any]], list[str]]:
             per_device.append({"user": d.id, "topics": [t.format(**values) for t in needs_attrs]})
     reads = sorted({template_filter(s.topic) for s in p.spec.ingestion.subscriptions})
     return patterns, per_device, reads
+
+
+def _save_signal(p: Platform) -> str:
+    """The command that makes Mosquitto write its persistence file now (SIGUSR1 to its main process). In a
+    container the unit's main process is `docker wait`: the signal goes to the container instead."""
+    if runtime_of(p.spec, Broker.name) == "container":
+        return "docker kill --signal USR1 mosquitto >/dev/null"
+    return "systemctl kill --kill-whom=main -s USR1 mosquitto"
 
 
 def _nats(p: Platform) -> bool:
@@ -104,7 +113,8 @@ class Broker(Service):
         )
         paths = self.paths()
         return [ServiceFile(paths["mosquitto_conf"], conf),
-                ServiceFile(paths["mosquitto_acl"], acl, "0640", "root", "mosquitto")]
+                ServiceFile(paths["mosquitto_acl"], acl, "0640", "root", "mosquitto"),
+                *container_files(p, self.name)]  # runtime: container adds the unit that runs the image
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
         paths = self.paths()
@@ -132,13 +142,14 @@ class Broker(Service):
     def group_vars(self, p: Platform) -> dict[str, Any]:
         if _nats(p):
             return {"nats_package_versions": p.nats_pins}
-        return {"mosquitto_package_versions": p.mosquitto_pins}
+        return {"mosquitto_package_versions": p.mosquitto_pins, **container_vars(p, self.name, self.role)}
 
     def scheduled_backup(self, r: Renderer, host: str) -> BackupStep | None:
         if _nats(r.p):  # JetStream's store is replicated on the nodes; not archived (as `iotplat backup`)
             return None
         return BackupStep("Mosquitto's persistence file", "mosquitto.service",
-                          r.template("mosquitto/backup-step.sh.j2", persistence_file=PERSISTENCE_FILE))
+                          r.template("mosquitto/backup-step.sh.j2", persistence_file=PERSISTENCE_FILE,
+                                     container=runtime_of(r.p.spec, self.name) == "container"))
 
     def package_pins(self, gv: Mapping[str, Any]) -> dict[str, dict[str, str]]:
         """The engine's package: a changed pin of either is a rolling upgrade, node by node with the canary."""
@@ -177,9 +188,10 @@ class Broker(Service):
 
         if _nats(ctx.platform):  # JetStream's store is replicated on the nodes; not archived (README says so)
             return {}
+        save = _save_signal(ctx.platform)
         return {"mosquitto.db": run_on(host, (
             f"set -e; f={PERSISTENCE_FILE}; old=$(stat -c %Y $f 2>/dev/null || echo 0); "
-            "systemctl kill --kill-whom=main -s USR1 mosquitto; i=0; "
+            f"{save}; i=0; "
             "while [ $i -lt 50 ] && [ \"$(stat -c %Y $f 2>/dev/null || echo 0)\" = \"$old\" ]; do sleep 0.1; i=$((i+1)); done; "
             "cat $f"))}
 

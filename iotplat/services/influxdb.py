@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from iotplat.containers.runtime import container_files, container_vars, runtime_of
 from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
@@ -39,6 +40,22 @@ def influx2_env(p: Platform, host: str) -> str:
             f"INFLUX_TOKEN=\"$(cat {CREDENTIALS}/admin-token)\"; ")
 
 
+def _influxd(p: Platform, folder: str) -> str:
+    """`influxd` for a portable backup or restore into/from `folder`: the host's (package), or in a container of the
+    service's own image (container runtime: the host has no influxd), on the host network (the backup port listens
+    on 127.0.0.1:8088), as the image's user, with `folder` mounted read-write (made theirs first)."""
+    if runtime_of(p.spec, "influxdb") != "container":
+        return "influxd"
+    from iotplat.containers.profiles import INFLUXDB1_UID
+    from iotplat.containers.runtime import container_image
+
+    image = container_image(p, "influxdb").run  # a closed value: sha256:<id> or name@sha256:<digest>
+    uid = f"{INFLUXDB1_UID}:{INFLUXDB1_UID}"
+    return (f"chown {uid} {folder}; docker run --rm --network host --user {uid} --cap-drop ALL --security-opt "
+            f"no-new-privileges --log-driver none --mount type=bind,source={folder},target={folder} "
+            f"--entrypoint influxd {image}")
+
+
 class InfluxDB(Service):
     name: ClassVar[str] = "influxdb"
     role: ClassVar[str] = "influxdb"
@@ -66,15 +83,17 @@ class InfluxDB(Service):
         paths = self.paths()
         if ix.version == 1:
             data = r.template("influxdb/influxdb.conf.j2", port=ix.port, tls_min=r.p.spec.tls.min_version)
-            return [ServiceFile(paths["influxdb1_conf"], data)]
+            return [ServiceFile(paths["influxdb1_conf"], data), *container_files(r.p, self.name)]
         data = r.template("influxdb/config.toml.j2", port=ix.port, tls_min=r.p.spec.tls.min_version)
         return [ServiceFile(paths["influxdb2_conf"], data)]
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
-        out = [SecretFile(f"{CREDENTIALS}/server.key", f"host_key:{host}"),
-               SecretFile(f"{CREDENTIALS}/admin-password", "influxdb_admin_password"),
-               SecretFile(f"{CREDENTIALS}/worker-password", "influxdb_worker_password"),
-               SecretFile(f"{CREDENTIALS}/grafana-password", "influxdb_grafana_password")]
+        # in a container influxd (the image's user) reads its key from the read-only mounted folder: group-readable
+        mode, group = ("0640", "influxdb") if runtime_of(p.spec, self.name) == "container" else ("0600", "root")
+        out = [SecretFile(f"{CREDENTIALS}/server.key", f"host_key:{host}", mode, group),
+               SecretFile(f"{CREDENTIALS}/admin-password", "influxdb_admin_password", mode, group),
+               SecretFile(f"{CREDENTIALS}/worker-password", "influxdb_worker_password", mode, group),
+               SecretFile(f"{CREDENTIALS}/grafana-password", "influxdb_grafana_password", mode, group)]
         if p.spec.influxdb.version == 2:
             out.append(SecretFile(f"{CREDENTIALS}/admin-token", "influxdb_admin_token"))
         return out
@@ -115,6 +134,7 @@ class InfluxDB(Service):
             "influxdb_admin_user": INFLUX_ADMIN_USER,
             "influxdb_worker_user": WORKER_INFLUX_USER,
             "influxdb_grafana_user": GRAFANA_INFLUX_USER,
+            **container_vars(p, self.name, self.role),
         }
 
     def units(self, p: Platform, host: str) -> list[str]:
@@ -147,8 +167,8 @@ class InfluxDB(Service):
         if p.spec.influxdb.version == 2:
             dump = f"{influx2_env(p, host.name)}influx backup {remote} >/dev/null"
         else:
-            dump = (f"influxd backup -portable -database {p.influx_database} -host 127.0.0.1:8088 {remote} "
-                    ">/dev/null 2>&1")
+            dump = (f"{_influxd(p, remote)} backup -portable -database {p.influx_database} -host 127.0.0.1:8088 "
+                    f"{remote} >/dev/null 2>&1")
         return {"influxdb.tar": run_on(host, (
             f"set -e; rm -rf {remote}; mkdir -p {remote}; {dump}; tar -C {remote} -cf - . ; rm -rf {remote}"))}
 
@@ -174,7 +194,7 @@ class InfluxDB(Service):
                                  f'DROP DATABASE "{p.influx_database}"', method="POST", port=port)
             finally:
                 trust.close()
-            load = (f"influxd restore -portable -db {info['influxdb']['database']} -host 127.0.0.1:8088 {remote} "
-                    ">/dev/null")
+            load = (f"{_influxd(p, remote)} restore -portable -db {info['influxdb']['database']} -host 127.0.0.1:8088 "
+                    f"{remote} >/dev/null")
         run_on(host, f"set -e; rm -rf {remote}; mkdir -p {remote}; tar -C {remote} -xf -; {load}; rm -rf {remote}",
                stdin=members["influxdb.tar"])

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from iotplat.containers.runtime import container_files, container_vars, runtime_of
 from iotplat.services.base import SecretFile, Service, ServiceFile
 
 if TYPE_CHECKING:
@@ -88,20 +89,24 @@ class Worker(Service):
             subscriptions=[s.model_dump() for s in ing.subscriptions],
             nats=worker_section(p) if spec.broker.engine == "nats" else None,
         )
-        return [ServiceFile(self.paths()["worker_conf"], data)]
+        return [ServiceFile(self.paths()["worker_conf"], data), *container_files(p, self.name)]
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
         out = []
+        # in a container the replica (the image's user, the host's iotplat-worker) reads them through a read-only mount
+        mode, group = ("0640", "iotplat-worker") if runtime_of(p.spec, self.name) == "container" else ("0600", "root")
         for r in p.replicas_on(host):
-            out.append(SecretFile(f"{CREDENTIALS}/worker-{r.number}/mqtt-password", f"mqtt_password:{r.username}"))
-            out.append(SecretFile(f"{CREDENTIALS}/worker-{r.number}/influxdb-password", "influxdb_worker_password"))
+            out.append(SecretFile(f"{CREDENTIALS}/worker-{r.number}/mqtt-password", f"mqtt_password:{r.username}",
+                                  mode, group))
+            out.append(SecretFile(f"{CREDENTIALS}/worker-{r.number}/influxdb-password", "influxdb_worker_password",
+                                  mode, group))
         return out
 
     def data_dirs(self, p: Platform) -> tuple[str, ...]:
         return (self.paths()["worker_data"],)
 
     def group_vars(self, p: Platform) -> dict[str, Any]:
-        return {"worker_metrics_port": p.spec.ingestion.metrics_port}
+        return {"worker_metrics_port": p.spec.ingestion.metrics_port, **container_vars(p, self.name, self.role)}
 
     def host_vars(self, p: Platform, host: str) -> dict[str, Any]:
         return {"worker_replicas": [r.number for r in p.replicas_on(host)]}

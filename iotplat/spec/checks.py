@@ -605,6 +605,59 @@ def check_broker_engine(p: Platform, doc: Document) -> list[Problem]:
     return out
 
 
+def check_runtime(p: Platform, doc: Document) -> list[Problem]:
+    """The container runtime: only services it supports, images pinned by digest, archives that exist."""
+    from iotplat.containers.images import ImageRefError
+    from iotplat.containers.runtime import IMAGE_KEYS, UNSUPPORTED, archive_source, container_services, image_ref
+
+    out: list[Problem] = []
+    rt = p.spec.runtime
+
+    def where(svc: str) -> tuple[str, ...]:  # the line that put svc in a container (doc.problem falls back upwards)
+        return ("runtime", svc) if getattr(rt, svc) is not None else ("runtime", "default")
+    for name, key in IMAGE_KEYS.items():  # every pin the spec writes is checked, used or not
+        if getattr(p.spec.images, key):
+            try:
+                image_ref(p.spec, name)
+            except ImageRefError as exc:
+                out.append(doc.problem(("images", key), exc.message, exc.hint))
+    for svc in container_services(p):
+        if svc in UNSUPPORTED:
+            out.append(doc.problem(where(svc), UNSUPPORTED[svc], f"run {svc} as a package: runtime: {{default: "
+                                   f"container, {svc}: package}}"))
+            continue
+        if svc == "influxdb" and p.spec.influxdb.version != 1:
+            out.append(doc.problem(where(svc), "InfluxDB 2 in a container is not supported yet (only 1.x is)",
+                                   "use influxdb.version: 1, or run influxdb as a package: runtime: {default: "
+                                   "container, influxdb: package}"))
+            continue
+        if svc == "broker" and getattr(p.spec.broker, "engine", "mosquitto") != "mosquitto":
+            out.append(doc.problem(where(svc), "only the Mosquitto broker runs in a container",
+                                   "run the broker as a package: runtime: {default: container, broker: package}"))
+            continue
+        if svc == "influxdb" and p.spec.backup.schedule:
+            out.append(doc.problem(("backup", "schedule"), "scheduled backups of InfluxDB in a container are not "
+                                   "supported yet (the host has no influxd to run them)",
+                                   "take backups with `iotplat backup` from the controller (it runs influxd in a "
+                                   "container of the image), or run influxdb as a package"))
+        if not getattr(p.spec.images, IMAGE_KEYS[svc]):
+            try:
+                image_ref(p.spec, svc)
+            except ImageRefError as exc:
+                out.append(doc.problem(("images",), exc.message, exc.hint))
+        source = archive_source(p, svc)
+        if svc == "worker" and source is None:
+            out.append(doc.problem(where(svc), "the worker's image is built by iotplat on a base image, which must be "
+                                   "given as an archive", "set images.archive.worker_base to a `skopeo copy "
+                                   "--preserve-digests docker://NAME@DIGEST oci-archive:FILE` archive of "
+                                   "images.worker_base (default python:3.13-slim-trixie)"))
+        elif source is not None and not source.is_file():
+            out.append(doc.problem(("images", "archive", IMAGE_KEYS[svc]), f"{source} is not a file",
+                                   "give the path of a `skopeo copy --preserve-digests docker://NAME@DIGEST "
+                                   "oci-archive:FILE` archive, relative to the spec"))
+    return out
+
+
 CHECKS: tuple[Check, ...] = (
     check_placement,
     check_ports,
@@ -619,6 +672,7 @@ CHECKS: tuple[Check, ...] = (
     check_vm_sizes,
     check_cost_settings,
     check_broker_engine,
+    check_runtime,
 )
 
 

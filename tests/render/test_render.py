@@ -233,3 +233,17 @@ def test_scheduled_backup_takes_each_services_step(tmp_path: Path) -> None:
     unit = (host / "etc/systemd/system/iotplat-backup.service").read_text()
     assert "After=" in unit and "influxdb.service" in unit and "mosquitto.service" in unit
     assert "InfluxDB" in unit and "Mosquitto's persistence file" in unit
+
+
+def test_scheduled_backup_signals_a_containerized_broker_through_docker(tmp_path: Path) -> None:
+    """In a container the broker unit's main process is `docker wait`: the scheduled step signals the container
+    (the same command `iotplat backup` runs, tested on hosts in tests/containers/test_runtime_e2e.py)."""
+    spec = yaml.safe_load((Path(__file__).parents[1] / "spec/cases/valid_container_broker_influxdb/platform.yaml").read_text())
+    spec["runtime"]["influxdb"] = "package"
+    spec["backup"] = {"schedule": "daily"}
+    (tmp_path / "platform.yaml").write_text(yaml.safe_dump(spec))
+    render(str(tmp_path / "platform.yaml"), None, out_dir=str(tmp_path / "b"))
+    scripts = list((tmp_path / "b/hosts").glob("*/usr/local/sbin/iotplat-backup"))
+    text = "".join(s.read_text() for s in scripts)
+    assert "docker kill --signal USR1 mosquitto" in text and "systemctl kill" not in text
+    assert "influxd backup -portable" in text  # InfluxDB as a package: the host's influxd
