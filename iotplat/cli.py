@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from iotplat import __version__
 from iotplat.errors import ExitCode, InvalidInput, IotplatError, SpecInvalid
+from iotplat.services.registry import names as service_names
 from iotplat.errors import _one_line as one_line  # escapes control characters: a message is always one line
 
 EPILOG = """exit codes: 0 ok, 1 failure, 2 invalid input (nothing changed), 3 drift found (plan), 130 interrupted.
@@ -55,18 +56,54 @@ class Output:
         print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
+Part = Callable[[argparse.ArgumentParser], object]  # adds one or more arguments to a command's parser
+Command = Callable[[argparse.Namespace, Output], int]  # cmd_*: runs a parsed command, returns its exit code
+
+
+def _arg(*names: str, **kwargs: Any) -> Part:
+    """One argument of a command, added where the command lists it (the order is the order of --help)."""
+    return lambda p: p.add_argument(*names, **kwargs)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON result on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
 
 
-def _add_spec(p: argparse.ArgumentParser, optional: bool = False) -> None:
-    if optional:
-        p.add_argument("spec", nargs="?", help="the platform spec (default: ./platform.yaml, else the shipped default)")
-    else:
-        p.add_argument("spec", help="the platform spec (platform.yaml)")
+def _add_spec(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="the platform spec (default: ./platform.yaml, else the shipped default)")
     p.add_argument("--env", "-e", default=os.environ.get("IOTPLAT_ENV"),
                    help="environment overlay to use (default: $IOTPLAT_ENV)")
+
+
+def _add_deploy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", "-o", help="build directory (default: build/<platform>/<environment>)")
+    p.add_argument("--state-dir", help="state root (default: $IOTPLAT_STATE_DIR, the spec's state.dir, "
+                   "else ~/.local/state/iotplat)")
+
+
+_YES = _arg("--yes", "-y", action="store_true", help="do not ask for confirmation")
+_DEVICE_ID = _arg("id", help="device id")
+
+
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, func: Command,
+             *parts: Part) -> argparse.ArgumentParser:
+    """A command: its `parts` in order, then --json and --debug (every command has them); `func` runs it."""
+    p = sub.add_parser(name, help=help, epilog=EPILOG)
+    for part in parts:
+        part(p)
+    _add_common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def _group(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, func: Command, dest: str,
+           metavar: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """A command with subcommands (`device add`, `rotate certs`): `func` also runs when none is given (to say so)."""
+    p = sub.add_parser(name, help=help, epilog=EPILOG)
+    group = p.add_subparsers(dest=dest, metavar=metavar)
+    p.set_defaults(func=func, **{dest: None}, json=False, debug=False)
+    return group
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,164 +116,85 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"iotplat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    spec, deploy = _add_spec, _add_deploy_flags
 
-    p = sub.add_parser("init", help="write a commented starter platform.yaml", epilog=EPILOG)
-    p.add_argument("dir", nargs="?", default=".", help="folder to write into (default: .)")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-    _add_common(p)
-    p.set_defaults(func=cmd_init)
+    _command(sub, "init", "write a commented starter platform.yaml", cmd_init,
+             _arg("dir", nargs="?", default=".", help="folder to write into (default: .)"),
+             _arg("--force", action="store_true", help="overwrite existing files"))
+    _command(sub, "validate", "check a spec; report every problem as FILE:LINE:COL: path: message", cmd_validate, spec)
+    _command(sub, "render", "write the build directory (service files, Ansible bundle, Pulumi config, manifest)",
+             cmd_render, spec, deploy)
+    _command(sub, "up", "render, create/configure the hosts, then verify (progress per host and step)", cmd_up,
+             spec, deploy,
+             _arg("--no-verify", action="store_true", help="skip the health checks and the canary at the end"),
+             _arg("--allow-replace", action="store_true",
+                  help="clouds: allow replacing VMs (new root disk and host keys; the data disks stay)"),
+             _arg("--allow-data-loss", action="store_true",
+                  help="clouds: allow deleting or replacing data disks, and the data on them"))
+    _command(sub, "plan", "show what would change on each host (check mode, secrets masked); exit 3 on drift",
+             cmd_plan, spec, deploy)
+    _command(sub, "status", "health of every service, certificate expiry and an end-to-end canary", cmd_status,
+             spec, deploy, _arg("--no-canary", action="store_true", help="skip the end-to-end canary message"))
+    _command(sub, "destroy", "stop and remove the services (data only with --data); local hosts are removed",
+             cmd_destroy, spec, deploy,
+             _arg("--data", action="store_true", help="also delete stored data (InfluxDB, broker queue, dashboards)"),
+             _YES)
+    _command(sub, "backup", "one encrypted, checksummed archive: state, InfluxDB, broker queue, Grafana", cmd_backup,
+             spec, _arg("--to", help="folder (or .iotplat-backup file) to write (default: ./backups)"), deploy)
+    _command(sub, "restore", "bring a platform back from a backup archive onto fresh hosts", cmd_restore, spec,
+             _arg("--from", dest="archive", required=True, help="the .iotplat-backup archive"),
+             _arg("--move", action="store_true",
+                  help="restore an archive of another environment of this platform (moving it, e.g. to another target)"),
+             _YES, deploy)
+    _command(sub, "logs", "the services' journals from every host, merged and labelled, secrets masked", cmd_logs,
+             spec,
+             _arg("--service", choices=service_names(), help="only this service"),
+             _arg("--host", help="only this host"),
+             _arg("--since", help="journalctl --since value, e.g. -1h, '10 min ago' or 2026-11-25T10:00"),
+             _arg("--lines", "-n", type=int, default=200, help="last N lines per host (default 200)"),
+             _arg("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C"),
+             deploy)
 
-    p = sub.add_parser("validate", help="check a spec; report every problem as FILE:LINE:COL: path: message",
-                       epilog=EPILOG)
-    _add_spec(p, optional=True)
-    _add_common(p)
-    p.set_defaults(func=cmd_validate)
+    device = _group(sub, "device", "manage the device registry: add, list, revoke, kit", cmd_device,
+                    "device_command", "ACTION")
+    state_root = _arg("--state-dir", help="state root")
+    _command(device, "add", "add a device to the registry and create its credential", cmd_device,
+             _DEVICE_ID, spec, state_root,
+             _arg("--attr", action="append", default=[], metavar="NAME=VALUE",
+                  help="registry column value (repeat), e.g. --attr site=north"))
+    _command(device, "list", "list the registry's devices", cmd_device, spec, state_root)
+    _command(device, "revoke", "remove a device and invalidate its credential", cmd_device, _DEVICE_ID, spec, state_root)
+    _command(device, "kit", "print a device's onboarding kit (shows its secret)", cmd_device, _DEVICE_ID, spec,
+             state_root)
 
-    p = sub.add_parser("render", help="write the build directory (service files, Ansible bundle, Pulumi config, manifest)",
-                       epilog=EPILOG)
-    _add_spec(p, optional=True)
-    p.add_argument("--out", "-o", help="build directory (default: build/<platform>/<environment>)")
-    p.add_argument("--state-dir", help="state root (default: $IOTPLAT_STATE_DIR, the spec's state.dir, "
-                   "else ~/.local/state/iotplat)")
-    _add_common(p)
-    p.set_defaults(func=cmd_render)
+    rotate = _group(sub, "rotate", "new certificates, service secrets or a device credential, without losing messages",
+                    cmd_rotate, "rotate_command", "WHAT")
+    _command(rotate, "certs", "renew the server certificates; with --ca start (then --finish) a CA rotation",
+             cmd_rotate, spec,
+             _arg("--ca", action="store_true",
+                  help="start a CA rotation: hosts and device kits trust the old and a new CA until --finish"),
+             _arg("--finish", action="store_true",
+                  help="with --ca: switch the servers to the new CA and stop trusting the old one"),
+             deploy)
+    _command(rotate, "secrets",
+             "new InfluxDB passwords (worker, Grafana reader, admin); worker replicas restart one at a time",
+             cmd_rotate, spec, deploy)
+    _command(rotate, "device", "reissue a device's credential (the old one is refused from its next connect)",
+             cmd_rotate, _DEVICE_ID, spec, deploy)
 
-    p = sub.add_parser("up", help="render, create/configure the hosts, then verify (progress per host and step)",
-                       epilog=EPILOG)
-    _add_spec(p, optional=True)
-    _add_deploy_flags(p)
-    p.add_argument("--no-verify", action="store_true", help="skip the health checks and the canary at the end")
-    p.add_argument("--allow-replace", action="store_true",
-                   help="clouds: allow replacing VMs (new root disk and host keys; the data disks stay)")
-    p.add_argument("--allow-data-loss", action="store_true",
-                   help="clouds: allow deleting or replacing data disks, and the data on them")
-    _add_common(p)
-    p.set_defaults(func=cmd_up)
-
-    p = sub.add_parser("plan", help="show what would change on each host (check mode, secrets masked); exit 3 on drift",
-                       epilog=EPILOG)
-    _add_spec(p, optional=True)
-    _add_deploy_flags(p)
-    _add_common(p)
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("status", help="health of every service, certificate expiry and an end-to-end canary",
-                       epilog=EPILOG)
-    _add_spec(p, optional=True)
-    _add_deploy_flags(p)
-    p.add_argument("--no-canary", action="store_true", help="skip the end-to-end canary message")
-    _add_common(p)
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("destroy", help="stop and remove the services (data only with --data); local hosts are removed",
-                       epilog=EPILOG)
-    _add_spec(p, optional=True)
-    _add_deploy_flags(p)
-    p.add_argument("--data", action="store_true", help="also delete stored data (InfluxDB, broker queue, dashboards)")
-    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    _add_common(p)
-    p.set_defaults(func=cmd_destroy)
-
-    p = sub.add_parser("backup", help="one encrypted, checksummed archive: state, InfluxDB, broker queue, Grafana",
-                       epilog=EPILOG)
-    _add_spec(p, optional=True)
-    p.add_argument("--to", help="folder (or .iotplat-backup file) to write (default: ./backups)")
-    _add_deploy_flags(p)
-    _add_common(p)
-    p.set_defaults(func=cmd_backup)
-
-    p = sub.add_parser("restore", help="bring a platform back from a backup archive onto fresh hosts", epilog=EPILOG)
-    _add_spec(p, optional=True)
-    p.add_argument("--from", dest="archive", required=True, help="the .iotplat-backup archive")
-    p.add_argument("--move", action="store_true",
-                   help="restore an archive of another environment of this platform (moving it, e.g. to another target)")
-    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    _add_deploy_flags(p)
-    _add_common(p)
-    p.set_defaults(func=cmd_restore)
-
-    p = sub.add_parser("logs", help="the services' journals from every host, merged and labelled, secrets masked",
-                       epilog=EPILOG)
-    _add_spec(p, optional=True)
-    p.add_argument("--service", choices=("broker", "worker", "influxdb", "grafana"), help="only this service")
-    p.add_argument("--host", help="only this host")
-    p.add_argument("--since", help="journalctl --since value, e.g. -1h, '10 min ago' or 2026-11-25T10:00")
-    p.add_argument("--lines", "-n", type=int, default=200, help="last N lines per host (default 200)")
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
-    _add_deploy_flags(p)
-    _add_common(p)
-    p.set_defaults(func=cmd_logs)
-
-    p = sub.add_parser("device", help="manage the device registry: add, list, revoke, kit", epilog=EPILOG)
-    dsub = p.add_subparsers(dest="device_command", metavar="ACTION")
-    for action, text in (("add", "add a device to the registry and create its credential"),
-                         ("list", "list the registry's devices"),
-                         ("revoke", "remove a device and invalidate its credential"),
-                         ("kit", "print a device's onboarding kit (shows its secret)")):
-        dp = dsub.add_parser(action, help=text, epilog=EPILOG)
-        if action != "list":
-            dp.add_argument("id", help="device id")
-        _add_spec(dp, optional=True)
-        dp.add_argument("--state-dir", help="state root")
-        if action == "add":
-            dp.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE",
-                            help="registry column value (repeat), e.g. --attr site=north")
-        _add_common(dp)
-        dp.set_defaults(func=cmd_device)
-    p.set_defaults(func=cmd_device, device_command=None, json=False, debug=False)
-
-    p = sub.add_parser("rotate", help="new certificates, service secrets or a device credential, without losing messages",
-                       epilog=EPILOG)
-    rsub = p.add_subparsers(dest="rotate_command", metavar="WHAT")
-    rp = rsub.add_parser("certs", help="renew the server certificates; with --ca start (then --finish) a CA rotation",
-                         epilog=EPILOG)
-    _add_spec(rp, optional=True)
-    rp.add_argument("--ca", action="store_true",
-                    help="start a CA rotation: hosts and device kits trust the old and a new CA until --finish")
-    rp.add_argument("--finish", action="store_true",
-                    help="with --ca: switch the servers to the new CA and stop trusting the old one")
-    _add_deploy_flags(rp)
-    _add_common(rp)
-    rp = rsub.add_parser("secrets", help="new InfluxDB passwords (worker, Grafana reader, admin); worker replicas restart one at a time",
-                         epilog=EPILOG)
-    _add_spec(rp, optional=True)
-    _add_deploy_flags(rp)
-    _add_common(rp)
-    rp = rsub.add_parser("device", help="reissue a device's credential (the old one is refused from its next connect)",
-                         epilog=EPILOG)
-    rp.add_argument("id", help="device id")
-    _add_spec(rp, optional=True)
-    _add_deploy_flags(rp)
-    _add_common(rp)
-    p.set_defaults(func=cmd_rotate, rotate_command=None, json=False, debug=False)
-    for action in rsub.choices.values():
-        action.set_defaults(func=cmd_rotate)
-
-    p = sub.add_parser("cost", help="monthly infrastructure cost on the spec's target, side by side with the other "
-                       "cloud and bare metal", epilog=EPILOG)
-    _add_spec(p, optional=True)
-    p.add_argument("--prices", metavar="FILE", help="a price file merged over iotplat's price table (after the "
-                   "spec's cost.prices); same layout as iotplat/cost/prices.yaml")
-    p.add_argument("--hardware-cost", action="append", default=[], type=_hardware_cost, metavar="[HOST=]AMOUNT",
-                   help="your own cost per host and month, for the bare-metal column (repeat; AMOUNT alone: every "
-                   "host without its own); overrides the spec's cost.hardware")
-    _add_common(p)
-    p.set_defaults(func=cmd_cost)
-
-    p = sub.add_parser("schema", help="print the spec's JSON Schema", epilog=EPILOG)
-    _add_common(p)
-    p.set_defaults(func=cmd_schema)
+    _command(sub, "cost", "monthly infrastructure cost on the spec's target, side by side with the other cloud and "
+             "bare metal", cmd_cost, spec,
+             _arg("--prices", metavar="FILE", help="a price file merged over iotplat's price table (after the "
+                  "spec's cost.prices); same layout as iotplat/cost/prices.yaml"),
+             _arg("--hardware-cost", action="append", default=[], type=_hardware_cost, metavar="[HOST=]AMOUNT",
+                  help="your own cost per host and month, for the bare-metal column (repeat; AMOUNT alone: every "
+                  "host without its own); overrides the spec's cost.hardware"))
+    _command(sub, "schema", "print the spec's JSON Schema", cmd_schema)
 
     p = sub.add_parser("worker", help="run the ingestion worker (on worker hosts)", epilog=EPILOG)
     p.set_defaults(func=cmd_worker, json=False, debug=False, _worker_parser=p)
     _add_worker_arguments(p)
     return parser
-
-
-def _add_deploy_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", "-o", help="build directory (default: build/<platform>/<environment>)")
-    p.add_argument("--state-dir", help="state root (default: $IOTPLAT_STATE_DIR, the spec's state.dir, "
-                   "else ~/.local/state/iotplat)")
 
 
 def _hardware_cost(text: str) -> tuple[str, Decimal]:

@@ -6,15 +6,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iotplat.errors import InvalidInput, IotplatError
 from iotplat.resources import data_dir, default_spec_path
 
+if TYPE_CHECKING:
+    from iotplat.render.engine import FileEntry
+    from iotplat.secrets.materials import Materials
+    from iotplat.secrets.state import State
+    from iotplat.spec.platform_model import Platform
+
 Notify = Callable[[str], None]
 
 
-def _spec_path(spec: str | None) -> tuple[Path, str]:
+def spec_path(spec: str | None) -> tuple[Path, str]:
+    """The spec a command works on, and how to name it in messages: the given path, else ./platform.yaml, else
+    the shipped default spec."""
     if spec:
         return Path(spec), spec
     local = Path("platform.yaml")
@@ -63,7 +71,7 @@ def init(directory: str, force: bool = False) -> dict[str, Any]:
 def validate(spec: str, env: str | None) -> dict[str, Any]:
     from iotplat.spec.load import validate_spec
 
-    path, display = _spec_path(spec)
+    path, display = spec_path(spec)
     platforms = validate_spec(path, env, display)
     return {
         "spec": display,
@@ -92,12 +100,12 @@ def assert_no_secrets(files: dict[str, bytes], secrets: set[str]) -> None:
 class Prepared:
     """A spec loaded, its state brought up to date (under the lock) and its build directory written."""
 
-    platform: Any
-    state: Any
-    materials: Any
+    platform: Platform
+    state: State
+    materials: Materials
     out: Path
     files: dict[str, bytes]
-    entries: list
+    entries: list[FileEntry]
     written: list[str]
     removed: list[str]
 
@@ -105,13 +113,24 @@ class Prepared:
 def prepare(spec: str | None, env: str | None, out_dir: str | None = None, state_dir: str | None = None,
             notify: Notify | None = None) -> Prepared:
     """The shared first step of render, up, plan, status, ...: load, secrets (locked), render, write."""
+    return prepare_platform(load(spec, env), out_dir, state_dir, notify)
+
+
+def load(spec: str | None, env: str | None) -> Platform:
+    """The spec (one environment) loaded and validated: a Platform."""
+    from iotplat.spec.load import load_platform
+
+    path, display = spec_path(spec)
+    return load_platform(path, env, display)
+
+
+def prepare_platform(platform: Platform, out_dir: str | None = None, state_dir: str | None = None,
+                     notify: Notify | None = None) -> Prepared:
+    """`prepare` for a Platform already loaded: the state brought up to date (locked), the build dir written."""
     from iotplat.render.engine import check_build_dir, render_platform, write_build_dir
     from iotplat.secrets.materials import ensure_materials
     from iotplat.secrets.state import State, resolve_state_root
-    from iotplat.spec.load import load_platform
 
-    path, display = _spec_path(spec)
-    platform = load_platform(path, env, display)
     root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
     out = Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment
     check_build_dir(out, root)  # refused before the state is touched: nothing changes

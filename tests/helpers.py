@@ -50,3 +50,15 @@ def use_private_state(work: Path):
                 os.environ[k] = v
 
     return restore
+
+
+def clear_leftover_instance(instance: str) -> None:
+    """Take down the local target's instance `instance` (`<platform>-<env>`) if a killed earlier run left it.
+
+    Each host-test module owns its platform name, so an instance of that name can only be its own leftover;
+    without this, `up` rightly refuses hosts that another state directory created (issue 9) and the module fails
+    until someone runs the teardown by hand."""
+    r = subprocess.run([sys.executable, "-m", "iotplat.hosts", "down", "--instance", instance],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"cannot take down leftover instance {instance}: {r.stderr.strip()[-500:]}")

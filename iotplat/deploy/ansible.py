@@ -19,19 +19,18 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from iotplat.errors import IotplatError
 from iotplat.hosts import Host
-from iotplat.resources import data_dir
 from iotplat.secrets.materials import Materials, secret_content
 from iotplat.secrets.vault import Vault, key_file_path
+from iotplat.services import roles_path
 
-_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
-                    r"(?:\s+rescued=(\d+))?(?:\s+ignored=(\d+))?")
+_RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*(?P<counts>(?:[a-z]+=\d+\s*)+)$")  # edge : ok=10 changed=1 ... ignored=0
 _TASK = re.compile(r"^(TASK|RUNNING HANDLER) \[(.+?)\]")
 _RESULT = re.compile(r"^(ok|changed|fatal|failed|skipping|unreachable): \[([^\]]+)\]")
 _URLSAFE = re.compile(r"[A-Za-z0-9_-]+")  # the alphabet of generated secrets (token_urlsafe, hex)
@@ -41,6 +40,21 @@ MASK = "********"
 Progress = Callable[[str], None]
 
 
+def parse_recap(output: str) -> dict[str, dict[str, int]]:
+    """The PLAY RECAP of an ansible-playbook output: each host's counts as Ansible prints them (ok, changed,
+    unreachable, failed, skipped, rescued, ignored)."""
+    recap: dict[str, dict[str, int]] = {}
+    in_recap = False
+    for line in output.splitlines():
+        if line.startswith("PLAY RECAP"):
+            in_recap = True
+            continue
+        m = _RECAP.match(line.strip()) if in_recap else None
+        if m:
+            recap[m["host"]] = {k: int(v) for k, v in (kv.split("=") for kv in m["counts"].split())}
+    return recap
+
+
 @dataclass
 class HostRecap:
     ok: int = 0
@@ -48,6 +62,11 @@ class HostRecap:
     unreachable: int = 0
     failed: int = 0
     skipped: int = 0
+
+    @classmethod
+    def of(cls, counts: dict[str, int]) -> HostRecap:
+        """From parse_recap's counts of one host (the counts this summary does not keep are left out)."""
+        return cls(**{f.name: counts.get(f.name, 0) for f in fields(cls)})
 
 
 @dataclass
@@ -216,7 +235,7 @@ def run_playbook(build: Path, hosts: list[Host], materials: Materials, state_dir
         argv.append(str(build / "ansible" / playbook))
         env = {
             **os.environ,
-            "ANSIBLE_ROLES_PATH": str(data_dir("roles")),
+            "ANSIBLE_ROLES_PATH": roles_path(),
             "ANSIBLE_CONFIG": str(build / "ansible" / "ansible.cfg"),
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_FORCE_COLOR": "0",
@@ -239,7 +258,6 @@ def _stream(argv: list[str], env: dict[str, str], mask: Masker, progress: Progre
     result = PlaybookResult(returncode=1)
     lines: list[str] = []
     task = ""
-    in_recap = False
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True)
     # The deadline holds while output is still being read: a task that hangs (a dead SSH peer, a stuck
@@ -261,15 +279,6 @@ def _stream(argv: list[str], env: dict[str, str], mask: Masker, progress: Progre
             m = _TASK.match(line)
             if m:
                 task = m.group(2)
-                continue
-            if line.startswith("PLAY RECAP"):
-                in_recap = True
-                continue
-            if in_recap:
-                r = _RECAP.match(line.strip())
-                if r:
-                    result.recap[r.group(1)] = HostRecap(int(r.group(2)), int(r.group(3)), int(r.group(4)),
-                                                         int(r.group(5)), int(r.group(6)))
                 continue
             m = _RESULT.match(line)
             if m:
@@ -293,6 +302,7 @@ def _stream(argv: list[str], env: dict[str, str], mask: Masker, progress: Progre
                            "run the command again")
     result.returncode = proc.returncode
     result.output = "\n".join(lines)
+    result.recap = {host: HostRecap.of(counts) for host, counts in parse_recap(result.output).items()}
     return result
 
 

@@ -1,7 +1,8 @@
 """`iotplat backup` / `iotplat restore`: one encrypted, checksummed archive with everything to bring a platform back.
 
 The archive is an ansible-vault encrypted tar (the operator's vault key; AES256 + HMAC, so any tampering is
-refused before anything is read) holding:
+refused before anything is read) holding the state directory and what each service's backup hook contributes
+(iotplat.services: `Service.backup` / `restore`; the built-in services' members are):
 
     archive.json                  platform, environment, time, iotplat version, sha256 of every member below
     state.tar                     the state directory (CA and keys, credentials with their hashes, manifests)
@@ -28,12 +29,19 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from iotplat import __version__
 from iotplat.errors import InvalidInput, IotplatError
 from iotplat.hosts import Host
 from iotplat.secrets.vault import Vault, key_file_path
+
+if TYPE_CHECKING:
+    from iotplat.deploy.ops import Context
+    from iotplat.spec.platform_model import Platform
+
+Progress = Callable[[str], None]
 
 FORMAT = 1
 REMOTE_DIR = "/var/lib/iotplat-backup"
@@ -44,7 +52,8 @@ HOST_BOUND = ("known_hosts", "deployed.json", "manifest.json")
 TARGET_BOUND = ("pulumi", "pulumi-passphrase")
 
 
-def _ssh(host: Host, script: str, *, stdin: bytes | None = None, timeout: float = 600) -> bytes:
+def run_on(host: Host, script: str, *, stdin: bytes | None = None, timeout: float = 600) -> bytes:
+    """Run a shell script as root on `host` (over SSH, with sudo); its stdout. A failure names the host."""
     proc = subprocess.run(host.remote_argv(["sudo", "sh", "-c", script]), input=stdin, capture_output=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr.decode(errors="replace").strip().splitlines() or ["ssh failed"])[-1]
@@ -63,46 +72,20 @@ def _tar_dir(path: Path) -> bytes:
     return buf.getvalue()
 
 
-def _influx2_env(p: Any, host: str) -> str:
-    """Shell prefix for the `influx` CLI on the InfluxDB 2 host: the operator token comes from its root-only
-    credential file into the environment (never into argv), TLS is checked against the platform CA.
-    NOTE: InfluxDB 2 cannot be installed on the development machines; this path is not exercised by tests."""
-    from iotplat.render.layout import CREDENTIALS_DIR, PATHS
+def create(ctx: Context, hosts: list[Host], dest: Path, progress: Progress = print) -> dict[str, Any]:
+    """The archive: the state directory, then each placed service's members (its own backup hook), sealed."""
+    from iotplat.services import placed
 
-    url = f"https://{host}.{p.spec.network.domain}:{p.spec.influxdb.port}"
-    return (f"command -v influx >/dev/null || {{ echo 'the influx CLI is missing on {host}: apt-get install "
-            f"influxdb2-cli' >&2; exit 1; }}; export INFLUX_HOST={url} SSL_CERT_FILE={PATHS['ca_cert']} "
-            f"INFLUX_TOKEN=\"$(cat {CREDENTIALS_DIR}/influxdb/admin-token)\"; ")
-
-
-def create(ctx: Any, hosts: list[Host], dest: Path, progress=print) -> dict[str, Any]:
     p = ctx.platform
-    v2 = p.spec.influxdb.version == 2
     by_name = {h.name: h for h in hosts}
-    members: dict[str, bytes] = {}
-    members["state.tar"] = _tar_dir(ctx.state.dir)
-    influx = by_name[p.host_of("influxdb")]
+    members: dict[str, bytes] = {"state.tar": _tar_dir(ctx.state.dir)}
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    remote = f"{REMOTE_DIR}/{stamp}"
-    if v2:
-        progress(f"  influxdb: influx backup (whole instance) on {influx.name}")
-        dump = f"{_influx2_env(p, influx.name)}influx backup {remote} >/dev/null"
-    else:
-        progress(f"  influxdb: portable backup of {p.influx_database} on {influx.name}")
-        dump = f"influxd backup -portable -database {p.influx_database} -host 127.0.0.1:8088 {remote} >/dev/null 2>&1"
-    members["influxdb.tar"] = _ssh(influx, (
-        f"set -e; rm -rf {remote}; mkdir -p {remote}; {dump}; tar -C {remote} -cf - . ; rm -rf {remote}"))
-    broker = by_name[p.host_of("broker")]
-    progress(f"  broker: persistence file from {broker.name}")
-    members["mosquitto.db"] = _ssh(broker, (
-        "set -e; f=/var/lib/mosquitto/mosquitto.db; old=$(stat -c %Y $f 2>/dev/null || echo 0); "
-        "systemctl kill --kill-whom=main -s USR1 mosquitto; i=0; "
-        "while [ $i -lt 50 ] && [ \"$(stat -c %Y $f 2>/dev/null || echo 0)\" = \"$old\" ]; do sleep 0.1; i=$((i+1)); done; "
-        "cat $f"))
-    deployed = ctx.state.read_json("deployed.json") or {}
-    if p.placement["grafana"] and deployed.get("grafana", {}).get("deployed"):
-        grafana = by_name[p.host_of("grafana")]
-        members["grafana.db"] = _ssh(grafana, "cat /var/lib/grafana/grafana.db")
+    for svc in placed(p):
+        host = by_name[p.host_of(svc.name)]
+        got = svc.backup(ctx, host)
+        if got:
+            progress(f"  {svc.name}: {', '.join(sorted(got))} from {host.name}")
+        members.update(got)
     info = {
         "format": FORMAT, "platform": p.name, "environment": p.environment, "created": stamp, "iotplat": __version__,
         "influxdb": {"version": p.spec.influxdb.version, "database": p.influx_database, "bucket": p.influx_bucket},
@@ -265,7 +248,7 @@ def open_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return info, members
 
 
-def check_fits(info: dict[str, Any], platform: Any, move: bool = False) -> None:
+def check_fits(info: dict[str, Any], platform: Platform, move: bool = False) -> None:
     """Refuse, before anything changes, an archive of another platform or of another InfluxDB major version, and
     one of another environment unless the platform is being moved there (`move`)."""
     if info["platform"] != platform.name or (info["environment"] != platform.environment and not move):
@@ -296,45 +279,22 @@ def restore_state(info: dict[str, Any], members: dict[str, bytes], state_dir: Pa
         (state_dir / name).unlink(missing_ok=True)
 
 
-def restore_data(ctx: Any, hosts: list[Host], info: dict[str, Any], members: dict[str, bytes], progress=print) -> None:
-    from iotplat.spec.platform_model import INFLUX_ADMIN_USER
-    from iotplat.verify.status import _Ctx, influx_query
+def restore_data(ctx: Context, hosts: list[Host], info: dict[str, Any], members: dict[str, bytes],
+                 progress: Progress = print) -> None:
+    """Services that write stop first (quiesce), every service restores its members, then the writers resume."""
+    from iotplat.services import placed
 
     p = ctx.platform
     by_name = {h.name: h for h in hosts}
-    workers = sorted({r.host for r in p.replicas})
-    for w in workers:  # no writes while the database is replaced
-        units = " ".join(f"iotplat-worker@{r.number}" for r in p.replicas_on(w))
-        _ssh(by_name[w], f"systemctl stop {units}")
-    influx = by_name[p.host_of("influxdb")]
-    remote = f"{REMOTE_DIR}/restore"
-    if p.spec.influxdb.version == 2:
-        progress(f"  influxdb: influx restore --full on {influx.name}")
-        load = f"{_influx2_env(p, influx.name)}influx restore --full {remote} >/dev/null"
-    else:
-        from iotplat.hosts.tunnel import forward
-
-        ca = _Ctx(ctx.materials.ca_cert_pem)
-        try:
-            admin_pw = ctx.materials.secrets["influxdb_admin_password"]
-            with forward(influx, p.spec.influxdb.port) as (address, port):  # InfluxDB is internal: through SSH
-                influx_query(p, address, ca.context(), INFLUX_ADMIN_USER, admin_pw,
-                             f'DROP DATABASE "{p.influx_database}"', method="POST", port=port)
-        finally:
-            ca.close()
-        progress(f"  influxdb: restoring {p.influx_database} on {influx.name}")
-        load = f"influxd restore -portable -db {info['influxdb']['database']} -host 127.0.0.1:8088 {remote} >/dev/null"
-    _ssh(influx, f"set -e; rm -rf {remote}; mkdir -p {remote}; tar -C {remote} -xf -; {load}; rm -rf {remote}",
-         stdin=members["influxdb.tar"])
-    broker = by_name[p.host_of("broker")]
-    progress(f"  broker: persistence file on {broker.name}")
-    _ssh(broker, ("set -e; systemctl stop mosquitto; cat > /var/lib/mosquitto/mosquitto.db; "
-                  "chown mosquitto:mosquitto /var/lib/mosquitto/mosquitto.db; chmod 0600 /var/lib/mosquitto/mosquitto.db; "
-                  "systemctl start mosquitto"), stdin=members["mosquitto.db"])
-    if "grafana.db" in members and p.placement["grafana"]:
-        g = by_name[p.host_of("grafana")]
-        _ssh(g, ("set -e; systemctl stop grafana-server; cat > /var/lib/grafana/grafana.db; "
-                 "chown grafana:grafana /var/lib/grafana/grafana.db; systemctl start grafana-server"), stdin=members["grafana.db"])
-    for w in workers:
-        units = " ".join(f"iotplat-worker@{r.number}" for r in p.replicas_on(w))
-        _ssh(by_name[w], f"systemctl start {units}")
+    services = placed(p)
+    on = {svc.name: [by_name[h] for h in p.placement[svc.name]] for svc in services}
+    for svc in services:  # no writes while data is replaced
+        for host in on[svc.name]:
+            svc.quiesce(ctx, host)
+    for svc in services:
+        host = on[svc.name][0]
+        progress(f"  {svc.name}: restoring on {host.name}")
+        svc.restore(ctx, host, members, info)
+    for svc in services:
+        for host in on[svc.name]:
+            svc.resume(ctx, host)

@@ -34,10 +34,10 @@ class SpecRef:
 
 
 def _platform(ref: SpecRef) -> tuple[Platform, Path, str]:
-    from iotplat.commands import _spec_path
+    from iotplat.commands import spec_path
     from iotplat.spec.load import load_platform
 
-    path, display = _spec_path(ref.spec)
+    path, display = spec_path(ref.spec)
     return load_platform(path, ref.env, display), path, display
 
 

@@ -17,9 +17,6 @@ from iotplat.errors import InvalidInput, IotplatError
 from iotplat.hosts import Host
 from iotplat.spec.platform_model import Platform
 
-SERVICE_UNITS = {"broker": ["mosquitto"], "influxdb": ["influxdb"], "grafana": ["grafana-server"]}
-
-
 @dataclass(frozen=True, order=True)
 class LogLine:
     ts_us: int
@@ -32,17 +29,13 @@ class LogLine:
 
 
 def units_for(platform: Platform, host: str, service: str | None) -> dict[str, str]:
-    """unit -> service label for the services of `host` (optionally one service)."""
+    """unit -> service label for the services of `host` (optionally one service), as each service states them."""
+    from iotplat.services import placed
+
     out: dict[str, str] = {}
-    for svc in platform.services_on(host):
-        if service and svc != service:
-            continue
-        if svc == "worker":
-            for r in platform.replicas_on(host):
-                out[f"iotplat-worker@{r.number}"] = "worker"
-        else:
-            for unit in SERVICE_UNITS[svc]:
-                out[unit] = svc
+    for svc in placed(platform):
+        if host in platform.placement[svc.name] and service in (None, svc.name):
+            out.update({unit: svc.name for unit in svc.units(platform, host)})
     return out
 
 
@@ -69,11 +62,13 @@ def _parse(host: str, units: dict[str, str], raw: str, mask: Callable[[str], str
         message = bytes(message).decode("utf-8", "replace")
     # _SYSTEMD_UNIT: the unit's own processes; UNIT / OBJECT_SYSTEMD_UNIT: lines logged about the unit (systemd's
     # "Starting mosquitto.service" comes from init.scope with UNIT=mosquitto.service): label by our unit.
+    # A service names its units with or without the .service suffix (`mosquitto`, `iotplat-toy.service`).
     service = ""
     for key in ("UNIT", "OBJECT_SYSTEMD_UNIT", "_SYSTEMD_UNIT"):
-        name = str(entry.get(key, "")).removesuffix(".service")
-        if name in units:
-            service = units[name]
+        name = str(entry.get(key, ""))
+        match = next((units[n] for n in (name, name.removesuffix(".service")) if n and n in units), None)
+        if match:
+            service = match
             break
     else:
         service = str(entry.get("_SYSTEMD_UNIT", ""))
@@ -142,8 +137,10 @@ def follow(platform: Platform, hosts: list[Host], mask: Callable[[str], str], *,
 
 
 def _targets(platform: Platform, hosts: list[Host], service: str | None, host: str | None) -> list[tuple[Host, dict]]:
-    if service and service not in ("broker", "worker", "influxdb", "grafana"):
-        raise InvalidInput(f"unknown service {service!r}: choose broker, worker, influxdb or grafana")
+    from iotplat.services import names
+
+    if service and service not in names():
+        raise InvalidInput(f"unknown service {service!r}: choose {', '.join(names())}")
     if host and host not in platform.host_names:
         raise InvalidInput(f"unknown host {host!r}: the spec's hosts are {', '.join(platform.host_names)}")
     out = []

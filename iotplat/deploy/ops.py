@@ -14,11 +14,13 @@ from iotplat.deploy import upgrade
 from iotplat.errors import ExitCode, InvalidInput, IotplatError
 from iotplat.hosts import Host
 from iotplat.secrets.materials import Materials
+from iotplat.services import all_services
 from iotplat.secrets.state import State, resolve_state_root
 from iotplat.spec.platform_model import Platform
 
 if TYPE_CHECKING:
     from iotplat.deploy.targets import TargetProvider
+    from iotplat.spec.model import Target
 
 Progress = Callable[[str], None]
 DEPLOYED = "deployed.json"
@@ -51,9 +53,17 @@ def _cache_dir() -> Path:
 
 def open_context(spec: str | None, env: str | None, state_dir: str | None, out_dir: str | None,
                  progress: Progress) -> Context:
-    from iotplat.commands import prepare
+    """Load the spec, bring its state up to date and render its build directory."""
+    from iotplat.commands import load
 
-    p = prepare(spec, env, out_dir, state_dir, progress)
+    return context_for(load(spec, env), state_dir, out_dir, progress)
+
+
+def context_for(platform: Platform, state_dir: str | None, out_dir: str | None, progress: Progress) -> Context:
+    """`open_context` for a Platform already loaded (the state is read again: a restore changed it)."""
+    from iotplat.commands import prepare_platform
+
+    p = prepare_platform(platform, out_dir, state_dir, progress)
     return Context(p.platform, p.state, p.materials, p.out)
 
 
@@ -94,10 +104,8 @@ def check_target_switch(ctx: Context) -> None:
         f"`iotplat destroy --data` with the old spec first. Nothing was changed")
 
 
-def _target_of(deployed: dict[str, Any]) -> Any:
+def _target_of(deployed: dict[str, Any]) -> Target:
     from pydantic import TypeAdapter
-
-    from iotplat.spec.model import Target
 
     return TypeAdapter(Target).validate_python(deployed["target_spec"], strict=False)
 
@@ -144,11 +152,18 @@ def check_reachable(hosts: list[Host], state_dir: Path, wait: float = 0) -> None
 def up(spec: str | None, env: str | None, *, state_dir: str | None = None, out_dir: str | None = None,
        progress: Progress = print, verify: bool = True, allow_replace: bool = False,
        allow_data_loss: bool = False) -> dict[str, Any]:
+    """`iotplat up`: render, create or find the hosts, configure them (rolling when a version changed), verify."""
+    ctx = open_context(spec, env, state_dir, out_dir, progress)
+    return deploy(ctx, progress=progress, verify=verify, allow_replace=allow_replace, allow_data_loss=allow_data_loss)
+
+
+def deploy(ctx: Context, *, progress: Progress = print, verify: bool = True, allow_replace: bool = False,
+           allow_data_loss: bool = False) -> dict[str, Any]:
+    """`up` of a rendered context: hosts, the playbook (or a rolling upgrade), the deploy record, verification."""
     from iotplat.deploy.ansible import run_playbook
     from iotplat.deploy.wheelhouse import build_wheelhouse
 
     started = time.monotonic()
-    ctx = open_context(spec, env, state_dir, out_dir, progress)
     p = ctx.platform
     with ctx.state.lock("up"):
         progress(f"[1/4] rendered {p.key} into {ctx.build}")
@@ -317,12 +332,10 @@ def _pins(build: Path) -> dict[str, dict[str, str]]:
 
     gv = yaml.safe_load((build / "ansible" / "group_vars" / "all.yml").read_text())
     out: dict[str, dict[str, str]] = {}
-    tables = {"mosquitto": gv.get("mosquitto_package_versions") or {},
-              "influxdb": (gv.get("influxdb_package") or {}).get("versions") or {},
-              "grafana": (gv.get("grafana_package") or {}).get("versions") or {} if gv.get("grafana_enabled") else {}}
-    for package, versions in tables.items():
-        for release, version in versions.items():
-            out.setdefault(release, {})[package] = str(version)
+    for svc in all_services():
+        for package, versions in svc.package_pins(gv).items():
+            for release, version in versions.items():
+                out.setdefault(release, {})[package] = str(version)
     return out
 
 
@@ -352,7 +365,7 @@ def destroy(spec: str | None, env: str | None, *, data: bool = False, state_dir:
     with ctx.state.lock("destroy"):
         target = ctx.target()
         done = Released()
-        if p.target != "local":  # local hosts go with everything on them
+        if target.uninstall_first:
             try:
                 hosts = target.acquire(create=False, progress=progress)
             except NotDeployed:
@@ -413,27 +426,28 @@ def backup(spec: str | None, env: str | None, *, to: str | None, state_dir: str 
 
 def restore(spec: str | None, env: str | None, *, archive: str, state_dir: str | None = None,
             out_dir: str | None = None, progress: Progress = print, move: bool = False) -> dict[str, Any]:
-    from iotplat.commands import _spec_path
+    """Bring a platform back from an archive: its state (checked first), a deploy with the old credentials, the
+    services' data (each service's restore hook), a second deploy that re-applies users and grants, verified."""
+    from iotplat.commands import load
     from iotplat.deploy import backup as bk
-    from iotplat.spec.load import load_platform
+    from iotplat.render.engine import check_build_dir
 
-    path, display = _spec_path(spec)
-    platform = load_platform(path, env, display)
+    platform = load(spec, env)
     info, members = bk.open_archive(Path(archive))  # verified before anything changes
     bk.check_fits(info, platform, move=move)
     root = resolve_state_root(state_dir, platform.spec.state.dir, platform.spec_dir)
-    target = root / platform.name / platform.environment
+    check_build_dir(Path(out_dir) if out_dir else Path("build") / platform.name / platform.environment, root)
     state = State.open(root, platform.name, platform.environment)
     with state.lock("restore"):
-        bk.restore_state(info, members, target, platform.name, platform.environment, move=move)
+        bk.restore_state(info, members, state.dir, platform.name, platform.environment, move=move)
     progress(f"restored the state of {platform.key} from {archive}; deploying with its credentials")
-    first = up(spec, env, state_dir=state_dir, out_dir=out_dir, progress=progress, verify=False)
-    ctx = open_context(spec, env, state_dir, out_dir, lambda s: None)
+    ctx = context_for(platform, state_dir, out_dir, progress)
+    first = deploy(ctx, progress=progress, verify=False)
     hosts = ctx.hosts()
     with ctx.state.lock("restore"):
         bk.restore_data(ctx, hosts, info, members, progress=progress)
     progress("re-applying users, grants and retention after the data restore")
-    final = up(spec, env, state_dir=state_dir, out_dir=out_dir, progress=progress, verify=True)
+    final = deploy(ctx, progress=progress, verify=True)
     return {"platform": platform.name, "environment": platform.environment, "archive": archive,
             "created": info["created"], "ok": final.get("ok", False), "status": final.get("status", []),
             "changed_first": first["changed"]}

@@ -106,6 +106,8 @@ class Preview:
 class CloudTarget:
     """TargetProvider for aws and azure (see iotplat.deploy.targets)."""
 
+    uninstall_first = True
+
     def __init__(self, platform: Platform, state: State, build: Path) -> None:
         self.platform = platform
         self.state = state

@@ -26,6 +26,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from iotplat.deploy.ansible import PlaybookResult
 from iotplat.deploy.ops import DEPLOYED, Context, Progress, open_context, status_of
 from iotplat.errors import InvalidInput, IotplatError
 from iotplat.secrets import rotation
@@ -45,13 +46,17 @@ MQTT_WORKER_NOTE = ("Mosquitto 2.0.11 drops the messages queued for a session wh
 def _deployed_context(spec: str | None, env: str | None, state_dir: str | None, out_dir: str | None,
                       progress: Progress) -> Context:
     ctx = open_context(spec, env, state_dir, out_dir, progress)
+    if ctx.platform.spec.broker.engine != "mosquitto":
+        # the reload path (broker-reload.yml) is Mosquitto's; nats-server's has not been built or tested yet
+        raise InvalidInput(f"{ctx.platform.spec_file}: broker.engine: `iotplat rotate` supports the mosquitto engine "
+                           f"only for now, not {ctx.platform.spec.broker.engine} (README: Broker engines)")
     if ctx.state.read_json(DEPLOYED) is None:
         raise IotplatError(f"{ctx.platform.key} has not been deployed from this state directory; run `iotplat up` "
                            "first (a new platform gets fresh certificates and credentials anyway)")
     return ctx
 
 
-def _check(result: Any, what: str) -> None:
+def _check(result: PlaybookResult, what: str) -> None:
     if result.returncode != 0 or result.failed:
         detail = "; ".join(result.failures[:3]) or (result.output.strip().splitlines() or ["see the output"])[-1]
         raise IotplatError(f"{what} failed: {detail}; the state already holds the new values: rerun the same "
@@ -149,14 +154,14 @@ def _influx_set_admin_password(ctx: Context, hosts: list, old: str, new: str) ->
     the stored password). The statement goes in the POST body, never in a URL that could be logged. InfluxDB is
     internal: it is reached through an SSH tunnel to its host."""
     from iotplat.hosts.tunnel import forward
-    from iotplat.verify.status import _HTTPS, _Ctx
+    from iotplat.verify.status import NamedHTTPS, TrustStore
 
     p = ctx.platform
     influx = {h.name: h for h in hosts}[p.host_of("influxdb")]
-    trust = _Ctx(ctx.materials.ca_cert_pem)
+    trust = TrustStore(ctx.materials.ca_cert_pem)
     try:
         with forward(influx, p.spec.influxdb.port) as (address, port):
-            conn = _HTTPS(address, port, trust.context(), p.service_name("influxdb"))
+            conn = NamedHTTPS(address, port, trust.context(), p.service_name("influxdb"))
             body = urllib.parse.urlencode({"q": f"SET PASSWORD FOR \"{INFLUX_ADMIN_USER}\" = '{new}'"})
             auth = base64.b64encode(f"{INFLUX_ADMIN_USER}:{old}".encode()).decode()
             try:
@@ -222,14 +227,14 @@ def _end_session(ctx: Context, hosts: list, client_id: str, password: str) -> bo
     lets them read nothing), so their sessions hold no queued messages. False if the broker refused us."""
     import paho.mqtt.client as mqtt
 
-    from iotplat.verify.status import _Ctx
+    from iotplat.verify.status import TrustStore
 
     p = ctx.platform
     listener = next((lst for lst in p.spec.broker.listeners if lst.protocol == "mqtt"), None)
     if listener is None:
         return False
     address = {h.name: h.address for h in hosts}[p.host_of("broker")]
-    trust = _Ctx(ctx.materials.ca_cert_pem)
+    trust = TrustStore(ctx.materials.ca_cert_pem)
     result: dict[str, Any] = {}
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                          clean_session=True)

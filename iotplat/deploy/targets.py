@@ -46,6 +46,9 @@ class Released:
 
 class TargetProvider(Protocol):
     kind: str
+    # destroy runs destroy.yml (every role's tasks/uninstall.yml) on the hosts before release; False: release
+    # deletes the hosts with everything on them (local hosts)
+    uninstall_first: bool
 
     def acquire(self, *, create: bool, progress: Progress, allow_replace: bool = False,
                 allow_data_loss: bool = False) -> list[Host]:
@@ -105,11 +108,16 @@ def local_settings(platform: Platform) -> LocalSettings:
         kwargs["ca_bundle"] = Path(t.ca_bundle)
     if os.environ.get("IOTPLAT_LOCAL_STATE_DIR"):
         kwargs["state_dir"] = Path(os.environ["IOTPLAT_LOCAL_STATE_DIR"])
+    from iotplat.containers.runtime import container_services
+
+    if container_services(platform):  # a service runs in a container: the hosts may run Docker (hosts/machine.py)
+        kwargs["container_engine"] = True
     return LocalSettings(**kwargs)
 
 
 class LocalTarget:
     kind = "local"
+    uninstall_first = False
 
     def __init__(self, platform: Platform, state: State) -> None:
         self.platform = platform
@@ -146,6 +154,7 @@ class LocalTarget:
 
 class BaremetalTarget:
     kind = "baremetal"
+    uninstall_first = True
 
     def __init__(self, platform: Platform, state: State) -> None:
         self.platform = platform

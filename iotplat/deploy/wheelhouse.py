@@ -28,7 +28,7 @@ from pathlib import Path
 from iotplat import __version__
 from iotplat.errors import IotplatError
 
-WORKER_REQUIREMENTS = ("paho-mqtt",)
+WORKER_REQUIREMENTS = ("paho-mqtt", "nats-py")  # nats-py: the NATS JetStream transport (pure Python)
 DIST = "iotplat"  # the worker subset of the iotplat distribution: hosts never have the full one
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 

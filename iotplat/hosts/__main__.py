@@ -23,12 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror", default=None, help="Debian mirror URL (default: this machine's)")
     parser.add_argument("--proxy-port", type=int, default=None)
     parser.add_argument("--purge", action="store_true", help="down: also delete the apt cache")
+    parser.add_argument("--container-engine", action="store_true",
+                        help="up: the new hosts may run Docker (nspawn keyring syscalls, /var/lib/docker bind, cgroups)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
         extra = {"network": args.network, "mirror": args.mirror, "proxy_port": args.proxy_port}
         settings = LocalSettings(
-            instance=args.instance, state_dir=args.state_dir, **{k: v for k, v in extra.items() if v is not None}
+            instance=args.instance, state_dir=args.state_dir, container_engine=args.container_engine,
+            **{k: v for k, v in extra.items() if v is not None}
         )
         provider = LocalProvider(settings)
         if args.command == "up":

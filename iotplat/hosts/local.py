@@ -78,6 +78,7 @@ class LocalProvider:
                 if name not in state["hosts"]:
                     rec = self._allocate(state, name, bases[(images or {}).get(name, self.settings.image)])
                     rec["binds"] = [[b.source, b.target, b.read_only] for b in (binds or {}).get(name, ())]
+                    rec["container_engine"] = self.settings.container_engine
                     state["hosts"][name] = rec
             self._save(state)  # record intent before creating anything, so `down` can find it
             image.garbage_collect(self.settings.state_dir, self._bases_in_use() | {b.parent.name for b in bases.values()})
@@ -189,7 +190,7 @@ class LocalProvider:
     def _machine(self, name: str, state: dict) -> Machine:
         rec = state["hosts"].get(name) or {"netns": self.settings.netns_prefix + name, "base": ""}
         return Machine(MachineSpec(name=name, dir=self._hdir(name), base=Path(rec.get("base") or "/nonexistent"),
-                                   netns=rec["netns"]))
+                                   netns=rec["netns"], container_engine=bool(rec.get("container_engine"))))
 
     def _allocate(self, state: dict, name: str, base: Path) -> dict:
         used = {h["index"] for h in state["hosts"].values()}
@@ -229,7 +230,7 @@ class LocalProvider:
         """(Re)create the host's network and boot it; keeps its upper layer (its "disk")."""
         binds = tuple(Bind(src, dst, bool(ro)) for src, dst, ro in rec.get("binds", []))
         m = Machine(MachineSpec(name=name, dir=self._hdir(name), base=Path(rec["base"]), netns=rec["netns"],
-                                binds=binds))
+                                binds=binds, container_engine=bool(rec.get("container_engine"))))
         m.stop(grace=2)  # leftovers of a crash: orphans, mounts
         s = self.settings
         network.ensure_host_net(rec["netns"], rec["veth"], s.bridge, rec["address"], s.net.prefixlen, s.gateway)
@@ -238,7 +239,7 @@ class LocalProvider:
     def _stop(self, name: str, rec: dict, grace: float) -> None:
         """Stop one host and remove its mount and network (its upper layer stays)."""
         Machine(MachineSpec(name=name, dir=self._hdir(name), base=Path(rec.get("base") or "/nonexistent"),
-                            netns=rec["netns"])).stop(grace)
+                            netns=rec["netns"], container_engine=bool(rec.get("container_engine")))).stop(grace)
         network.delete_host_net(rec["netns"], rec.get("veth", ""))
 
     def _wait_ready(self, name: str, rec: dict, deadline: float) -> None:
@@ -314,6 +315,8 @@ class LocalProvider:
         network.release_netns_dir()
         sysutil.remove_stale_locks(NSPAWN_LOCK_DIR)
         proxy.stop(self.proxy_dir)
+        if any(rec.get("container_engine") for rec in recs.values()) or self.settings.container_engine:
+            machine.remove_container_cgroups()  # also when a host's record was lost
 
     def _ensure_shared(self, state: dict) -> None:
         s = self.settings

@@ -10,7 +10,13 @@ The nspawn line (facts measured on this kind of machine: docs/local-target.md an
 - started inside the host's netns (`nsenter --net=`), so the guest's /sys shows its own interfaces;
 - `--network-namespace-path` plus `--private-network`: the guest keeps that netns and gains CAP_NET_ADMIN
   in it, so its own firewall (nftables) loads, as on a real host;
-- `binds`: extra files or devices (an emulated data disk is a loop device bound at its stable by-id path).
+- `binds`: extra files or devices (an emulated data disk is a loop device bound at its stable by-id path);
+- `container_engine` (opt-in, for hosts that run Docker or podman; shared/research/docker-nspawn.md): nspawn's
+  seccomp filter lets keyctl/add_key through (`--system-call-filter=@keyring`: runc joins a session keyring),
+  `<dir>/docker` (on the state dir's ext4, not the overlay root) is bound at /var/lib/docker so dockerd uses
+  overlay2 instead of copying every layer (vfs), and a oneshot unit in the guest remounts the cgroup v1 controller
+  hierarchies read-write (nspawn mounts them read-only; runc creates a cgroup per container). The empty cgroups
+  containers leave at this machine's top level are removed when the host stops (remove_container_cgroups).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class MachineSpec:
     base: Path  # the base image's rootfs (the overlay's read-only lower layer)
     netns: str  # a network namespace under /run/netns that the caller created and wired
     binds: tuple[Bind, ...] = ()
+    container_engine: bool = False  # the guest may run a container engine (see the module docstring)
 
 
 # Called with (merged root, fresh) after the overlay is mounted and before the guest boots: `fresh` is true
@@ -109,6 +116,12 @@ class Machine:
             fix="the state dir must be on a file system that overlayfs accepts as upper (ext4, xfs; not overlay)",
         )
         prepare(merged, fresh)
+        engine_args: list[str] = []
+        if spec.container_engine:
+            write_container_engine_files(merged)
+            docker_dir = self.dir / "docker"
+            docker_dir.mkdir(mode=0o710, exist_ok=True)
+            engine_args = ["--system-call-filter=@keyring", Bind(str(docker_dir), "/var/lib/docker").argument()]
         nspawn = [
             sysutil.which("nsenter"),
             f"--net={NETNS_DIR / spec.netns}",
@@ -126,6 +139,7 @@ class Machine:
             "--link-journal=no",
             "--resolv-conf=off",
             *(b.argument() for b in spec.binds),
+            *engine_args,
         ]
         console = open(self.dir / "console.log", "ab")
         try:
@@ -167,6 +181,8 @@ class Machine:
         sysutil.remove_tree(PROPAGATE_DIR / self.spec.netns)
         for pid_file in ("runner.pid", "nspawn.pid", "nspawn.pid.tmp"):
             (self.dir / pid_file).unlink(missing_ok=True)
+        if self.spec.container_engine:
+            remove_container_cgroups()
 
     def reboot(self) -> bool:
         """Ask the runner to shut the guest down and boot it again; False if it did not come back in time."""
@@ -227,6 +243,64 @@ class Machine:
             if len(words) >= 2:
                 keys.append(f"{words[0]} {words[1]}")
         return tuple(keys)
+
+
+# --- container engines in a guest (opt-in: MachineSpec.container_engine) -----------------------------
+
+CGROUP_RW_UNIT = "iotplat-cgroup-rw.service"
+CGROUP_RW_SERVICE = """\
+# Written by iotplat (local target): nspawn mounts the cgroup v1 controller hierarchies read-only; a container
+# engine creates a cgroup per container in them. Plain `remount,rw` fails for busy ones: remount the bind.
+[Unit]
+Description=Make the cgroup v1 controller mounts writable (container engines in an nspawn host)
+DefaultDependencies=no
+Before=containerd.service docker.service docker.socket podman.service
+ConditionVirtualization=container
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'for d in /sys/fs/cgroup/*/; do mountpoint -q "$d" && mount -o remount,bind,rw "$d"; done; true'
+
+[Install]
+WantedBy=multi-user.target
+"""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+ENGINE_CGROUP_PARENTS = ("docker", "libpod_parent")  # where docker and podman (cgroupfs) put containers
+
+
+def write_container_engine_files(root: Path) -> None:
+    """The cgroup-rw oneshot unit, enabled, in the guest (rewritten on every start: the provider owns it)."""
+    units = root / "etc" / "systemd" / "system"
+    (units / "multi-user.target.wants").mkdir(parents=True, exist_ok=True)
+    (units / CGROUP_RW_UNIT).write_text(CGROUP_RW_SERVICE)
+    link = units / "multi-user.target.wants" / CGROUP_RW_UNIT
+    if not link.is_symlink():
+        link.unlink(missing_ok=True)
+        link.symlink_to(f"/etc/systemd/system/{CGROUP_RW_UNIT}")
+
+
+def remove_container_cgroups(cgroup_root: Path = CGROUP_ROOT) -> list[str]:
+    """Remove the empty cgroups container engines in stopped guests left at this machine's top level.
+
+    A guest started with --register=no --keep-unit shares this machine's cgroup v1 roots, so its dockerd creates
+    /sys/fs/cgroup/<controller>/docker/<container>; they stay after the guest is gone. Only empty cgroups are
+    removed (rmdir fails on one with processes), deepest first, so a container still running anywhere -- another
+    instance's guest, a dockerd on this machine -- keeps its cgroup. Returns what is left (busy)."""
+    left: list[str] = []
+    if not cgroup_root.is_dir():
+        return left
+    for hierarchy in sorted(cgroup_root.iterdir()):
+        for name in ENGINE_CGROUP_PARENTS:
+            top = hierarchy / name
+            if not top.is_dir() or top.is_symlink():
+                continue
+            for dirpath, _dirs, _files in os.walk(top, topdown=False):  # children before their parent
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    left.append(dirpath)
+    return left
 
 
 # --- guest files: what a provisioned server has ------------------------------------------------------

@@ -94,6 +94,9 @@ class LocalSettings:
     suite: str = SUITE  # Debian release of the hosts (bookworm = 12, trixie = 13)
     profile: str = "iotplat"  # "stock": a fresh server as an operator gets it (see ImageSpec)
     ssh_user: str = SSH_USER  # the login user (passwordless sudo) the hosts are created with
+    # Hosts created by this provider may run a container engine (Docker): see machine.py. Opt-in: it lets the
+    # guests use the kernel keyring syscalls and remount their cgroup hierarchies read-write.
+    container_engine: bool = False
 
     def __post_init__(self) -> None:
         if not _INSTANCE_RE.fullmatch(self.instance):

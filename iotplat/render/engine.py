@@ -31,22 +31,12 @@ import yaml
 
 from iotplat import API_VERSION, __version__
 from iotplat.errors import InvalidInput
-from iotplat.render import dashboards
-from iotplat.render.layout import CREDENTIALS_DIR, DATA_DIRS, DATA_MOUNT, PATHS, mount_unit
+from iotplat.render import targets as render_targets
+from iotplat.render.layout import CREDENTIALS_DIR, DATA_MOUNT, PATHS, mount_unit, paths
+from iotplat.services import all_services, by_deploy_order, placed, template_paths
 from iotplat.secrets.materials import Materials, server_names
-from iotplat.spec.model import RELEASES, Package
-from iotplat.spec.platform_model import (
-    GRAFANA_INFLUX_USER,
-    INFLUX_ADMIN_USER,
-    WORKER_INFLUX_USER,
-    WORKER_USER_PREFIX,
-    Platform,
-    release_pins,
-    template_filter,
-    template_names,
-)
-from iotplat.resources import data_dir
-from iotplat.spec.units import format_duration
+from iotplat.spec.model import RELEASES
+from iotplat.spec.platform_model import Platform
 
 MANAGED = "Managed by iotplat from the platform spec. Do not edit: `iotplat up` overwrites it."
 CLASSES = ("identical", "per-host", "secret")
@@ -55,7 +45,7 @@ CLASSES = ("identical", "per-host", "secret")
 @dataclass(frozen=True)
 class FileEntry:
     cls: str  # identical | per-host | secret
-    service: str  # broker | worker | influxdb | grafana | common
+    service: str  # a service name (iotplat.services), "backup" or "common"
     host: str
     dest: str  # absolute path on the host
     mode: str
@@ -237,7 +227,7 @@ FILTERS = {"toml": _toml, "ini": _ini, "mosquitto": _mosquitto, "comment": _comm
 def _env() -> jinja2.Environment:
     """One environment per process: templates are compiled once, not on every render."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
+        loader=jinja2.FileSystemLoader(template_paths()),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
@@ -255,35 +245,13 @@ def _yaml(data: Any, header: str = "", sort_keys: bool = True) -> bytes:
     return ((f"# {header}\n" if header else "") + text).encode()
 
 
-def _package(pkg: Package) -> dict[str, Any]:
-    """A package pin as the roles read it: {source, versions: {release: version}, path?}."""
-    out: dict[str, Any] = {"source": pkg.source, "versions": release_pins(pkg.version)}
-    if pkg.path:
-        out["path"] = pkg.path
-    return out
-
-
-def _mosquitto_duration(seconds: float) -> str:
-    # persistent_client_expiration takes h d w m y; round up to hours
-    hours = max(1, int(-(-seconds // 3600)))
-    return f"{hours // 24}d" if hours % 24 == 0 else f"{hours}h"
-
-
 def host_ingress(p: Platform, host: str) -> list[dict[str, Any]]:
     """The ports `host` accepts and from whom (source devices, admin or internal): the stack config's
-    `iotplat:hosts[].ingress` and the hosts' firewall. Needs no materials, so `iotplat cost` uses it too."""
-    rules: list[dict[str, Any]] = []
-    services = p.services_on(host)
-    if "broker" in services:
-        for lst in p.spec.broker.listeners:
-            label = "MQTT over TLS" if lst.protocol == "mqtt" else "MQTT over secure WebSockets"
-            rules.append({"port": lst.port, "protocol": "tcp", "source": "devices", "description": label})
-            rules.append({"port": lst.port, "protocol": "tcp", "source": "internal", "description": f"{label} (worker, canary)"})
-    if "influxdb" in services:
-        rules.append({"port": p.spec.influxdb.port, "protocol": "tcp", "source": "internal", "description": "InfluxDB HTTPS"})
-    if "grafana" in services:
-        rules.append({"port": p.spec.grafana.port, "protocol": "tcp", "source": "admin", "description": "Grafana HTTPS"})
-    return rules
+    `iotplat:hosts[].ingress` and the hosts' firewall, from each service on the host. Needs no materials, so
+    `iotplat cost` uses it too."""
+    from iotplat.services import placed
+
+    return [rule.as_dict() for svc in placed(p) if host in p.placement[svc.name] for rule in svc.ingress(p, host)]
 
 
 class Renderer:
@@ -291,244 +259,75 @@ class Renderer:
         self.p = platform
         self.m = materials
         self.env = _env()
-        self.common = {"managed": MANAGED, "platform_key": platform.key, "paths": PATHS}
+        self.common = {"managed": MANAGED, "platform_key": platform.key, "paths": paths()}
 
-    def _t(self, name: str, **ctx: Any) -> bytes:
+    def template(self, name: str, **ctx: Any) -> bytes:
+        """Render templates/<name> with the format filters (every printed value goes through one)."""
         return self.env.get_template(name).render(**self.common, **ctx).encode()
-
-    # ------------------------------------------------------------------ service files (rendered once)
-    def broker_files(self) -> list[tuple[str, bytes, str, str, str]]:
-        spec = self.p.spec
-        conf = self._t(
-            "mosquitto/mosquitto.conf.j2",
-            broker=spec.broker,
-            listeners=spec.broker.listeners,
-            limits=spec.broker.limits,
-            autosave_interval=max(1, int(spec.broker.persistence.autosave_interval)),
-            client_expiration=_mosquitto_duration(spec.broker.persistence.client_expiration),
-            inflight=self.p.inflight,
-            queue_messages=self.p.queue_messages,
-            queue_bytes=self.p.queue_bytes,
-            message_size=spec.broker.limits.message_size,
-            tls_min=spec.tls.min_version,
-        )
-        return [
-            (PATHS["mosquitto_conf"], conf, "0644", "root", "root"),
-            (PATHS["mosquitto_acl"], self.acl(), "0640", "root", "mosquitto"),
-        ]
-
-    def acl_rules(self) -> tuple[list[str], list[dict[str, Any]], list[str]]:
-        """(device patterns, per-device rules, worker read filters)."""
-        patterns: list[str] = []
-        per_device: list[dict[str, Any]] = []
-        needs_attrs = [t for t in self.p.spec.devices.topics if set(template_names(t)) - {"device"}]
-        for t in self.p.spec.devices.topics:
-            if t not in needs_attrs:
-                patterns.append(t.replace("{device}", "%u"))
-        if needs_attrs:
-            for d in sorted(self.p.all_devices, key=lambda d: d.id):
-                topics = []
-                for t in needs_attrs:
-                    values = {"device": d.id, **dict(d.attributes)}
-                    topics.append(t.format(**values))
-                per_device.append({"user": d.id, "topics": topics})
-        reads = sorted({template_filter(s.topic) for s in self.p.spec.ingestion.subscriptions})
-        return patterns, per_device, reads
-
-    def acl(self) -> bytes:
-        patterns, per_device, reads = self.acl_rules()
-        return self._t(
-            "mosquitto/acl.j2",
-            patterns=patterns,
-            device_rules=per_device,
-            workers=[r.username for r in self.p.replicas],
-            worker_reads=reads,
-            dead_letter_topic=self.p.spec.ingestion.dead_letters.topic,
-        )
-
-    def influx_url(self) -> str:
-        return f"https://{self.p.service_name('influxdb')}:{self.p.spec.influxdb.port}"
-
-    def influxdb_files(self) -> list[tuple[str, bytes, str, str, str]]:
-        ix = self.p.spec.influxdb
-        if ix.version == 1:
-            data = self._t("influxdb/influxdb.conf.j2", port=ix.port, tls_min=self.p.spec.tls.min_version)
-            return [(PATHS["influxdb1_conf"], data, "0644", "root", "root")]
-        data = self._t("influxdb/config.toml.j2", port=ix.port, tls_min=self.p.spec.tls.min_version)
-        return [(PATHS["influxdb2_conf"], data, "0644", "root", "root")]
-
-    def grafana_files(self) -> list[tuple[str, bytes, str, str, str]]:
-        g = self.p.spec.grafana
-        ix = self.p.spec.influxdb
-        boards = dashboards.build_dashboards(self.p)
-        files = [
-            (PATHS["grafana_ini"], self._t("grafana/grafana.ini.j2", port=g.port,
-                                          domain=g.domain or self.p.service_name("grafana"),
-                                          admin_user=g.admin_user, home_dashboard="platform-health.json",
-                                          tls_min=self.p.spec.tls.min_version),
-             "0640", "root", "grafana"),
-            (PATHS["grafana_datasource"], self._t("grafana/datasource.yaml.j2", uid=dashboards.DATASOURCE_UID,
-                                                 url=self.influx_url(), version=ix.version, user=GRAFANA_INFLUX_USER,
-                                                 database=self.p.influx_database, bucket=self.p.influx_bucket),
-             "0640", "root", "grafana"),
-            (PATHS["grafana_dashboard_provider"], self._t("grafana/dashboards.yaml.j2", folder=self.p.name),
-             "0640", "root", "grafana"),
-        ]
-        for name, board in sorted(boards.items()):
-            files.append((f"{PATHS['grafana_dashboards']}/{name}", dashboards.dashboard_bytes(board), "0644", "root", "root"))
-        return files
-
-    def worker_files(self) -> list[tuple[str, bytes, str, str, str]]:
-        spec = self.p.spec
-        ing = spec.ingestion
-        ix = spec.influxdb
-        broker_port = next((lst.port for lst in spec.broker.listeners if lst.protocol == "mqtt"),
-                           spec.broker.listeners[0].port)
-        data = self._t(
-            "worker/worker.toml.j2",
-            worker_prefix=WORKER_USER_PREFIX,
-            mqtt={
-                "host": self.p.service_name("broker"),
-                "port": broker_port,
-                "protocol": ing.protocol,
-                "inflight": ing.inflight,
-                "session_expiry": int(spec.broker.persistence.client_expiration),
-            },
-            # InfluxDB 2 is written through its 1.x compatibility API (/write?db=<bucket>) with a v1
-            # authorization (username + password from the state, write on one bucket): InfluxDB 2 generates
-            # every API token itself, so a token iotplat chose could not be given to the worker.
-            influx={
-                "server_version": ix.version,
-                "url": self.influx_url(),
-                "database": self.p.influx_database if ix.version == 1 else self.p.influx_bucket,
-                "retention_policy": self.p.influx_retention_policy if ix.version == 1 else "",
-                "username": WORKER_INFLUX_USER,
-            },
-            batch={"max_points": ing.batch.max_points, "max_delay": ing.batch.max_delay},
-            spool=ing.spool,
-            dead_letters={
-                "measurement": ing.dead_letters.measurement,
-                "topic": ing.dead_letters.topic,
-                "rate_per_device": ing.dead_letters.rate_per_device,
-                "excerpt": ing.dead_letters.excerpt,
-            },
-            max_payload=ing.max_payload,
-            metrics_port=ing.metrics_port,
-            health={"interval": ing.health.interval, "measurement": ing.health.measurement},
-            subscriptions=[s.model_dump() for s in ing.subscriptions],
-        )
-        return [(PATHS["worker_conf"], data, "0644", "root", "root")]
-
-    # ------------------------------------------------------------------ secrets (listed, never written)
-    def secret_entries(self, host: str) -> list[FileEntry]:
-        out: list[FileEntry] = []
-        services = self.p.services_on(host)
-        cred = CREDENTIALS_DIR
-        v2 = self.p.spec.influxdb.version == 2
-
-        def add(service: str, dest: str, secret: str, mode: str = "0600", group: str = "root") -> None:
-            out.append(FileEntry("secret", service, host, dest, mode, "root", group, secret=secret))
-
-        if "broker" in services:
-            add("broker", PATHS["mosquitto_passwd"], "mosquitto_passwd", "0640", "mosquitto")
-            add("broker", PATHS["mosquitto_key"], f"host_key:{host}", "0640", "mosquitto")
-        if "influxdb" in services:
-            add("influxdb", f"{cred}/influxdb/server.key", f"host_key:{host}")
-            add("influxdb", f"{cred}/influxdb/admin-password", "influxdb_admin_password")
-            add("influxdb", f"{cred}/influxdb/worker-password", "influxdb_worker_password")
-            add("influxdb", f"{cred}/influxdb/grafana-password", "influxdb_grafana_password")
-            if v2:
-                add("influxdb", f"{cred}/influxdb/admin-token", "influxdb_admin_token")
-        if "grafana" in services:
-            add("grafana", f"{cred}/grafana/server.key", f"host_key:{host}")
-            add("grafana", f"{cred}/grafana/admin-password", "grafana_admin_password")
-            add("grafana", f"{cred}/grafana/secret-key", "grafana_secret_key")
-            add("grafana", f"{cred}/grafana/influxdb-password", "influxdb_grafana_password")
-        for r in self.p.replicas_on(host):
-            add("worker", f"{cred}/worker-{r.number}/mqtt-password", f"mqtt_password:{r.username}")
-            add("worker", f"{cred}/worker-{r.number}/influxdb-password", "influxdb_worker_password")
-        return out
 
     # ------------------------------------------------------------------ assemble
     def host_files(self) -> list[FileEntry]:
-        per_service = {
-            "broker": self.broker_files() if self.p.placement["broker"] else [],
-            "influxdb": self.influxdb_files() if self.p.placement["influxdb"] else [],
-            "grafana": self.grafana_files() if self.p.placement["grafana"] else [],
-            "worker": self.worker_files() if self.p.placement["worker"] else [],
-        }
+        """Every file of every host: the CA and its server certificate, each service's files (rendered once per
+        service, so the same bytes on each of its hosts), scheduled backups, and the secrets (listed, never
+        written)."""
+        services = placed(self.p)
+        rendered = {svc.name: svc.files(self) for svc in services}
         ca = self.m.ca_cert_pem.encode()
         entries: list[FileEntry] = []
         for host in self.p.host_names:
-            services = self.p.services_on(host)
+            on_host = [svc for svc in services if host in self.p.placement[svc.name]]
             entries.append(FileEntry("identical", "common", host, PATHS["ca_cert"], "0644", "root", "root", ca))
             if host in self.m.host_certs:
                 entries.append(FileEntry("per-host", "common", host, PATHS["server_cert"], "0644", "root", "root",
                                          self.m.host_certs[host].cert_pem.encode()))
-            for svc in services:
-                for dest, content, mode, owner, group in per_service[svc]:
-                    entries.append(FileEntry("identical", svc, host, dest, mode, owner, group, content))
+            for svc in on_host:
+                for f in rendered[svc.name]:
+                    entries.append(FileEntry("identical", svc.name, host, f.dest, f.mode, f.owner, f.group, f.content))
             for dest, content, mode in self.backup_files(host):
                 entries.append(FileEntry("per-host", "backup", host, dest, mode, "root", "root", content))
-            entries.extend(self.secret_entries(host))
+            for svc in on_host:
+                for sf in svc.secrets(self.p, host):
+                    entries.append(FileEntry("secret", svc.name, host, sf.dest, sf.mode, "root", sf.group,
+                                             secret=sf.secret))
         return entries
 
     def backup_files(self, host: str) -> list[tuple[str, bytes, str]]:
         """Scheduled backups (spec `backup`): a script, a oneshot service and its timer on every host that holds
         data; the common role installs them and enables the timer (or removes them when the schedule is gone)."""
         b = self.p.spec.backup
-        services = self.p.services_on(host)
-        if not b.schedule or not {"influxdb", "broker"} & set(services):
+        on_host = [svc for svc in placed(self.p) if host in self.p.placement[svc.name]]
+        steps = [step for svc in on_host if (step := svc.scheduled_backup(self, host)) is not None]
+        if not b.schedule or not steps:
             return []
-        ix = self.p.spec.influxdb
-        influx = None
-        if "influxdb" in services:
-            influx = {"version": ix.version, "database": self.p.influx_database,
-                      "url": f"https://{host}.{self.p.spec.network.domain}:{ix.port}",
-                      "token_file": f"{CREDENTIALS_DIR}/influxdb/admin-token"}
-        broker = {"persistence": "/var/lib/mosquitto"} if "broker" in services else None
-        what = ", ".join(x for x, on in (("InfluxDB", influx), ("Mosquitto's persistence file", broker)) if on)
-        after = " ".join(u for u, on in (("influxdb.service", influx), ("mosquitto.service", broker)) if on)
-        ctx = {"what": what, "keep": b.keep, "dir": b.dir, "schedule": b.schedule, "after": after,
-               "influx": influx, "broker": broker, "ca_cert": PATHS["ca_cert"]}
-        return [("/usr/local/sbin/iotplat-backup", self._t("backup/iotplat-backup.sh.j2", **ctx), "0750"),
-                ("/etc/systemd/system/iotplat-backup.service", self._t("backup/iotplat-backup.service.j2", **ctx), "0644"),
-                ("/etc/systemd/system/iotplat-backup.timer", self._t("backup/iotplat-backup.timer.j2", **ctx), "0644")]
+        ctx = {"what": ", ".join(s.what for s in steps), "keep": b.keep, "dir": b.dir, "schedule": b.schedule,
+               "after": " ".join(s.after for s in steps),
+               # fragments the services rendered from their own templates, through the same format filters
+               "steps": [Escaped(s.script.decode().rstrip("\n")) for s in steps]}
+        return [("/usr/local/sbin/iotplat-backup", self.template("backup/iotplat-backup.sh.j2", **ctx), "0750"),
+                ("/etc/systemd/system/iotplat-backup.service", self.template("backup/iotplat-backup.service.j2", **ctx),
+                 "0644"),
+                ("/etc/systemd/system/iotplat-backup.timer", self.template("backup/iotplat-backup.timer.j2", **ctx),
+                 "0644")]
 
     def host_ingress(self, host: str) -> list[dict[str, Any]]:
         return host_ingress(self.p, host)
 
     def firewall_sources(self) -> dict[str, list[str]]:
-        """Where each ingress `source` may come from, for the hosts' nftables firewall (common role).
-
-        `internal` is left to the role except on the local target: the platform's own hosts, i.e. every host's
-        iotplat_private_address from the inventory (real addresses exist only at deploy time). On a cloud, SSH
-        also comes from inside the private network: hosts without a public address are reached through the
-        jump host (the cloud firewall admits only the jump host there)."""
-        t = self.p.spec.target
-        if t.kind == "local":
-            return {k: [t.network] for k in ("devices", "internal", "admin", "ssh")}
-        if t.kind == "baremetal":
-            return {"devices": list(t.device_cidrs), "admin": list(t.admin_cidrs), "ssh": list(t.admin_cidrs)}
-        return {"devices": list(t.device_cidrs), "admin": list(t.admin_cidrs),
-                "ssh": [*t.admin_cidrs, t.network_cidr]}
+        """Where each ingress `source` may come from, for the hosts' nftables firewall (common role): the
+        target's to say (iotplat/render/targets.py)."""
+        return render_targets.for_platform(self.p).firewall_sources(self.p)
 
     def data_dirs(self, host: str) -> list[dict[str, str]]:
         """The data folders of the services on `host` (on the host's data disk when it has one): each with the
         folder on the disk that holds it and its systemd mount unit."""
-        services = self.p.services_on(host)
-        ix = self.p.spec.influxdb
-        out: list[dict[str, str]] = []
-        for svc in services:
-            for d in DATA_DIRS[svc]:
-                if svc == "influxdb" and d.endswith("influxdb2") != (ix.version == 2):
-                    continue
-                out.append({"path": d, "folder": f"{DATA_MOUNT}/{d.rsplit('/', 1)[1]}", "unit": mount_unit(d)})
-        return out
+        return [{"path": d, "folder": f"{DATA_MOUNT}/{d.rsplit('/', 1)[1]}", "unit": mount_unit(d)}
+                for svc in placed(self.p) if host in self.p.placement[svc.name] for d in svc.data_dirs(self.p)]
 
     def ansible_files(self, entries: list[FileEntry]) -> dict[str, bytes]:
         p = self.p
         spec = p.spec
+        services = placed(p)
+        target = render_targets.for_platform(p)
         hosts: dict[str, Any] = {}
         for host in p.host_names:
             hv: dict[str, Any] = {
@@ -542,57 +341,34 @@ class Renderer:
                     {"secret": e.secret, "dest": e.dest, "mode": e.mode, "owner": e.owner, "group": e.group, "service": e.service}
                     for e in entries if e.host == host and e.cls == "secret"
                 ],
-                "worker_replicas": [r.number for r in p.replicas_on(host)],
                 "iotplat_data_dirs": self.data_dirs(host),
             }
-            if spec.target.kind == "baremetal":  # the user's own addresses (cloud and local ones come at deploy time)
-                bm = spec.target.hosts[host]
-                hv["ansible_host"] = bm.address
-                hv["ansible_user"] = bm.ssh_user or spec.target.ssh_user
-                hv["ansible_port"] = bm.ssh_port
-                if bm.ssh_private_key:
-                    hv["ansible_ssh_private_key_file"] = bm.ssh_private_key
-                if bm.data_device:
-                    hv["iotplat_data_device"] = bm.data_device
+            for svc in services:
+                if host in p.placement[svc.name]:
+                    hv.update(svc.host_vars(p, host))
+            hv.update(target.host_vars(p, host))  # e.g. bare metal: the user's own addresses
             hosts[host] = hv
-        groups = {svc: {"hosts": {h: None for h in p.placement[svc]}} for svc in ("broker", "influxdb", "grafana", "worker")}
+        groups = {svc.name: {"hosts": {h: None for h in p.placement[svc.name]}} for svc in all_services()}
         inventory = {"all": {"hosts": hosts, "children": groups}}
-        ix = spec.influxdb
-        group_vars = {
+        group_vars: dict[str, Any] = {
             "iotplat_platform": p.name,
             "iotplat_environment": p.environment,
             "iotplat_target": p.target,
             "iotplat_domain": spec.network.domain,
-            "iotplat_service_hosts": {svc: p.placement[svc] for svc in ("broker", "influxdb", "grafana", "worker")},
+            "iotplat_service_hosts": {svc.name: p.placement[svc.name] for svc in all_services()},
             "iotplat_releases": list(RELEASES),
             "iotplat_data_mount": DATA_MOUNT,
             "iotplat_data_mount_unit": mount_unit(DATA_MOUNT),
-            "mosquitto_package_versions": p.mosquitto_pins,
-            "influxdb_version": ix.version,
-            "influxdb_package": _package(p.influx_package),
-            "influxdb_port": ix.port,
-            "influxdb_database": p.influx_database,
-            "influxdb_retention_policy": p.influx_retention_policy,
-            "influxdb_org": p.influx_org,
-            "influxdb_bucket": p.influx_bucket,
-            "influxdb_retention": format_duration(ix.retention),
-            "influxdb_admin_user": INFLUX_ADMIN_USER,
-            "influxdb_worker_user": WORKER_INFLUX_USER,
-            "influxdb_grafana_user": GRAFANA_INFLUX_USER,
-            "grafana_enabled": spec.grafana.enabled,
-            "grafana_required": spec.grafana.required,
-            "grafana_package": _package(spec.grafana.package),
-            "grafana_port": spec.grafana.port,
-            "grafana_admin_user": spec.grafana.admin_user,
-            "worker_metrics_port": spec.ingestion.metrics_port,
+            "iotplat_paths": dict(paths()),
             "iotplat_firewall_sources": self.firewall_sources(),
             "iotplat_version": __version__,
         }
-        # One play, strategy free: each host runs the baseline and then its own services in order (broker,
+        for svc in all_services():
+            group_vars.update(svc.group_vars(p))
+        # One play, strategy free: each host runs the baseline and then its own services in deploy order (broker,
         # InfluxDB, worker, Grafana) without waiting for the other hosts at every task. The worker does not
         # need InfluxDB to be ready (it spools), so no cross-host ordering is needed.
-        services = [("MQTT broker", "mosquitto", "broker"), ("InfluxDB", "influxdb", "influxdb"),
-                    ("Ingestion worker", "worker", "worker"), ("Grafana", "grafana", "grafana")]
+        ordered = by_deploy_order(all_services())
         site = [{
             "name": "iotplat platform",
             "hosts": "all",
@@ -600,42 +376,23 @@ class Renderer:
             "strategy": "free",
             "tasks": [
                 {"name": "Baseline on every host", "ansible.builtin.include_role": {"name": "common"}},
-                *({"name": title, "ansible.builtin.include_role": {"name": role},
-                   "when": f"'{group}' in group_names"} for title, role, group in services),
+                *({"name": svc.title, "ansible.builtin.include_role": {"name": svc.role_for(p)},
+                   "when": f"'{svc.name}' in group_names"} for svc in ordered),
             ],
         }]
+        # Each role's own tasks/uninstall.yml stops its units and removes its configuration (its data only with
+        # iotplat_destroy_data), then common's removes what every host has (iotplat's folders, the data disk).
         destroy = [{
             "name": "Stop and remove the platform's services (data only with iotplat_destroy_data)",
             "hosts": "all",
             "become": True,
             "vars": {"iotplat_destroy_data": False},
             "tasks": [
-                {"name": "Stop and disable services",
-                 "ansible.builtin.systemd_service": {"name": "{{ item }}", "state": "stopped", "enabled": False},
-                 "loop": "{{ (['mosquitto'] if 'broker' in iotplat_services else []) + "
-                         "(['influxdb'] if 'influxdb' in iotplat_services else []) + "
-                         "(['grafana-server'] if 'grafana' in iotplat_services else []) + "
-                         "(worker_replicas | map('regex_replace', '^(.*)$', 'iotplat-worker@\\1') | list) }}",
-                 "failed_when": False},
-                {"name": "Remove configuration and credentials",
-                 "ansible.builtin.file": {"path": "{{ item }}", "state": "absent"},
-                 "loop": ["/etc/iotplat", "/etc/mosquitto/iotplat", "/opt/iotplat"]},
-                {"name": "Unmount the data disk's folders and the disk (iotplat destroy --data)",
-                 "ansible.builtin.systemd_service": {"name": "{{ item }}", "state": "stopped", "enabled": False},
-                 "loop": "{{ (iotplat_data_dirs | map(attribute='unit') | list) + [iotplat_data_mount_unit] }}",
-                 "failed_when": False,
-                 "when": ["iotplat_destroy_data | bool", "iotplat_data_device | default('') | length > 0"]},
-                {"name": "Erase the data disk's file system (iotplat destroy --data)",
-                 "ansible.builtin.command": {"argv": ["wipefs", "--all", "{{ iotplat_data_device }}"]},
-                 "when": ["iotplat_destroy_data | bool", "iotplat_data_device | default('') | length > 0"]},
-                {"name": "Remove the data disk's mount units (iotplat destroy --data)",
-                 "ansible.builtin.file": {"path": "/etc/systemd/system/{{ item }}", "state": "absent"},
-                 "loop": "{{ (iotplat_data_dirs | map(attribute='unit') | list) + [iotplat_data_mount_unit] }}",
-                 "when": ["iotplat_destroy_data | bool", "iotplat_data_device | default('') | length > 0"]},
-                {"name": "Remove data (iotplat destroy --data)",
-                 "ansible.builtin.file": {"path": "{{ item }}", "state": "absent"},
-                 "loop": sorted({d for dirs in DATA_DIRS.values() for d in dirs} | {DATA_MOUNT}),
-                 "when": "iotplat_destroy_data | bool"},
+                *({"name": f"Remove {svc.title}",
+                   "ansible.builtin.include_role": {"name": svc.role_for(p), "tasks_from": "uninstall"},
+                   "when": f"'{svc.name}' in group_names"} for svc in reversed(ordered)),
+                {"name": "Remove iotplat's files and the data disk's mounts",
+                 "ansible.builtin.include_role": {"name": "common", "tasks_from": "uninstall"}},
             ],
         }]
         cfg = (
@@ -668,48 +425,12 @@ class Renderer:
         }
 
     def pulumi_files(self) -> dict[str, bytes]:
-        p = self.p
-        t = p.spec.target
-        if t.kind not in ("aws", "azure"):
+        target = render_targets.for_platform(self.p)
+        stack = target.stack_config(self.p, self.host_ingress)
+        if stack is None:
             return {}
-        sizes = t.instance_types if t.kind == "aws" else t.vm_sizes
-        key_path = Path(t.ssh_public_key_file)
-        key_path = key_path if key_path.is_absolute() else p.spec_dir / key_path
-        try:
-            pubkey = key_path.read_text().strip()
-        except OSError as exc:
-            raise InvalidInput(f"{p.spec_file}: target.ssh_public_key_file: cannot read {key_path}: {exc.strerror}") from None
-        if not pubkey.startswith(("ssh-ed25519 ", "ssh-rsa ")):
-            raise InvalidInput(f"{p.spec_file}: target.ssh_public_key_file: {key_path} is not an ssh-ed25519 or ssh-rsa "
-                               "public key (the .pub file)")
-        config: dict[str, Any] = {
-            "iotplat:platform": p.name,
-            "iotplat:environment": p.environment,
-            "iotplat:networkCidr": t.network_cidr,
-            "iotplat:adminCidrs": list(t.admin_cidrs),
-            "iotplat:deviceCidrs": list(t.device_cidrs),
-            "iotplat:sshUser": t.ssh_user,
-            "iotplat:sshPublicKey": pubkey,
-            "iotplat:image": t.image,
-            "iotplat:mode": "active",
-            "iotplat:tags": {"platform": p.name, "environment": p.environment, "managed-by": "iotplat"},
-            "iotplat:hosts": [
-                {
-                    "name": h,
-                    "size": sizes.get(h, sizes.get("default")),
-                    "diskGb": max(1, p.spec.target.disk_size // (1024**3)),
-                    "services": p.services_on(h),
-                    "ingress": self.host_ingress(h),
-                }
-                for h in p.host_names
-            ],
-        }
-        if t.kind == "aws":
-            config["aws:region"] = t.region
-        else:
-            config["azure-native:location"] = t.location
-        name = f"pulumi/{t.kind}/Pulumi.{p.name}-{p.environment}.yaml"
-        return {name: _yaml({"config": config}, MANAGED + f" Stack config for stacks/{t.kind}.")}
+        name, config = stack
+        return {name: _yaml({"config": config}, MANAGED + f" Stack config for stacks/{target.kind}.")}
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """Where files live on the hosts: the one table the templates, the roles and the manifest share.
 
+The table is the common paths below plus every service's own (`Service.paths()`): templates read it as `paths`,
+the roles as the group variable `iotplat_paths` (their vars/main.yml name no path of their own), and the manifest
+lists the files at those paths. tests/roles/test_roles_static.py ties the roles to it.
+
 Secret files live under /etc/iotplat/credentials/ (root-only, 0600) and reach services through systemd
 `LoadCredential=` (they then appear under /run/credentials/<unit>/). Mosquitto is the exception: it
 drops root itself and re-reads its password file on SIGHUP, so its key and password file are
@@ -8,33 +12,52 @@ root:mosquitto 0640 under /etc/mosquitto/iotplat/.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
 
 CREDENTIALS_DIR = "/etc/iotplat/credentials"
 
-PATHS = MappingProxyType(
+# Paths every host has, whatever its services.
+COMMON_PATHS = MappingProxyType(
     {
         "ca_cert": "/etc/iotplat/tls/ca.crt",
         "server_cert": "/etc/iotplat/tls/server.crt",
-        "mosquitto_conf": "/etc/mosquitto/mosquitto.conf",
-        "mosquitto_acl": "/etc/mosquitto/iotplat/acl",
-        "mosquitto_passwd": "/etc/mosquitto/iotplat/passwd",
-        "mosquitto_key": "/etc/mosquitto/iotplat/server.key",
-        "influxdb1_conf": "/etc/influxdb/influxdb.conf",
-        "influxdb2_conf": "/etc/influxdb/config.toml",
-        "influxdb_key": "/run/credentials/influxdb.service/server.key",
-        "grafana_ini": "/etc/grafana/grafana.ini",
-        "grafana_datasource": "/etc/grafana/provisioning/datasources/iotplat.yaml",
-        "grafana_dashboard_provider": "/etc/grafana/provisioning/dashboards/iotplat.yaml",
-        "grafana_dashboards": "/etc/iotplat/dashboards",
-        "grafana_credentials": "/run/credentials/grafana-server.service",
-        "worker_conf": "/etc/iotplat/worker.toml",
+        "config_dir": "/etc/iotplat",
+        "credentials_dir": CREDENTIALS_DIR,
     }
 )
 
-# Where each service keeps its data on a host: what a data disk holds (mounted at DATA_MOUNT, each folder
-# bind-mounted from it), what `destroy --data` removes, and what backups read.
+# Where a data disk is mounted; each service's data folders (Service.data_dirs) are bind-mounted from it.
 DATA_MOUNT = "/srv/iotplat"
+
+
+def paths() -> Mapping[str, str]:
+    """The whole table: the common paths and every registered service's (a name may be defined only once)."""
+    from iotplat.services import all_services
+
+    out = dict(COMMON_PATHS)
+    for svc in all_services():
+        for name, path in svc.paths().items():
+            if name in out and out[name] != path:
+                raise ValueError(f"path {name!r} of service {svc.name} is already {out[name]!r}")
+            out[name] = path
+    return MappingProxyType(out)
+
+
+class _Paths(Mapping[str, str]):
+    """`PATHS`: the table, read when used (plugins register services after this module is imported)."""
+
+    def __getitem__(self, key: str) -> str:
+        return paths()[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(paths())
+
+    def __len__(self) -> int:
+        return len(paths())
+
+
+PATHS: Mapping[str, str] = _Paths()
 
 
 def mount_unit(path: str) -> str:
@@ -48,11 +71,3 @@ def mount_unit(path: str) -> str:
         else:
             parts.append("".join(f"\\x{b:02x}" for b in ch.encode()))
     return ("".join(parts) or "-") + ".mount"
-DATA_DIRS = MappingProxyType(
-    {
-        "broker": ("/var/lib/mosquitto",),
-        "influxdb": ("/var/lib/influxdb", "/var/lib/influxdb2"),
-        "grafana": ("/var/lib/grafana",),
-        "worker": ("/var/lib/iotplat-worker",),
-    }
-)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from iotplat.errors import InvalidInput
 from iotplat.secrets import pki
-from iotplat.secrets.passwords import generate_password, hash_iterations, hash_many
+from iotplat.secrets.passwords import (SecretSource, bcrypt_cost, bcrypt_hash_cost, bcrypt_many, generate_password,
+                                      hash_iterations, hash_many, pbkdf2_iterations)
 from iotplat.secrets.state import State
 from iotplat.spec.model import SecretRef
 from iotplat.spec.platform_model import Platform
@@ -28,7 +29,6 @@ SERVICE_SECRETS = (
     "grafana_admin_password",
     "grafana_secret_key",
 )
-SERVER_SERVICES = ("broker", "influxdb", "grafana")
 
 
 @dataclass(frozen=True)
@@ -107,16 +107,16 @@ def resolve_ref(ref: SecretRef, platform: Platform, what: str) -> str:
 
 
 def server_names(platform: Platform, host: str) -> list[str]:
-    names = [platform.host_fqdn(host)]
-    services = platform.services_on(host)
-    for svc in SERVER_SERVICES:
-        if svc in services:
-            names.append(platform.service_name(svc))
-    if "broker" in services:
-        names.extend(platform.spec.broker.server_names)
-    if "grafana" in services and platform.spec.grafana.domain:
-        names.append(platform.spec.grafana.domain)
+    names = [platform.host_fqdn(host), *_service_cert_names(platform, host)]
     return sorted(dict.fromkeys(names))
+
+
+def _service_cert_names(platform: Platform, host: str) -> list[str]:
+    """The names the TLS servers on `host` answer to (each service's `cert_names`, iotplat/services)."""
+    from iotplat.services import all_services
+
+    on = set(platform.services_on(host))
+    return [n for svc in all_services() if svc.name in on for n in svc.cert_names(platform)]
 
 
 def mqtt_usernames(platform: Platform) -> list[str]:
@@ -142,11 +142,13 @@ def ensure_materials(platform: Platform, state: State) -> Materials:
     certs = sec.setdefault("hosts", {})
     host_certs: dict[str, pki.CertKey] = {}
     for host in platform.host_names:
-        if not any(s in SERVER_SERVICES for s in platform.services_on(host)):
+        if not _service_cert_names(platform, host):  # no TLS server on it (e.g. a worker-only host)
             continue
         names = server_names(platform, host)
         cur = certs.get(host)
-        if cur is None or pki.needs_renewal(cur["cert"], names, ca.cert_pem):
+        routes = platform.spec.broker.engine == "nats" and "broker" in platform.services_on(host)
+        if cur is None or pki.needs_renewal(cur["cert"], names, ca.cert_pem) or (
+                routes and not pki.has_client_auth(cur["cert"])):
             issued = pki.issue_server_cert(ca, platform.host_fqdn(host), names, platform.spec.tls.server_cert_days)
             certs[host] = {"cert": issued.cert_pem, "key": issued.key_pem}
             state.mark("secrets")
@@ -163,26 +165,68 @@ def ensure_materials(platform: Platform, state: State) -> Materials:
             values[name] = pysecrets.token_hex(32) if name == "grafana_secret_key" else generate_password()
             state.mark("secrets")
         resolved[name] = values[name]
-    # MQTT users (devices, canary, worker replicas) with cached hashes
+    # MQTT users (devices, canary, worker replicas) with cached hashes, their cost by the secret's source
     users_doc = state.doc("users")
     users = users_doc.setdefault("users", {})
-    iterations = platform.spec.broker.auth.hash_iterations
     wanted = mqtt_usernames(platform)
-    todo: list[tuple[str, str]] = []
+    todo: dict[int, list[tuple[str, str]]] = {}
     for name in wanted:
         entry = users.get(name)
         if entry is None:
             entry = users[name] = {"password": generate_password()}
             state.mark("users")
+        iterations = mqtt_hash_iterations(platform, _source(entry))
         if hash_iterations(entry.get("hash", "")) != iterations:
-            todo.append((name, entry["password"]))
-    if todo:
-        for name, h in hash_many(todo, iterations).items():
+            todo.setdefault(iterations, []).append((name, entry["password"]))
+    for iterations, pairs in todo.items():
+        for name, h in hash_many(pairs, iterations).items():
             users[name]["hash"] = h
         state.mark("users")
     mqtt_users = {n: (users[n]["password"], users[n]["hash"]) for n in wanted}
-    return Materials(trust_pem, host_certs, mqtt_users, resolved, len(todo),
+    computed = sum(len(p) for p in todo.values())
+    if platform.spec.broker.engine == "nats":  # each broker host's nats-server.conf holds bcrypt hashes: a secret
+        from iotplat.services import nats
+
+        hashes, more = bcrypt_hashes(state, nats.usernames(platform))
+        computed += more
+        for host, conf in nats.node_configs(platform, hashes).items():
+            resolved[nats.secret_key(host)] = conf
+    return Materials(trust_pem, host_certs, mqtt_users, resolved, computed,
                      ca_rotation_started=ca_next["started"] if ca_next else "")
+
+
+def _source(entry: dict[str, str]) -> SecretSource:
+    """Where an MQTT user's secret came from: every one iotplat keeps today is generated; an entry may say
+    ``"source": "supplied"`` (a credential a person chose) to get the stretched cost."""
+    return SecretSource(entry.get("source", SecretSource.GENERATED.value))
+
+
+def mqtt_hash_iterations(platform: Platform, source: SecretSource) -> int:
+    """PBKDF2 iterations of one MQTT user's hash. A spec that sets ``broker.auth.hash_iterations`` gets it for
+    every user, as before; otherwise the cost follows the secret's source (passwords.py says why): generated
+    secrets the minimal cost, supplied ones the stretched default."""
+    auth = platform.spec.broker.auth
+    if "hash_iterations" in auth.model_fields_set:
+        return auth.hash_iterations
+    return pbkdf2_iterations(source, auth.hash_iterations)
+
+
+def bcrypt_hashes(state: State, names: list[str]) -> tuple[dict[str, str], int]:
+    """({user: bcrypt hash}, how many were computed) for MQTT users already in the state (ensure_materials
+    first): what nats-server.conf needs. Cached beside the PBKDF2 hash; recomputed only when missing or of
+    another cost than the secret's source asks for (rotation replaces the whole entry, hash included)."""
+    users = state.doc("users").setdefault("users", {})
+    todo: dict[int, list[tuple[str, str]]] = {}
+    for name in names:
+        entry = users[name]
+        cost = bcrypt_cost(_source(entry))
+        if bcrypt_hash_cost(entry.get("bcrypt", "")) != cost:
+            todo.setdefault(cost, []).append((name, entry["password"]))
+    for cost, pairs in todo.items():
+        for name, h in bcrypt_many(pairs, cost).items():
+            users[name]["bcrypt"] = h
+        state.mark("users")
+    return {n: users[n]["bcrypt"] for n in names}, sum(len(p) for p in todo.values())
 
 
 def _given_ca(platform: Platform) -> pki.CertKey:

@@ -78,7 +78,9 @@ def issue_server_cert(ca: CertKey, common_name: str, dns_names: list[str], days:
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # clientAuth too: a NATS node presents its certificate to the others on the cluster routes
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
                                      key_encipherment=False, data_encipherment=False, key_agreement=True,
                                      encipher_only=False, decipher_only=False), critical=True)
@@ -110,6 +112,16 @@ def issued_by(cert_pem: str, ca_pem: str) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def has_client_auth(cert_pem: str) -> bool:
+    """The certificate may also authenticate as a client (a NATS node presents it on its cluster routes)."""
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.CLIENT_AUTH in eku
 
 
 def needs_renewal(cert_pem: str, names: list[str], ca_pem: str) -> bool:

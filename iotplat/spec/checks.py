@@ -14,7 +14,7 @@ from typing import Literal, TypeVar
 
 from iotplat.errors import Problem
 from iotplat.spec.errors_map import did_you_mean
-from iotplat.spec.model import AWS_REGIONS, AZURE_LOCATIONS, SERVICES
+from iotplat.spec.model import AWS_REGIONS, AZURE_LOCATIONS
 from iotplat.spec.platform_model import (
     GRAFANA_INFLUX_USER,
     INFLUX_ADMIN_USER,
@@ -51,22 +51,30 @@ def _column_hint(name: str, columns: set[str]) -> str:
 
 
 def check_placement(p: Platform, doc: Document) -> list[Problem]:
+    """Every required service runs somewhere, and a single-host service (the broker, InfluxDB, Grafana) on one."""
+    from iotplat.services import all_services
+
     out: list[Problem] = []
     names = [h.name for h in p.spec.hosts]
     for i, n in enumerate(names):
         if names.index(n) != i:
             out.append(doc.problem(("hosts", i, "name"), f"host name {n!r} is used twice"))
-    for svc in SERVICES:
-        placed = p.placement[svc]
-        if svc == "grafana" and not p.spec.grafana.enabled:
+    for svc in all_services():
+        if not svc.enabled(p):
             continue
-        if not placed:
-            out.append(doc.problem(("hosts",), f"no host runs the {svc} service",
-                                   f"add {svc!r} to the services of one host"))
-        elif svc in ("broker", "influxdb", "grafana") and len(placed) > 1:
-            out.append(doc.problem(("hosts",), f"{svc} is placed on {len(placed)} hosts ({', '.join(placed)}); "
+        placed = p.placement[svc.name]
+        if not placed and svc.required:
+            out.append(doc.problem(("hosts",), f"no host runs the {svc.name} service",
+                                   f"add {svc.name!r} to the services of one host"))
+        elif svc.single_host and len(placed) > 1 and not _clustered(svc.name, p):
+            out.append(doc.problem(("hosts",), f"{svc.name} is placed on {len(placed)} hosts ({', '.join(placed)}); "
                                    "it runs on exactly one", "keep it on one host"))
     return out
+
+
+def _clustered(service: str, p: Platform) -> bool:
+    """The broker on the NATS engine runs on `broker.nodes` hosts (check_broker_engine counts them)."""
+    return service == "broker" and p.spec.broker.engine == "nats"
 
 
 def check_ports(p: Platform, doc: Document) -> list[Problem]:
@@ -487,6 +495,169 @@ def check_cost_settings(p: Platform, doc: Document) -> list[Problem]:
             for n in sorted(set(p.spec.cost.hardware) - set(names) - {"default"})]
 
 
+# Settings only Mosquitto has, refused with broker.engine: nats when the spec sets them: (path, why, hint).
+_MOSQUITTO_ONLY: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("broker", "limits", "inflight_messages"), "Mosquitto's per-client in-flight window",
+     "remove it: on nats the worker's consumer holds at most ingestion.inflight unacknowledged messages"),
+    (("broker", "limits", "queue_messages"), "Mosquitto's per-client queue",
+     "remove it: on nats the worker's stream keeps ingestion.outage_budget of peak traffic"),
+    (("broker", "limits", "queue_bytes"), "Mosquitto's per-client queue",
+     "remove it: on nats the worker's stream keeps ingestion.outage_budget of peak traffic"),
+    (("broker", "limits", "max_keepalive"), "Mosquitto's keepalive limit (nats-server has none)", "remove it"),
+    (("broker", "persistence", "autosave_interval"), "Mosquitto's persistence file",
+     "remove it: JetStream stores a QoS 1 message (on 3 nodes in a cluster) before the device's PUBACK"),
+    (("broker", "persistence", "client_expiration"), "Mosquitto's session expiry for the worker",
+     "remove it: on nats the worker's durable consumer does not expire"),
+    (("broker", "auth", "hash_iterations"), "Mosquitto's PBKDF2 cost",
+     "remove it: nats-server checks bcrypt hashes, their cost chosen by the secret's source"),
+    (("ingestion", "protocol"), "the worker's MQTT version (on nats the worker speaks the NATS protocol)",
+     "remove it"),
+)
+
+
+def _set_in_spec(doc: Document, path: tuple[str, ...]) -> bool:
+    node: object = doc.data
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_broker_engine(p: Platform, doc: Document) -> list[Problem]:
+    """broker.engine and broker.nodes: Mosquitto on one host; NATS on 1, 3 or 5 hosts (JetStream's Raft needs a
+    majority), each listing the broker service; Mosquitto-only and MQTT 5-only settings refused for nats; every
+    topic level expressible as a NATS subject token; nats-server's own ports free on its hosts."""
+    from iotplat.nats.permissions import PermissionError_, device_topics, template_problems
+    from iotplat.services import nats
+
+    b = p.spec.broker
+    out: list[Problem] = []
+    hosts = p.placement["broker"]
+    if b.engine == "mosquitto":
+        if b.nodes != 1:
+            out.append(doc.problem(("broker", "nodes"), f"Mosquitto runs on one host (it has no clustering), not {b.nodes}",
+                                   "use broker.engine: nats for a cluster of 3 or 5 nodes, or remove nodes"))
+        return out
+    if b.nodes % 2 == 0:
+        out.append(doc.problem(("broker", "nodes"), f"a NATS cluster of {b.nodes} nodes survives no more node losses "
+                               f"than one of {b.nodes - 1} (JetStream needs a majority of its nodes)",
+                               "use an odd number: 3 (one node may fail) or 5 (two may), or 1"))
+    elif hosts and len(hosts) != b.nodes:
+        out.append(doc.problem(("hosts",), f"broker.nodes is {b.nodes} but {len(hosts)} host(s) list the broker "
+                               f"service ({', '.join(hosts)})", f"list broker on exactly {b.nodes} hosts"))
+    if p.spec.target.kind in ("aws", "azure"):
+        out.append(doc.problem(("broker", "engine"), f"broker.engine: nats is not deployed on {p.spec.target.kind} yet "
+                               "(the stack has no load balancer in front of the nodes)",
+                               "use target kind local or baremetal, or engine: mosquitto"))
+    mqtt = [i for i, lst in enumerate(b.listeners) if lst.protocol == "mqtt"]
+    for i, lst in enumerate(b.listeners):
+        if lst.protocol == "websockets":
+            out.append(doc.problem(("broker", "listeners", i, "protocol"), "nats-server serves MQTT over TLS only, "
+                                   "not over WebSockets", "remove this listener, or use engine: mosquitto"))
+    for i in mqtt[1:]:
+        out.append(doc.problem(("broker", "listeners", i), "nats-server has one MQTT listener",
+                               "keep one listener (port 8883)"))
+    for path, what, hint in _MOSQUITTO_ONLY:
+        if _set_in_spec(doc, path):
+            out.append(doc.problem(path, f"{what} does not apply to broker.engine: nats", hint, key=True))
+    size = b.limits.message_size
+    if not nats.MIN_PAYLOAD <= size <= nats.MAX_PAYLOAD:
+        out.append(doc.problem(("broker", "limits", "message_size"), f"nats-server carries messages of 1KiB to 64MiB, "
+                               f"not {format_size(size)}", "choose a size in that range (256KiB by default)"))
+    for ti, tmpl in enumerate(p.spec.devices.topics):
+        for why in template_problems(tmpl):
+            out.append(doc.problem(("devices", "topics", ti), f"{tmpl!r}: {why}: no NATS subject carries it",
+                                   "use levels of letters, digits, '_' and '-', or engine: mosquitto"))
+    for si, sub in enumerate(p.spec.ingestion.subscriptions):
+        for why in template_problems(sub.topic):
+            out.append(doc.problem(("ingestion", "subscriptions", si, "topic"),
+                                   f"{sub.topic!r}: {why}: no NATS subject carries it",
+                                   "use levels of letters, digits, '_' and '-', or engine: mosquitto"))
+    for why in template_problems(p.spec.ingestion.dead_letters.topic):
+        out.append(doc.problem(("ingestion", "dead_letters", "topic"), f"{why}: no NATS subject carries it",
+                               "use levels of letters, digits, '_' and '-'"))
+    if not out:
+        for d in p.all_devices:
+            try:
+                device_topics(d.id, dict(d.attributes), p.spec.devices.topics)
+            except (PermissionError_, ValueError) as exc:
+                where = ("devices", "canary") if d is p.canary else ("devices", "registry")
+                out.append(doc.problem(where, f"device {d.id!r}: {exc}",
+                                       "registry values used in topics need letters, digits, '_' or '-' on nats"))
+                break
+    for host in hosts:
+        on = p.services_on(host)
+        used: dict[int, tuple[str, tuple[str | int, ...]]] = {}
+        for svc in ("influxdb", "grafana"):
+            if svc in on:
+                used[getattr(p.spec, svc).port] = (svc, (svc, "port"))
+        for r in p.replicas_on(host):
+            used[p.spec.ingestion.metrics_port + r.number - 1] = (f"worker replica {r.number}'s metrics",
+                                                                 ("ingestion", "metrics_port"))
+        for li, lst in enumerate(b.listeners):
+            used[lst.port] = (f"broker listener {li}", ("broker", "listeners", li, "port"))
+        for port, what in nats.PORTS.items():
+            if port in used:
+                other, path = used[port]
+                out.append(doc.problem(path, f"port {port} on host {host!r} is nats-server's {what}, not free for "
+                                       f"{other}", "choose another port"))
+    return out
+
+
+def check_runtime(p: Platform, doc: Document) -> list[Problem]:
+    """The container runtime: only services it supports, images pinned by digest, archives that exist."""
+    from iotplat.containers.images import ImageRefError
+    from iotplat.containers.runtime import IMAGE_KEYS, UNSUPPORTED, archive_source, container_services, image_ref
+
+    out: list[Problem] = []
+    rt = p.spec.runtime
+
+    def where(svc: str) -> tuple[str, ...]:  # the line that put svc in a container (doc.problem falls back upwards)
+        return ("runtime", svc) if getattr(rt, svc) is not None else ("runtime", "default")
+    for name, key in IMAGE_KEYS.items():  # every pin the spec writes is checked, used or not
+        if getattr(p.spec.images, key):
+            try:
+                image_ref(p.spec, name)
+            except ImageRefError as exc:
+                out.append(doc.problem(("images", key), exc.message, exc.hint))
+    for svc in container_services(p):
+        if svc in UNSUPPORTED:
+            out.append(doc.problem(where(svc), UNSUPPORTED[svc], f"run {svc} as a package: runtime: {{default: "
+                                   f"container, {svc}: package}}"))
+            continue
+        if svc == "influxdb" and p.spec.influxdb.version != 1:
+            out.append(doc.problem(where(svc), "InfluxDB 2 in a container is not supported yet (only 1.x is)",
+                                   "use influxdb.version: 1, or run influxdb as a package: runtime: {default: "
+                                   "container, influxdb: package}"))
+            continue
+        if svc == "broker" and getattr(p.spec.broker, "engine", "mosquitto") != "mosquitto":
+            out.append(doc.problem(where(svc), "only the Mosquitto broker runs in a container",
+                                   "run the broker as a package: runtime: {default: container, broker: package}"))
+            continue
+        if svc == "influxdb" and p.spec.backup.schedule:
+            out.append(doc.problem(("backup", "schedule"), "scheduled backups of InfluxDB in a container are not "
+                                   "supported yet (the host has no influxd to run them)",
+                                   "take backups with `iotplat backup` from the controller (it runs influxd in a "
+                                   "container of the image), or run influxdb as a package"))
+        if not getattr(p.spec.images, IMAGE_KEYS[svc]):
+            try:
+                image_ref(p.spec, svc)
+            except ImageRefError as exc:
+                out.append(doc.problem(("images",), exc.message, exc.hint))
+        source = archive_source(p, svc)
+        if svc == "worker" and source is None:
+            out.append(doc.problem(where(svc), "the worker's image is built by iotplat on a base image, which must be "
+                                   "given as an archive", "set images.archive.worker_base to a `skopeo copy "
+                                   "--preserve-digests docker://NAME@DIGEST oci-archive:FILE` archive of "
+                                   "images.worker_base (default python:3.13-slim-trixie)"))
+        elif source is not None and not source.is_file():
+            out.append(doc.problem(("images", "archive", IMAGE_KEYS[svc]), f"{source} is not a file",
+                                   "give the path of a `skopeo copy --preserve-digests docker://NAME@DIGEST "
+                                   "oci-archive:FILE` archive, relative to the spec"))
+    return out
+
+
 CHECKS: tuple[Check, ...] = (
     check_placement,
     check_ports,
@@ -500,6 +671,8 @@ CHECKS: tuple[Check, ...] = (
     check_cidr_exposure,
     check_vm_sizes,
     check_cost_settings,
+    check_broker_engine,
+    check_runtime,
 )
 
 

@@ -26,13 +26,23 @@ from pydantic import (
 )
 
 from iotplat import API_VERSION
+from iotplat.services.registry import names as service_names
 from iotplat.spec.units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
 
-SERVICES = ("broker", "worker", "influxdb", "grafana")
+# The services a host may run: iotplat's four and those of installed plugins (iotplat.services.registry).
+SERVICES = service_names()
 # Debian releases iotplat deploys to (every target): each has its own table of pinned package versions.
 RELEASES = ("debian-12", "debian-13")
 Release = Literal["debian-12", "debian-13"]
-Service = Literal["broker", "worker", "influxdb", "grafana"]
+
+
+def _known_service(value: str) -> str:
+    if value not in SERVICES:
+        raise ValueError(f"unknown service {value!r}; known services: {', '.join(SERVICES)}")
+    return value
+
+
+Service = Annotated[str, AfterValidator(_known_service), WithJsonSchema({"type": "string", "enum": list(SERVICES)})]
 
 def full(body: str) -> str:
     """A full-string pattern for `Field(pattern=...)`: the whole value must match `body`.
@@ -416,7 +426,16 @@ class Persistence(Base):
     client_expiration: Duration = Field("7d", description="Persistent sessions idle this long are removed.")
 
 
+BROKER_ENGINES = ("mosquitto", "nats")
+
+
 class Broker(Base):
+    engine: Literal["mosquitto", "nats"] = Field(
+        "mosquitto", description="mosquitto: one Mosquitto process on one host (MQTT 3.1.1 and 5); nats: NATS with "
+        "JetStream on `nodes` hosts, devices speak MQTT 3.1.1 (QoS 0/1) to any of them (README: Broker engines).")
+    nodes: int = Field(
+        1, ge=1, le=5, description="Broker hosts (those listing the `broker` service): 1, or with engine: nats 3 or 5 "
+        "for a cluster that keeps every acknowledged message when one node (two of five) is lost.")
     listeners: list[Listener] = Field(default_factory=lambda: [Listener()], min_length=1)
     server_names: list[DnsName] = Field(
         [], description="Public DNS names devices use for the broker; added to its certificate."
@@ -425,8 +444,8 @@ class Broker(Base):
     limits: BrokerLimits = BrokerLimits()
     persistence: Persistence = Persistence()
     version: VersionPin | None = Field(
-        None, description="Pinned mosquitto package version (one, or one per Debian release); default: iotplat's "
-        "pins for each release (README: Supported host releases).")
+        None, description="Pinned package version of the engine (mosquitto, or nats-server with engine: nats; one, "
+        "or one per Debian release); default: iotplat's pins for each release (README: Supported host releases).")
 
 
 # --------------------------------------------------------------------------------------- devices
@@ -652,6 +671,65 @@ class Grafana(Base):
         return v
 
 
+# --------------------------------------------------------------------------------------- runtime and images
+
+# How a service runs on its hosts: Debian packages, or a pinned image under a systemd unit (docs/containers.md).
+Runtime = Literal["package", "container"]
+# An image reference as written: `name:tag@sha256:<64 hex>`. The schema admits any printable word so that
+# iotplat.spec.checks.check_runtime can say exactly what is wrong with it (a missing digest, a tag alone) with a hint;
+# iotplat.containers.images.parse_image_ref is the full grammar.
+IMAGE_WORD = r"[!-~]{1,512}"
+ImageReference = Annotated[str, Field(pattern=full(IMAGE_WORD),
+                                      description="An image pinned by digest: NAME:TAG@sha256:<64 hex digits>.")]
+
+
+class Runtimes(Base):
+    """The runtime of the platform (`default`) and of single services (unset: the platform's)."""
+
+    default: Runtime = Field("package", description="The runtime of every service not named here.")
+    broker: Runtime | None = Field(None, description="Mosquitto's runtime; default: `default`.")
+    worker: Runtime | None = Field(None, description="The ingestion worker's runtime; default: `default`.")
+    influxdb: Runtime | None = Field(None, description="InfluxDB's runtime; default: `default`.")
+    grafana: Runtime | None = Field(None, description="Grafana's runtime; default: `default`.")
+
+
+def _runtime_shorthand(value: object) -> object:
+    """`runtime: container` is `runtime: {default: container}`."""
+    return {"default": value} if isinstance(value, str) else value
+
+
+RuntimeSetting = Annotated[
+    Runtimes,
+    BeforeValidator(_runtime_shorthand),
+    WithJsonSchema({"anyOf": [{"type": "string", "enum": ["package", "container"]}, Runtimes.model_json_schema()],
+                    "description": "package or container for every service, or a map {default, broker, worker, "
+                    "influxdb, grafana}"}),
+]
+
+
+class ImageArchives(Base):
+    """Per image, a local archive (`skopeo copy --preserve-digests docker://NAME@DIGEST oci-archive:FILE`) that hosts
+    load instead of pulling: checked against the pinned digest on the controller before anything is copied."""
+
+    broker: ControllerPath | None = Field(None, description="Archive of the broker image (path, relative to the spec).")
+    influxdb: ControllerPath | None = Field(None, description="Archive of the InfluxDB image (path, relative to the spec).")
+    grafana: ControllerPath | None = Field(None, description="Archive of the Grafana image (path, relative to the spec).")
+    worker_base: ControllerPath | None = Field(
+        None, description="Archive of the worker image's base (path, relative to the spec); iotplat builds the worker "
+        "image on it from the worker's wheelhouse.")
+
+
+class Images(Base):
+    """The images of services in the container runtime; unset: iotplat's pins (docs/containers.md)."""
+
+    broker: ImageReference | None = Field(None, description="Default: eclipse-mosquitto:2.0.22@sha256:05b5c3...")
+    influxdb: ImageReference | None = Field(None, description="Default: influxdb:1.11.8@sha256:9d1a55... (version 1).")
+    grafana: ImageReference | None = Field(None, description="No default: pin grafana/grafana-oss:TAG@sha256:<digest>.")
+    worker_base: ImageReference | None = Field(
+        None, description="Base of the worker image iotplat builds; default: python:3.13-slim-trixie@sha256:966241...")
+    archive: ImageArchives = Field(ImageArchives(), description="Local image archives for hosts without registry access.")
+
+
 # --------------------------------------------------------------------------------------- secrets
 
 
@@ -747,11 +825,15 @@ class PlatformSpec(Base):
     tls: Tls = Field(Tls(), description="The platform CA and TLS policy; every service port uses TLS.")
     hosts: list[HostSpec] = Field(default_factory=_default_hosts, min_length=1,
                                   description="Hosts and the services placed on each; default: one host `core` with all four.")
-    broker: Broker = Field(Broker(), description="Mosquitto: listeners, device authentication, limits, persistence.")
+    broker: Broker = Field(Broker(), description="The MQTT broker (Mosquitto, or a NATS cluster): listeners, device authentication, limits, persistence.")
     devices: Devices = Field(Devices(), description="The device registry and each device's topic namespace (ACLs derive from it).")
     ingestion: Ingestion = Field(description="The worker: subscriptions, decoding, batching, spool, dead letters, replicas.")
     influxdb: InfluxDB = Field(description="The time-series database: version, names, retention, package.")
     grafana: Grafana = Field(Grafana(), description="Dashboards generated from the measurements; admin settings.")
+    runtime: RuntimeSetting = Field(
+        "package", description="package (Debian packages, the default) or container (pinned images under systemd "
+        "units), for the whole platform, or a map: {default: package, broker: container}.")
+    images: Images = Field(Images(), description="Container runtime: each service's image (pinned by digest) and archives.")
     secrets: Secrets = Field(Secrets(), description="Secrets are generated into the state directory unless referenced here.")
     state: StateSettings = Field(StateSettings(), description="Where iotplat keeps state for this platform.")
     backup: ScheduledBackups = Field(ScheduledBackups(), description="Scheduled backups on the hosts (systemd timer, retention count).")

@@ -19,6 +19,8 @@ from iotplat.spec.model import RELEASES, SERVICES, Package, PlatformSpec
 # Pinned package versions deployed when the spec does not pin its own: per Debian release, the version that
 # release's archive (with its security updates) ships. A host is configured with its own release's pin.
 MOSQUITTO_PINS = {"debian-12": "2.0.11-1.2+deb12u2", "debian-13": "2.0.21-1"}
+# nats-server (broker.engine: nats): Debian 12's 2.9.10 and Debian 13's 2.10.27 (the archives' builds).
+NATS_PINS = {"debian-12": "2.9.10-1+b3", "debian-13": "2.10.27-1+b2"}
 INFLUXDB1_PINS = {"debian-12": "1.6.7~rc0-1+b13", "debian-13": "1.6.7~rc0-2+b12"}
 INFLUXDB1_PACKAGE = Package(source="distro", version=dict(INFLUXDB1_PINS))  # type: ignore[arg-type]
 INFLUXDB2_PACKAGE = Package(source="upstream", version="2.7.11-1")
@@ -105,22 +107,25 @@ class Platform:
     # ---- placement
     @cached_property
     def placement(self) -> dict[str, list[str]]:
+        """service -> the hosts that run it (none for a service the spec switches off, e.g. grafana.enabled)."""
+        from iotplat.services import get
+
         out: dict[str, list[str]] = {s: [] for s in SERVICES}
         for host in self.spec.hosts:
             for svc in host.services:
                 out[svc].append(host.name)
-        if not self.spec.grafana.enabled:
-            out["grafana"] = []
+        for name in out:
+            if not get(name).enabled(self):
+                out[name] = []
         return out
 
     def host_of(self, service: str) -> str:
         return self.placement[service][0]
 
     def services_on(self, host: str) -> list[str]:
-        for h in self.spec.hosts:
-            if h.name == host:
-                return [s for s in SERVICES if s in h.services and (s != "grafana" or self.spec.grafana.enabled)]
-        raise KeyError(host)
+        if host not in self.host_names:
+            raise KeyError(host)
+        return [s for s in SERVICES if host in self.placement[s]]
 
     @property
     def host_names(self) -> list[str]:
@@ -193,6 +198,12 @@ class Platform:
     def mosquitto_pins(self) -> dict[str, str]:
         v = self.spec.broker.version
         return dict(MOSQUITTO_PINS) if v is None else release_pins(v)
+
+    @property
+    def nats_pins(self) -> dict[str, str]:
+        """nats-server's pins (broker.engine: nats): broker.version pins the engine's package."""
+        v = self.spec.broker.version
+        return dict(NATS_PINS) if v is None else release_pins(v)
 
     @property
     def influx_package(self) -> Package:

@@ -1,22 +1,22 @@
 """Prove a deployed platform works: service health, certificates, and an end-to-end canary.
 
 Every probe runs from the controller, the way devices and operators reach the platform; internal ports (InfluxDB's
-API) are reached through an SSH tunnel to the host (iotplat.hosts.tunnel), never by opening them:
+API) are reached through an SSH tunnel to the host (iotplat.hosts.tunnel), never by opening them. The checks come
+from the services (iotplat.services: each states its TLS ports, units, health endpoints and own checks):
 - TLS on every service port: the chain verifies against the platform CA for the service's logical name,
   and the certificate's expiry is reported (a warning 30 days ahead);
-- systemd units and each worker replica's /healthz, read on the host over SSH;
-- InfluxDB answers over HTTPS;
-- the canary: device `iotplat-canary` publishes one message over MQTT/TLS with its own credential to its
-  own topic; the point must be readable from InfluxDB (with Grafana's read-only user) within the timeout;
-- Grafana's datasource health, when Grafana runs;
+- systemd units and health endpoints (each worker replica's /healthz), read on the host over SSH;
+- InfluxDB answers a read-only query;
 - each worker replica's own counters (``ingestion.health``), read from InfluxDB with the read-only user:
   the latest point summarised (received, written, dead letters, spool, lag), failing when it is older than
-  3 health intervals or when dead letters grew in the last 5 minutes (see ``worker_counters_checks``).
+  3 health intervals (see ``worker_counters_checks``);
+- the canary: device `iotplat-canary` publishes one message over MQTT/TLS with its own credential to its
+  own topic; the point must be readable from InfluxDB (with Grafana's read-only user) within the timeout.
 """
-
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -97,7 +97,9 @@ def named_tls_context(ca_file: str, name: str) -> NamedTLSContext:
     return ctx
 
 
-class _Ctx:
+class TrustStore:
+    """The platform CA as a file for TLS contexts while a command runs (removed by close())."""
+
     def __init__(self, ca_pem: str) -> None:
         self.tmp = tempfile.NamedTemporaryFile("w", suffix=".crt", delete=False)
         self.tmp.write(ca_pem)
@@ -105,7 +107,7 @@ class _Ctx:
         self.ca_file = self.tmp.name
 
     def context(self) -> ssl.SSLContext:
-        """Trust the platform CA; the caller passes the logical name as server_hostname (see _HTTPS)."""
+        """Trust the platform CA; the caller passes the logical name as server_hostname (see NamedHTTPS)."""
         return ssl.create_default_context(cafile=self.ca_file)
 
     def for_name(self, name: str) -> NamedTLSContext:
@@ -116,7 +118,7 @@ class _Ctx:
         Path(self.ca_file).unlink(missing_ok=True)
 
 
-class _HTTPS(http.client.HTTPSConnection):
+class NamedHTTPS(http.client.HTTPSConnection):
     """HTTPS to an address, verifying the certificate for a logical name (SNI + hostname check)."""
 
     def __init__(self, address: str, port: int, ctx: ssl.SSLContext, name: str, timeout: float = 10) -> None:
@@ -156,32 +158,19 @@ _HOST_SCRIPT = r"""
 import json, subprocess, urllib.error, urllib.request
 units = %s
 ports = %s
-out = {"units": {}, "workers": {}}
+out = {"units": {}, "health": {}}
 for u in units:
     r = subprocess.run(["systemctl", "is-active", u], capture_output=True, text=True)
     out["units"][u] = r.stdout.strip() or r.stderr.strip()
-for n, port in ports.items():
+for label, port in ports.items():
     try:
-        out["workers"][n] = json.loads(urllib.request.urlopen("http://127.0.0.1:%%d/healthz" %% port, timeout=5).read())
+        out["health"][label] = json.loads(urllib.request.urlopen("http://127.0.0.1:%%d/healthz" %% port, timeout=5).read())
     except urllib.error.HTTPError as e:
-        out["workers"][n] = json.loads(e.read() or b"{}")
+        out["health"][label] = json.loads(e.read() or b"{}")
     except Exception as e:
-        out["workers"][n] = {"status": "unreachable", "error": str(e)}
+        out["health"][label] = {"status": "unreachable", "error": str(e)}
 print(json.dumps(out))
 """
-
-
-def _units(platform: Platform, host: str, grafana_deployed: bool) -> list[str]:
-    units = []
-    services = platform.services_on(host)
-    if "broker" in services:
-        units.append("mosquitto")
-    if "influxdb" in services:
-        units.append("influxdb")
-    if "grafana" in services and grafana_deployed:
-        units.append("grafana-server")
-    units += [f"iotplat-worker@{r.number}" for r in platform.replicas_on(host)]
-    return units
 
 
 def canary_payload(platform: Platform, ts_ms: int) -> tuple[str, bytes] | None:
@@ -229,7 +218,7 @@ def influx_query(platform: Platform, address: str, ctx: ssl.SSLContext, user: st
     """One InfluxQL statement over HTTPS to address:port (default: the spec's port; a tunnel's local port when
     reached through SSH), the certificate verified for influxdb.<domain>."""
     ix = platform.spec.influxdb
-    conn = _HTTPS(address, port or ix.port, ctx, platform.service_name("influxdb"))
+    conn = NamedHTTPS(address, port or ix.port, ctx, platform.service_name("influxdb"))
     try:
         params = {"db": platform.influx_database if ix.version == 1 else platform.influx_bucket, "q": q, "epoch": "ms"}
         headers = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
@@ -243,7 +232,7 @@ def influx_query(platform: Platform, address: str, ctx: ssl.SSLContext, user: st
         conn.close()
 
 
-def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], ctx_factory: _Ctx,
+def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], ctx_factory: TrustStore,
                timeout: float = 20, influx_at: tuple[str, int] | None = None) -> Check:
     """Publish as the canary device to the broker (its public address), then read the point back from InfluxDB
     (`influx_at`: where its API is reachable from here, e.g. a tunnel; default its host's address and port)."""
@@ -258,8 +247,15 @@ def run_canary(platform: Platform, materials: Materials, addr: dict[str, str], c
     listener = next((lst for lst in platform.spec.broker.listeners if lst.protocol == "mqtt"), None)
     if listener is None:
         return Check("canary", True, "skipped: no MQTT (non-WebSocket) listener", skipped=True)
+    if platform.spec.broker.engine == "nats":  # every node takes devices: the first that accepts, as a device would
+        from iotplat.hosts.sysutil import tcp_open
+
+        broker = next((h for h in platform.placement["broker"] if h in addr and tcp_open(addr[h], listener.port)),
+                      broker)
     password = materials.mqtt_users[platform.canary.id][0]
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=platform.canary.id, protocol=mqtt.MQTTv5)
+    # nats-server's MQTT layer speaks 3.1.1 only (broker.engine: nats)
+    protocol = mqtt.MQTTv311 if platform.spec.broker.engine == "nats" else mqtt.MQTTv5
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=platform.canary.id, protocol=protocol)
     # the address is dialled, the certificate is verified for the broker's logical name
     client.tls_set_context(ctx_factory.for_name(platform.service_name("broker")))
     client.username_pw_set(platform.canary.id, password)
@@ -387,85 +383,109 @@ def _counters_once(query: Callable[[str], dict], measurement: str, interval: flo
     return checks, late
 
 
+@dataclass
+class Probe:
+    """What the checks of one `status` run share: the platform, its hosts, the CA, what the last deploy recorded,
+    and local endpoints (SSH tunnels) for the services' internal ports."""
+
+    platform: Platform
+    materials: Materials
+    hosts: dict[str, Host]
+    trust: TrustStore
+    grafana_deployed: bool = False
+    grafana_reason: str = ""
+    endpoints: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)  # (service, port) -> here
+
+    def influx_at(self) -> tuple[str, int] | None:
+        return self.endpoints.get(("influxdb", self.platform.spec.influxdb.port))
+
+    def query(self, q: str) -> dict:
+        """One read-only InfluxQL statement as Grafana's user, through the tunnel to InfluxDB."""
+        at = self.influx_at()
+        if at is None:
+            raise RuntimeError("InfluxDB is not reachable through SSH")
+        return influx_query(self.platform, at[0], self.trust.context(), GRAFANA_INFLUX_USER,
+                            self.materials.secrets["influxdb_grafana_password"], q, port=at[1])
+
+
 def status(platform: Platform, materials: Materials, hosts: list[Host], grafana_deployed: bool,
            canary: bool = True, grafana_reason: str = "") -> StatusReport:
+    """Every placed service's checks (iotplat.services): TLS on its ports (internal ones through an SSH tunnel),
+    its units and health endpoints on each host, the checks only it knows; then the platform's canary."""
     from iotplat.hosts import HostProviderError
     from iotplat.hosts.tunnel import forward
+    from iotplat.services import placed
 
     report = StatusReport()
-    addr = {h.name: h.address for h in hosts}
-    by_name = {h.name: h for h in hosts}
-    ca = _Ctx(materials.ca_cert_pem)
-    i = platform.host_of("influxdb")
+    probe = Probe(platform, materials, {h.name: h for h in hosts}, TrustStore(materials.ca_cert_pem),
+                  grafana_deployed, grafana_reason)
     try:
-        with forward(by_name[i], platform.spec.influxdb.port) as influx_at:
-            _checks(platform, materials, hosts, grafana_deployed, canary, grafana_reason, report, ca, influx_at)
-    except HostProviderError as exc:  # the tunnel could not be set up
-        report.add("ssh tunnel", False, f"cannot reach InfluxDB on {i} through SSH: {exc}", host=i)
+        with contextlib.ExitStack() as tunnels:
+            for svc in placed(platform):
+                if svc.skipped(probe):
+                    continue
+                for port in svc.tls_ports(platform):
+                    if not port.internal:
+                        continue
+                    host = platform.host_of(svc.name)
+                    try:
+                        probe.endpoints[(svc.name, port.port)] = tunnels.enter_context(forward(probe.hosts[host],
+                                                                                                port.port))
+                    except HostProviderError as exc:
+                        report.add("ssh tunnel", False, f"cannot reach {svc.name} :{port.port} on {host} through "
+                                   f"SSH: {exc}", host=host)
+            _checks(probe, report, canary)
     finally:
-        ca.close()
+        probe.trust.close()
     return report
 
 
-def _checks(platform: Platform, materials: Materials, hosts: list[Host], grafana_deployed: bool, canary: bool,
-            grafana_reason: str, report: StatusReport, ca: _Ctx, influx_at: tuple[str, int]) -> None:
-    addr = {h.name: h.address for h in hosts}
-    by_name = {h.name: h for h in hosts}
-    # TLS on every service port (InfluxDB's through the tunnel: it is open only inside the platform)
-    b = platform.host_of("broker")
-    for lst in platform.spec.broker.listeners:
-        ok, note, _ = tls_probe(addr[b], lst.port, platform.service_name("broker"), ca.context())
-        report.add(f"broker {lst.protocol} :{lst.port}", ok, note, host=b)
-    i = platform.host_of("influxdb")
-    ok, note, _ = tls_probe(*influx_at, platform.service_name("influxdb"), ca.context())
-    report.add(f"influxdb :{platform.spec.influxdb.port}", ok, note + " (via SSH)" if ok else note, host=i)
-    if platform.placement["grafana"]:
-        g = platform.host_of("grafana")
-        if grafana_deployed:
-            ok, note, _ = tls_probe(addr[g], platform.spec.grafana.port, platform.service_name("grafana"), ca.context())
-            report.add(f"grafana :{platform.spec.grafana.port}", ok, note, host=g)
-        else:
-            report.add("grafana", True, f"skipped at deploy: {grafana_reason or 'see the output of iotplat up'}",
-                       host=g, skipped=True)
-    if materials.ca_rotation_started:
-        report.add("CA rotation", True, f"overlap since {materials.ca_rotation_started}: hosts and device kits "
+def _checks(probe: Probe, report: StatusReport, canary: bool) -> None:
+    from iotplat.services import placed
+
+    p = probe.platform
+    addr = {name: h.address for name, h in probe.hosts.items()}
+    services = placed(p)
+    skipped = {svc.name: svc.skipped(probe) for svc in services}
+    for svc in services:  # TLS on every service port: the chain for its logical name, the expiry
+        host = p.host_of(svc.name)
+        if skipped[svc.name]:
+            report.add(svc.name, True, skipped[svc.name], host=host, skipped=True)
+            continue
+        for port in svc.tls_ports(p):
+            at = probe.endpoints.get((svc.name, port.port)) if port.internal else (addr[host], port.port)
+            if at is None:
+                continue  # its tunnel failed: reported already
+            ok, note, _ = tls_probe(*at, port.name, probe.trust.context())
+            report.add(port.label, ok, note + " (via SSH)" if ok and port.internal else note, host=host)
+    if probe.materials.ca_rotation_started:
+        report.add("CA rotation", True, f"overlap since {probe.materials.ca_rotation_started}: hosts and device kits "
                    "trust the current and the next CA; after every device has its new kit, run "
-                   "`iotplat rotate certs --ca --finish`", host=b)
-    # units and worker health on each host
-    for host in platform.host_names:
-        units = _units(platform, host, grafana_deployed)
-        ports = {r.number: platform.spec.ingestion.metrics_port + r.number - 1 for r in platform.replicas_on(host)}
+                   "`iotplat rotate certs --ca --finish`", host=p.host_of("broker"))
+    for host in p.host_names:  # units and health endpoints on each host
+        live = [svc for svc in services if not skipped[svc.name] and host in p.placement[svc.name]]
+        units = [u for svc in live for u in svc.units(p, host)]
+        ports = {label: port for svc in live for label, port in svc.health(p, host).items()}
+        script = _HOST_SCRIPT % (json.dumps(units), json.dumps(ports))
         try:
-            data = _ssh_json(by_name[host], _HOST_SCRIPT % (json.dumps(units), json.dumps(ports)))
-            # a replica that is reconnecting (a broker restarted during the deploy) gets a few seconds to settle
+            data = _ssh_json(probe.hosts[host], script)
+            # an endpoint that is not ok yet (a worker reconnecting after a broker restart) gets a few seconds
             deadline = time.monotonic() + WORKER_SETTLE
             while (time.monotonic() < deadline
-                   and any(h.get("status") != "ok" for h in data["workers"].values())):
+                   and any(h.get("status") != "ok" for h in data["health"].values())):
                 time.sleep(2)
-                data = _ssh_json(by_name[host], _HOST_SCRIPT % (json.dumps(units), json.dumps(ports)))
+                data = _ssh_json(probe.hosts[host], script)
         except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
             report.add("ssh", False, f"cannot read service state: {exc}", host=host)
             continue
         for unit, state in data["units"].items():
             report.add(f"unit {unit}", state == "active", state, host=host)
-        for n, health in data["workers"].items():
+        for label, health in data["health"].items():
             ok = health.get("status") == "ok"
             detail = ", ".join(f"{k}={v}" for k, v in sorted(health.items()) if k != "status" and not isinstance(v, dict))
-            report.add(f"worker {n} /healthz", ok, f"{health.get('status')}: {detail}"[:300], host=host)
-    # InfluxDB answers, with least-privilege users
-    reader_pw = materials.secrets["influxdb_grafana_password"]
-
-    def query(q: str) -> dict:
-        return influx_query(platform, influx_at[0], ca.context(), GRAFANA_INFLUX_USER, reader_pw, q, port=influx_at[1])
-
-    try:
-        query("SHOW MEASUREMENTS")
-        report.add("influxdb query (read-only user)", True, "ok", host=i)
-    except (OSError, RuntimeError, ValueError) as exc:
-        report.add("influxdb query (read-only user)", False, str(exc), host=i)
-    health = platform.spec.ingestion.health
-    report.checks += worker_counters_checks(
-        query, health.measurement, health.interval, {r.number: r.host for r in platform.replicas},
-        settle=min(health.interval + 2, 20))
+            report.add(f"{label} /healthz", ok, f"{health.get('status')}: {detail}"[:300], host=host)
+    for svc in services:  # what only each service knows how to check
+        if not skipped[svc.name]:
+            report.checks += svc.checks(probe)
     if canary:
-        report.checks.append(run_canary(platform, materials, addr, ca, influx_at=influx_at))
+        report.checks.append(run_canary(p, probe.materials, addr, probe.trust, influx_at=probe.influx_at()))

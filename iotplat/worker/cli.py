@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replica", type=int, default=None, metavar="N",
                         help="replica number 1..N (default: $IOTPLAT_WORKER_REPLICA); fills {replica}")
     parser.add_argument("--transport", choices=("native", "paho"), default=os.environ.get(
-        "IOTPLAT_WORKER_TRANSPORT", "native"), help="MQTT client implementation (default: native)")
+        "IOTPLAT_WORKER_TRANSPORT", "native"),
+        help="MQTT client implementation (default: native); a config with [nats] always uses NATS")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.add_argument("--check", action="store_true", help="only check the config file, then exit")
 
@@ -36,14 +37,13 @@ def run(args: argparse.Namespace) -> int:
 
     log = Log(level=args.log_level, replica=cfg.replica)
     if args.check:
-        from .decoders import load_decoder_class
+        from .decoders import build_decoders
 
-        for i, sub in enumerate(cfg.subscriptions):
-            try:
-                load_decoder_class(sub.format)(sub, cfg.limits)
-            except (LookupError, ValueError) as e:
-                print(f"error: {cfg.path}: subscriptions[{i}].format: {e}", file=sys.stderr)
-                return EXIT_CONFIG
+        try:
+            build_decoders(cfg)  # what the worker's start builds: every decoder, with its options
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
         print(f"{cfg.path}: ok")
         return EXIT_OK
 
@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
+    transport = "nats" if cfg.nats is not None else args.transport
     try:
-        worker = Worker(cfg, log, transport_kind=args.transport, ready=ready)
+        worker = Worker(cfg, log, transport_kind=transport, ready=ready)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -76,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"error: {cfg.path}: http.port: cannot listen on {cfg.http.listen}:{cfg.http.port}: "
                       f"{e.strerror}; pick a free port", file=sys.stderr)
                 return EXIT_FAILURE
-        log.info("starting", transport=args.transport, broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}",
-                 tls=cfg.mqtt.tls, client_id=cfg.mqtt.client_id, influxdb=cfg.influxdb.url,
+        log.info("starting", transport=transport, broker=cfg.broker,
+                 tls=cfg.nats.tls if cfg.nats is not None else cfg.mqtt.tls, client_id=cfg.client_id,
+                 influxdb=cfg.influxdb.url,
                  spool_mode=cfg.spool.mode, http_port=cfg.http.port)
         worker.start()
         while not stop.is_set() and not worker.fatal_event.is_set():

@@ -53,6 +53,41 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class NatsConfig:
+    """``[nats]``: consume from a NATS JetStream stream instead of an MQTT broker (docs/broker-engines.md).
+
+    The worker pulls from one durable consumer per subscription filter (shared by every replica), on the
+    stream nats-server's MQTT layer stores QoS 1 messages in before it acknowledges them to the device."""
+
+    servers: tuple[str, ...]  # host:port of every cluster node's client listener
+    tls: bool
+    ca_file: str
+    server_name: str  # the name the servers' certificates must carry ("" = the host)
+    username: str
+    password: str | None = field(repr=False)
+    client_id: str  # the connection's name (shown in the server's monitoring); inbox prefix _INBOX.<client_id>
+    inflight: int  # this replica's window of unacknowledged messages
+    reconnect_min: float
+    reconnect_max: float
+    stream: str
+    subject_prefix: str  # what the stream puts before the device's subject ("$MQTT.msgs.")
+    durable_prefix: str
+    ack_wait: float  # seconds before the server redelivers an unacknowledged message (to any replica)
+    max_ack_pending: int  # the consumer's window, shared by all replicas
+    max_deliver: int  # -1 = unlimited
+    stream_manage: bool  # create the stream if missing and keep its limits as below
+    stream_replicas: int
+    stream_max_bytes: int  # -1 = unlimited
+    stream_max_msgs: int
+    stream_max_msg_size: int
+    stream_discard: str  # "new": refuse (no PUBACK, devices retry) | "old": drop the oldest
+
+    @property
+    def inbox_prefix(self) -> str:
+        return f"_INBOX.{self.client_id}"
+
+
+@dataclass(frozen=True)
 class InfluxConfig:
     version: int
     url: str
@@ -142,7 +177,7 @@ class Subscription:
     @property
     def filter(self) -> str:
         """The MQTT topic filter: every ``{name}`` level becomes ``+``."""
-        return "/".join("+" if _is_var(s) else s for s in self.topic.split("/"))
+        return "/".join("+" if topic_variable(s) is not None else s for s in self.topic.split("/"))
 
 
 @dataclass(frozen=True)
@@ -158,15 +193,32 @@ class WorkerConfig:
     http: HttpConfig
     subscriptions: tuple[Subscription, ...]
     health: HealthConfig = HealthConfig(10.0, "iotplat_worker", "")
+    nats: NatsConfig | None = None  # set instead of [mqtt]: the NATS JetStream transport
+
+    @property
+    def inflight(self) -> int:
+        return self.nats.inflight if self.nats is not None else self.mqtt.inflight
+
+    @property
+    def client_id(self) -> str:
+        return self.nats.client_id if self.nats is not None else self.mqtt.client_id
+
+    @property
+    def broker(self) -> str:
+        """Where the worker consumes from, for logs."""
+        if self.nats is not None:
+            return ",".join(self.nats.servers)
+        return f"{self.mqtt.host}:{self.mqtt.port}"
 
     def subscription_filter(self, sub: Subscription) -> str:
-        if self.mqtt.shared_group:
+        if self.nats is None and self.mqtt.shared_group:
             return f"$share/{self.mqtt.shared_group}/{sub.filter}"
         return sub.filter
 
 
-def _is_var(segment: str) -> bool:
-    return len(segment) > 2 and segment[0] == "{" and segment[-1] == "}"
+def topic_variable(level: str) -> str | None:
+    """The name of a ``{name}`` topic level; None for a literal level."""
+    return level[1:-1] if len(level) > 2 and level[0] == "{" and level[-1] == "}" else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +257,30 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "org": (str, ""),
         "bucket": (str, ""),
         "token_file": (str, ""),
+    },
+    "nats": {
+        "servers": (list, _REQUIRED),
+        "tls": (bool, True),
+        "ca_file": (str, ""),
+        "server_name": (str, ""),
+        "username": (str, ""),
+        "password_file": (str, ""),
+        "client_id": (str, ""),
+        "inflight": (int, 1000),
+        "reconnect_min": ((int, float), 0.5),
+        "reconnect_max": ((int, float), 10.0),
+        "stream": (str, "$MQTT_msgs"),
+        "subject_prefix": (str, "$MQTT.msgs."),
+        "durable_prefix": (str, "iotplat"),
+        "ack_wait": ((int, float), 30.0),
+        "max_ack_pending": (int, 0),
+        "max_deliver": (int, -1),
+        "stream_manage": (bool, True),
+        "stream_replicas": (int, 1),
+        "stream_max_bytes": (int, -1),
+        "stream_max_msgs": (int, -1),
+        "stream_max_msg_size": (int, -1),
+        "stream_discard": (str, "new"),
     },
     "batch": {
         "max_points": (int, 5000),
@@ -398,11 +474,18 @@ class _Loader:
         if ver != FORMAT_VERSION:
             raise self.err("version", f"format version {ver} is not supported by this worker, which reads "
                                       f"version {FORMAT_VERSION}; render the config with a matching iotplat")
-        for sect in ("mqtt", "influxdb", "spool"):
+        if "nats" in data and "mqtt" in data:
+            raise self.err("nats", "[nats] and [mqtt] are two brokers; keep the one the platform runs")
+        for sect in ("mqtt" if "nats" not in data else "nats", "influxdb", "spool"):
             if sect not in data:
                 raise self.err(sect, f"section [{sect}] is required; add it (see docs/worker-config.md)")
 
-        mqtt = self.mqtt(self.table(data["mqtt"], "mqtt", _SCHEMA["mqtt"]))
+        nats = None
+        if "nats" in data:
+            nats = self.nats(self.table(data["nats"], "nats", _SCHEMA["nats"]))
+            mqtt = _NO_MQTT
+        else:
+            mqtt = self.mqtt(self.table(data["mqtt"], "mqtt", _SCHEMA["mqtt"]))
         influx = self.influx(self.table(data["influxdb"], "influxdb", _SCHEMA["influxdb"]))
         b = self.table(data.get("batch", {}), "batch", _SCHEMA["batch"])
         self.rng("batch.max_points", b["max_points"], 1, 1_000_000)
@@ -471,7 +554,54 @@ class _Loader:
                                                                   "the worker's own counters; use another name")
             subs.append(sub)
         return WorkerConfig(str(self.path), self.replica or 1, mqtt, influx, batch, spool, dl, limits,
-                            http, tuple(subs), health)
+                            http, tuple(subs), health, nats)
+
+    def nats(self, m: dict[str, Any]) -> NatsConfig:
+        servers: list[str] = []
+        for i, srv in enumerate(m["servers"]):
+            key = f"nats.servers[{i}]"
+            if not isinstance(srv, str):
+                raise self.err(key, f"must be a string host:port, got {_value_kind(srv)}")
+            srv = self.subst(srv, key)
+            host, sep, port = srv.rpartition(":")
+            if not sep or not re.fullmatch(r"[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]", host) \
+                    or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise self.err(key, f"{srv[:60]!r} is not host:port (a DNS name, IPv4 or [IPv6] and a port)")
+            servers.append(srv)
+        if not servers:
+            raise self.err("nats.servers", "name at least one server (host:port); list every cluster node")
+        self.rng("nats.inflight", m["inflight"], 1, 65535)
+        self.rng("nats.reconnect_min", m["reconnect_min"], 0.01, 3600)
+        self.rng("nats.reconnect_max", m["reconnect_max"], m["reconnect_min"], 3600)
+        self.rng("nats.ack_wait", m["ack_wait"], 1, 3600)
+        max_ack = m["max_ack_pending"] or m["inflight"]
+        self.rng("nats.max_ack_pending", max_ack, m["inflight"], 1_000_000)
+        if m["max_deliver"] != -1:
+            self.rng("nats.max_deliver", m["max_deliver"], 2, 1_000_000)
+        self.rng("nats.stream_replicas", m["stream_replicas"], 1, 5)
+        for k in ("stream_max_bytes", "stream_max_msgs", "stream_max_msg_size"):
+            if m[k] != -1:
+                self.rng(f"nats.{k}", m[k], 1)
+        self.choice("nats.stream_discard", m["stream_discard"], ("new", "old"))
+        if not re.fullmatch(r"[A-Za-z0-9_$-]{1,64}", m["stream"]):
+            raise self.err("nats.stream", "use 1-64 letters, digits, '_', '-' or '$'")
+        if m["subject_prefix"] and not re.fullmatch(r"(?:[A-Za-z0-9_$-]+\.)+", m["subject_prefix"]):
+            raise self.err("nats.subject_prefix", "must be subject tokens each followed by '.', e.g. '$MQTT.msgs.'")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", m["durable_prefix"]):
+            raise self.err("nats.durable_prefix", "use 1-32 letters, digits, '_' or '-'")
+        if m["tls"]:
+            self.existing_file("nats.ca_file", m["ca_file"])
+        client_id = m["client_id"] or m["username"]
+        if not client_id:
+            raise self.err("nats.client_id", "a stable name is needed; set nats.username or nats.client_id")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", client_id):
+            raise self.err("nats.client_id", "use 1-64 letters, digits, '_' or '-' (it names the reply inbox)")
+        password = self.secret("nats.password_file", m["password_file"])
+        return NatsConfig(tuple(servers), m["tls"], m["ca_file"], m["server_name"], m["username"], password,
+                          client_id, m["inflight"], float(m["reconnect_min"]), float(m["reconnect_max"]),
+                          m["stream"], m["subject_prefix"], m["durable_prefix"], float(m["ack_wait"]), max_ack,
+                          m["max_deliver"], m["stream_manage"], m["stream_replicas"], m["stream_max_bytes"],
+                          m["stream_max_msgs"], m["stream_max_msg_size"], m["stream_discard"])
 
     def mqtt(self, m: dict[str, Any]) -> MqttConfig:
         if not m["host"]:
@@ -592,6 +722,10 @@ class _Loader:
             fields[fname] = FieldSpec(fname, fd["type"], fd["path"] or fname, fd["required"])
         return Subscription(s["name"], topic, s["qos"], s["format"], s["measurement"], tags, ts, fields,
                             dict(s["options"]))
+
+
+# WorkerConfig.mqtt of a config with [nats]: never connected to (the NATS transport reads WorkerConfig.nats)
+_NO_MQTT = MqttConfig("", 0, 311, "tcp", False, "", "", "", None, "", 30, 0, "", 1, 0.5, 10.0)
 
 
 def _short(v: Any) -> str:

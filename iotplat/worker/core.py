@@ -26,8 +26,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from .config import ConfigError, Subscription, WorkerConfig
-from .decoders import JsonDecoder, load_decoder_class
+from .config import Subscription, WorkerConfig, topic_variable
+from .decoders import JsonDecoder, build_decoders
 from .health import HealthReporter
 from .lineproto import Point, Reason, Rejected, encode_point, excerpt
 from .logs import Log
@@ -51,7 +51,7 @@ class Router:
         self.templates = []
         for s in subs:
             segs = s.topic.split("/")
-            self.templates.append((s, len(segs), [(seg[1:-1] if _is_var(seg) else None, seg) for seg in segs]))
+            self.templates.append((s, len(segs), [(topic_variable(seg), seg) for seg in segs]))
         self.cache: dict[str, tuple[Subscription, dict[str, str]] | None] = {}
 
     def match(self, topic: str) -> tuple[Subscription, dict[str, str]] | None:
@@ -84,10 +84,6 @@ class Router:
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _is_var(seg: str) -> bool:
-    return len(seg) > 2 and seg[0] == "{" and seg[-1] == "}"
 
 
 class RateLimiter:
@@ -137,16 +133,7 @@ class Worker:
         self.log = log
         self.metrics = Metrics()
         self.ready_cb = ready
-        self.decoders: dict[str, Any] = {}
-        for i, sub in enumerate(cfg.subscriptions):
-            try:
-                cls = load_decoder_class(sub.format)
-            except LookupError as e:
-                raise ConfigError(cfg.path, f"subscriptions[{i}].format", str(e)) from None
-            try:
-                self.decoders[sub.name] = cls(sub, cfg.limits)
-            except (ValueError, TypeError, KeyError) as e:
-                raise ConfigError(cfg.path, f"subscriptions[{i}].options", f"{sub.format}: {e}") from None
+        self.decoders: dict[str, Any] = build_decoders(cfg)  # ConfigError: a decoder missing or refusing its options
         self.router = Router(cfg.subscriptions)
         self.routes: dict[bytes, tuple[Callable[[bytes, int, str], bytes | None], str] | None] = {}
         try:
@@ -160,8 +147,8 @@ class Worker:
         self.dl_prefix = self.dl.measurement
         self.limiter = RateLimiter(self.dl.rate_per_device)
         self.max_payload = cfg.limits.max_payload
-        self.inflight_max = cfg.mqtt.inflight
-        self.flush_msgs = max(1, cfg.mqtt.inflight // 2)
+        self.inflight_max = cfg.inflight
+        self.flush_msgs = max(1, cfg.inflight // 2)
         self.max_points = cfg.batch.max_points
         self.max_delay = cfg.batch.max_delay
 
@@ -196,7 +183,7 @@ class Worker:
         self.health_reporter = HealthReporter(self)
 
         from .transport import make_transport
-        self.transport = make_transport(transport_kind, cfg.mqtt, self)
+        self.transport = make_transport(transport_kind, cfg.mqtt, self, cfg)
         self.block_when_full = transport_kind == "paho"
         self.wake_transport = getattr(self.transport, "wake", None)
         self.metrics.spool_bytes = self.spool.bytes
@@ -221,7 +208,7 @@ class Worker:
             self.log.info("mqtt_connected", session_present=True)
         if self.connects == 1 and not marker.exists():
             try:  # remembers across restarts that the broker had a session for this client id
-                marker.write_text(self.cfg.mqtt.client_id + "\n")
+                marker.write_text(self.cfg.client_id + "\n")
             except OSError:
                 pass
         self.transport.subscribe([self.cfg.subscription_filter(s) for s in self.cfg.subscriptions])
@@ -251,7 +238,7 @@ class Worker:
         self.connected = False
         self.metrics.connect_failures += 1
         self.log.every("connect_failed", 10.0, "error", "mqtt_connect_failed", reason=reason,
-                       broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}")
+                       broker=self.cfg.broker)
 
     def on_message(self, topic: str, payload: bytes, dup: bool, token: Any) -> None:
         """One message (the paho transport); blocks while the in-flight window is full."""

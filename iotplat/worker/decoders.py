@@ -27,7 +27,7 @@ from datetime import datetime
 from importlib import metadata
 from typing import Any, Callable
 
-from .config import LimitsConfig, Subscription
+from .config import ConfigError, LimitsConfig, Subscription, WorkerConfig
 from .lineproto import (
     INT64_MAX,
     INT64_MIN,
@@ -44,7 +44,7 @@ from .lineproto import (
 ENTRY_POINT_GROUP = "iotplat.decoders"
 
 __all__ = ["Decoder", "JsonDecoder", "LineProtocolDecoder", "RawDecoder", "Point", "Reason", "Rejected",
-           "load_decoder_class", "available_decoders", "ENTRY_POINT_GROUP"]
+           "load_decoder_class", "available_decoders", "build_decoders", "ENTRY_POINT_GROUP"]
 
 
 class Decoder:
@@ -674,6 +674,23 @@ def load_decoder_class(name: str) -> Callable[..., Any]:
         return ep.load()
     except Exception as e:  # a broken plugin must be a config-level error, not a traceback
         raise LookupError(f"decoder {name!r} ({ep.value}) failed to import: {type(e).__name__}: {e}") from None
+
+
+def build_decoders(cfg: WorkerConfig) -> dict[str, Decoder]:
+    """Each subscription's decoder, by subscription name. The worker's start and ``--check`` both build them here,
+    so ``--check`` fails exactly where the start would: a decoder that is not installed, or that refuses its
+    subscription (ValueError, TypeError, KeyError from its constructor), is a ConfigError naming the key."""
+    decoders: dict[str, Decoder] = {}
+    for i, sub in enumerate(cfg.subscriptions):
+        try:
+            cls = load_decoder_class(sub.format)
+        except LookupError as e:
+            raise ConfigError(cfg.path, f"subscriptions[{i}].format", str(e)) from None
+        try:
+            decoders[sub.name] = cls(sub, cfg.limits)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(cfg.path, f"subscriptions[{i}].options", f"{sub.format}: {e}") from None
+    return decoders
 
 
 def now_ns() -> int:

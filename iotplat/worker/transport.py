@@ -24,7 +24,7 @@ import ssl
 import threading
 from typing import Any, Protocol
 
-from .config import MqttConfig
+from .config import MqttConfig, WorkerConfig
 
 
 class Handler(Protocol):
@@ -154,7 +154,14 @@ class PahoTransport:
         self.handler.on_connect_failed("connection failed")
 
 
-def make_transport(kind: str, cfg: MqttConfig, handler: Handler) -> Transport:
+def make_transport(kind: str, cfg: MqttConfig, handler: Handler, worker: WorkerConfig | None = None) -> Transport:
+    """The transport ``kind`` ("native", "paho", or "nats": which reads ``worker.nats``)."""
+    if kind == "nats":
+        from .nats_transport import NatsTransport
+
+        if worker is None or worker.nats is None:
+            raise ValueError("the nats transport needs a config with [nats]")
+        return NatsTransport(worker.nats, handler, [worker.subscription_filter(s) for s in worker.subscriptions])
     if kind == "paho":
         return PahoTransport(cfg, handler)
     if kind == "native":

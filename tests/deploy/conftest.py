@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from iotplat.cli import main
+from tests.helpers import clear_leftover_instance
 
 
 def local_platform(work: Path, source: Path, edit: Callable[[dict], None], *, devices: list[str] | None = None,
@@ -33,6 +34,7 @@ def local_platform(work: Path, source: Path, edit: Callable[[dict], None], *, de
         (spec_dir / "devices.csv").write_text("id\n" + "".join(f"{d}\n" for d in devices))
         spec.setdefault("devices", {})["registry"] = "devices.csv"
     (spec_dir / "platform.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    clear_leftover_instance(f"{spec['name']}-default")  # the tests deploy the default environment
     key = work / "vault-key"
     key.write_text(f"{work.name}-vault-password-0123456789abcdef")
     key.chmod(0o600)

@@ -44,9 +44,9 @@ def _materials(ctx: dict):
 
 
 def _count(p, m, address: str, ts0: int) -> int:
-    from iotplat.verify.status import _Ctx, influx_query
+    from iotplat.verify.status import TrustStore, influx_query
 
-    ca = _Ctx(m.ca_cert_pem)
+    ca = TrustStore(m.ca_cert_pem)
     try:
         res = influx_query(p, address, ca.context(), "iotplat-grafana", m.secrets["influxdb_grafana_password"],
                            f"SELECT count(temperature) FROM telemetry WHERE device = 'dev-a' AND time >= {ts0}ms")
@@ -128,7 +128,7 @@ def test_scheduled_backups_on_the_host(platform_dir: dict) -> None:
     from iotplat.deploy.targets import local_settings
     from iotplat.hosts import local_provider
     from iotplat.spec.platform_model import INFLUX_ADMIN_USER
-    from iotplat.verify.status import _Ctx, influx_query
+    from iotplat.verify.status import TrustStore, influx_query
 
     ctx = platform_dir
     p, m = _materials(ctx)
@@ -150,7 +150,7 @@ def test_scheduled_backups_on_the_host(platform_dir: dict) -> None:
             "-host", "127.0.0.1:8088", f"{newest}/influxdb")
     assert r.returncode == 0, r.stdout + r.stderr
     address = next(h.address for h in hosts.hosts() if h.name == "core")
-    ca = _Ctx(m.ca_cert_pem)
+    ca = TrustStore(m.ca_cert_pem)
     try:
         admin = (INFLUX_ADMIN_USER, m.secrets["influxdb_admin_password"])
         res = influx_query(p, address, ca.context(), *admin, "SELECT count(temperature) FROM "

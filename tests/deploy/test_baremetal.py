@@ -110,7 +110,7 @@ def test_01_up_on_stock_debian_12_and_13_servers(bm: dict, capfd) -> None:
 
 def test_02_device_data_is_stored_through_the_firewall(bm: dict) -> None:
     from iotplat.hosts.tunnel import forward
-    from iotplat.verify.status import _Ctx, influx_query
+    from iotplat.verify.status import TrustStore, influx_query
 
     servers = bm["servers"]
     p, m, _ = platform_materials(bm)
@@ -122,7 +122,7 @@ def test_02_device_data_is_stored_through_the_firewall(bm: dict) -> None:
     c.publish("devices/bm-dev-1/telemetry", json.dumps({"temperature": 21.5, "ts": ts}), qos=1).wait_for_publish(10)
     c.loop_stop()
     c.disconnect()
-    trust = _Ctx(m.ca_cert_pem)
+    trust = TrustStore(m.ca_cert_pem)
     vault = next(h for h in _hosts(bm) if h.name == "vault")
     rows: list = []
     with forward(vault, 8086) as (address, port):

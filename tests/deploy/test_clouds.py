@@ -119,11 +119,11 @@ def _publish(cloud: dict, env: str, address: str, value: float) -> int:
 def _rows(cloud: dict, env: str, ts: int, timeout: float = 30) -> list:
     from iotplat.deploy.ops import open_context
     from iotplat.hosts.tunnel import forward
-    from iotplat.verify.status import _Ctx, influx_query
+    from iotplat.verify.status import TrustStore, influx_query
 
     ctx = open_context(cloud["spec"], env, None, str(cloud["work"] / f"build-{env}"), lambda s: None)
     tsdb = next(h for h in ctx.hosts() if h.name == "tsdb")
-    trust = _Ctx(ctx.materials.ca_cert_pem)
+    trust = TrustStore(ctx.materials.ca_cert_pem)
     rows: list = []
     try:
         with forward(tsdb, 8086) as (address, port):

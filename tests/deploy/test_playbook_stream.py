@@ -67,3 +67,21 @@ exit 2
     assert "hunter2" not in result.output and "hunter2" not in result.failures[0]
     assert (result.recap["edge"].ok, result.recap["edge"].changed) == (10, 1)
     assert result.recap["tsdb"].failed == 1
+
+
+def test_parse_recap_reads_every_count_and_only_the_recap() -> None:
+    """The one PLAY RECAP parser (the runner above and tests/roles' PlaybookRun both use it)."""
+    from iotplat.deploy.ansible import parse_recap
+
+    output = """TASK [x] ***
+edge                       : ok=99   changed=99
+PLAY RECAP *********************************************************************
+edge                       : ok=10   changed=1    unreachable=0    failed=0    skipped=2    rescued=3    ignored=4
+tsdb.iotplat.internal      : ok=4    changed=0    unreachable=1    failed=1    skipped=0    rescued=0    ignored=0
+"""
+    assert parse_recap(output) == {
+        "edge": {"ok": 10, "changed": 1, "unreachable": 0, "failed": 0, "skipped": 2, "rescued": 3, "ignored": 4},
+        "tsdb.iotplat.internal": {"ok": 4, "changed": 0, "unreachable": 1, "failed": 1, "skipped": 0, "rescued": 0,
+                                  "ignored": 0},
+    }
+    assert parse_recap("PLAY [all] ***\nno recap here\n") == {}

@@ -36,3 +36,13 @@ def test_refused_before_a_deploy(cli, spec: Path, tmp_path: Path, what: tuple[st
     before = secrets.read_bytes()
     assert cli("rotate", *what, str(spec), "--out", str(tmp_path / "build")).code == 1
     assert secrets.read_bytes() == before  # nothing rotated
+
+
+@pytest.mark.parametrize("what", [("certs",), ("secrets",), ("device", "sensor-1")])
+def test_refused_on_the_nats_engine(cli, tmp_path: Path, what: tuple[str, ...], isolated_state: Path) -> None:
+    """rotate's reload path is Mosquitto's: on broker.engine nats it says so in one line, exit 2."""
+    for f in (PLATFORM_DIR / "examples" / "cluster").iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    r = cli("rotate", *what, str(tmp_path / "platform.yaml"), "--out", str(tmp_path / "build"))
+    assert r.code == 2 and "broker.engine" in r.err and "mosquitto engine only" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1

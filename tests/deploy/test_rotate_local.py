@@ -89,9 +89,9 @@ def _server_cert(addr: str, name: str, ca_file: str) -> x509.Certificate:
 
 
 def _count(p, m, addr: str, ts0: int, n: int) -> int:
-    from iotplat.verify.status import _Ctx, influx_query
+    from iotplat.verify.status import TrustStore, influx_query
 
-    ca = _Ctx(m.ca_cert_pem)
+    ca = TrustStore(m.ca_cert_pem)
     try:
         res = influx_query(p, addr, ca.context(), "iotplat-grafana", m.secrets["influxdb_grafana_password"],
                            f"SELECT count(temperature) FROM telemetry WHERE device = 'dev-a' "
@@ -103,9 +103,9 @@ def _count(p, m, addr: str, ts0: int, n: int) -> int:
 
 
 def _influx_auth(p, m, addr: str, user: str, password: str) -> int:
-    from iotplat.verify.status import _Ctx, influx_query
+    from iotplat.verify.status import TrustStore, influx_query
 
-    ca = _Ctx(m.ca_cert_pem)
+    ca = TrustStore(m.ca_cert_pem)
     try:
         influx_query(p, addr, ca.context(), user, password, "SHOW MEASUREMENTS")
         return 200

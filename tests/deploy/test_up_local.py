@@ -55,7 +55,7 @@ def test_01_up_deploys_and_verifies(deployed: dict, capfd) -> None:
 
 
 def test_02_isolation_auth_and_firewall(deployed: dict) -> None:
-    from iotplat.verify.status import _Ctx, influx_query
+    from iotplat.verify.status import TrustStore, influx_query
 
     p, m, _ = platform_materials(deployed)
     hosts = deployed["first"]["hosts"]
@@ -69,7 +69,7 @@ def test_02_isolation_auth_and_firewall(deployed: dict) -> None:
     a.publish("devices/dev-b/telemetry", json.dumps({"temperature": 9.75, "humidity": 2, "ts": ts}), qos=1).wait_for_publish(10)
     a.loop_stop()
     a.disconnect()
-    ctxf = _Ctx(m.ca_cert_pem)
+    ctxf = TrustStore(m.ca_cert_pem)
     reader = m.secrets["influxdb_grafana_password"]
 
     def rows(device: str) -> list:

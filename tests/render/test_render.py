@@ -212,3 +212,38 @@ def test_environments_render_separately(tmp_path: Path, isolated_state: Path) ->
     assert (isolated_state / "metering" / "staging").is_dir() and (isolated_state / "metering" / "production").is_dir()
     gv = yaml.safe_load((tmp_path / "p" / "ansible" / "group_vars" / "all.yml").read_text())
     assert gv["influxdb_retention"] == "730d" and gv["iotplat_environment"] == "production"
+
+
+def test_scheduled_backup_takes_each_services_step(tmp_path: Path) -> None:
+    """A host holding the broker and InfluxDB 2 gets one script with both services' steps (each rendered from
+    the service's own template: iotplat/services scheduled_backup), the unit runs after both, and the
+    operator token is read from its root-only file, never put on a command line."""
+    spec = yaml.safe_load((Path(__file__).parent / "golden/influxdb2/platform.yaml").read_text())
+    spec["hosts"] = [{"name": "all", "services": ["broker", "worker", "influxdb", "grafana"]}]
+    spec["backup"] = {"schedule": "daily", "keep": 3}
+    (tmp_path / "platform.yaml").write_text(yaml.safe_dump(spec))
+    render(str(tmp_path / "platform.yaml"), None, out_dir=str(tmp_path / "b"))
+    host = tmp_path / "b/hosts/all"
+    script = (host / "usr/local/sbin/iotplat-backup").read_text()
+    assert 'influx backup "$work/influxdb"' in script and 'INFLUX_TOKEN="$(cat ' in script
+    assert "influxd backup" not in script  # the 1.x step is not there
+    assert "systemctl kill --kill-whom=main --signal=USR1 mosquitto" in script
+    assert script.index('mkdir -p "$work"') < script.index("influx backup") < script.index("sha256sum")
+    assert "\n\n\n" not in script
+    unit = (host / "etc/systemd/system/iotplat-backup.service").read_text()
+    assert "After=" in unit and "influxdb.service" in unit and "mosquitto.service" in unit
+    assert "InfluxDB" in unit and "Mosquitto's persistence file" in unit
+
+
+def test_scheduled_backup_signals_a_containerized_broker_through_docker(tmp_path: Path) -> None:
+    """In a container the broker unit's main process is `docker wait`: the scheduled step signals the container
+    (the same command `iotplat backup` runs, tested on hosts in tests/containers/test_runtime_e2e.py)."""
+    spec = yaml.safe_load((Path(__file__).parents[1] / "spec/cases/valid_container_broker_influxdb/platform.yaml").read_text())
+    spec["runtime"]["influxdb"] = "package"
+    spec["backup"] = {"schedule": "daily"}
+    (tmp_path / "platform.yaml").write_text(yaml.safe_dump(spec))
+    render(str(tmp_path / "platform.yaml"), None, out_dir=str(tmp_path / "b"))
+    scripts = list((tmp_path / "b/hosts").glob("*/usr/local/sbin/iotplat-backup"))
+    text = "".join(s.read_text() for s in scripts)
+    assert "docker kill --signal USR1 mosquitto" in text and "systemctl kill" not in text
+    assert "influxd backup -portable" in text  # InfluxDB as a package: the host's influxd

@@ -268,9 +268,9 @@ def test_canary_verifies_the_broker_certificate_for_its_logical_name(broker: dic
     With the rendered name the canary's publish is acknowledged (then InfluxDB, not running here, is not
     reached); when the expected name is another one, i.e. the broker presents a certificate for another name,
     the TLS handshake fails and no credential is sent."""
-    from iotplat.verify.status import _Ctx, run_canary
+    from iotplat.verify.status import TrustStore, run_canary
 
-    trust = _Ctx(broker["materials"].ca_cert_pem)
+    trust = TrustStore(broker["materials"].ca_cert_pem)
     try:
         p, addr = _dialled(broker, "iotplat.internal")
         good = run_canary(p, broker["materials"], addr, trust, timeout=0.5)

@@ -29,7 +29,7 @@ from iotplat.render.dashboards import panel_queries
 from iotplat.secrets.materials import ensure_materials
 from iotplat.secrets.state import State
 from iotplat.spec.load import load_platform
-from iotplat.verify.status import _HTTPS
+from iotplat.verify.status import NamedHTTPS
 from tests.helpers import EXAMPLES, free_port, use_private_state
 
 pytestmark = pytest.mark.integration
@@ -83,7 +83,7 @@ def influx():
 
 def _req(env: dict, method: str, path: str, body: bytes | None = None, user: str | None = None,
          password: str | None = None) -> tuple[int, bytes]:
-    conn = _HTTPS("127.0.0.1", env["port"], env["ctx"], env["platform"].service_name("influxdb"))
+    conn = NamedHTTPS("127.0.0.1", env["port"], env["ctx"], env["platform"].service_name("influxdb"))
     headers = {}
     if user:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

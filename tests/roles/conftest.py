@@ -13,7 +13,6 @@ import atexit
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,13 +25,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from iotplat.deploy.ansible import parse_recap  # the one PLAY RECAP parser: PlaybookRun.recap comes from it
+
 REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
 VENV_BIN = Path(sys.executable).parent
 NETWORK = os.environ.get("IOTPLAT_ROLES_TEST_NETWORK", "10.215.0.0/24")
 STATE_DIR = Path(os.environ.get("IOTPLAT_TEST_STATE_DIR", "/var/lib/iotplat/local"))
-
-_RECAP = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$")
 
 
 def why_not_runnable() -> str | None:
@@ -78,20 +77,6 @@ class PlaybookRun:
             elif line.startswith("changed:"):
                 out.append(f"{task}: {line[:120]}")
         return out
-
-
-def parse_recap(output: str) -> dict[str, dict[str, int]]:
-    recap: dict[str, dict[str, int]] = {}
-    in_recap = False
-    for line in output.splitlines():
-        if line.startswith("PLAY RECAP"):
-            in_recap = True
-            continue
-        if in_recap:
-            m = _RECAP.match(line.strip())
-            if m:
-                recap[m["host"]] = {k: int(v) for k, v in (kv.split("=") for kv in m["counts"].split())}
-    return recap
 
 
 # ---------------------------------------------------------------------------------------------- deployment

@@ -8,9 +8,9 @@ run, InfluxDB rights, a device message end to end, firewall, drift, rollback, re
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import shutil
-import socket
 import ssl
 import time
 import urllib.error
@@ -20,6 +20,7 @@ import urllib.request
 import paho.mqtt.client as mqtt
 import pytest
 
+from iotplat.hosts import sysutil
 from tests.helpers import EXAMPLES
 from tests.roles.conftest import Deployment, new_deployment
 
@@ -88,12 +89,7 @@ def query_error(result: tuple[int, dict | str]) -> bool:
     return status != 200 or any("error" in r for r in body.get("results", [])) or "error" in body
 
 
-def tcp_open(address: str, port: int, timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+tcp_open = functools.partial(sysutil.tcp_open, timeout=2.0)  # the hosts package's probe, 2 s per try
 
 
 # ---------------------------------------------------------------------------------------------- tests

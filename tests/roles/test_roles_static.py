@@ -21,7 +21,7 @@ from iotplat.commands import render
 from tests.helpers import EXAMPLES, PLATFORM_DIR
 from tests.roles.conftest import ROLES, VENV_BIN
 
-ROLE_NAMES = ("common", "mosquitto", "influxdb", "grafana", "worker")
+ROLE_NAMES = ("common", "mosquitto", "nats", "influxdb", "grafana", "worker")
 SPECS = [PLATFORM_DIR / "platform.yaml", *sorted(EXAMPLES.glob("*/platform.yaml"))]
 # Variables of the invocation contract (docs/roles.md): -e, the addresses inventory and secrets.yml.
 CONTRACT_VARS = {"iotplat_build_dir", "iotplat_worker_wheelhouse", "iotplat_secrets", "iotplat_private_address"}
@@ -163,3 +163,25 @@ def test_site_yml_syntax_check(builds: list[Path]) -> None:
                                "--syntax-check", str(build / "ansible/site.yml")],
                               env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"{build.name}: {proc.stdout}{proc.stderr}"
+
+
+def _code(text: str) -> str:
+    """Role text without comment lines (comments may name a path to explain it)."""
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def test_roles_read_paths_from_the_layout_table() -> None:
+    """render/layout.py is the one table of host paths: the roles read it as iotplat_paths (every name they use
+    exists) and never spell one of its paths themselves."""
+    from iotplat.render.layout import paths
+
+    table = paths()
+    unknown, spelled = [], []
+    for role in ROLE_NAMES:
+        text = _code(role_text(role))
+        unknown += [f"{role}: iotplat_paths.{n}" for n in sorted(set(re.findall(r"iotplat_paths\.(\w+)", text)))
+                    if n not in table]
+        spelled += [f"{role}: {path} ({name})" for name, path in table.items()
+                    if re.search(rf"(?<![\w/.-]){re.escape(path)}(?![\w/.-])", text)]
+    assert not unknown, "not in iotplat.render.layout.paths(): " + ", ".join(unknown)
+    assert not spelled, "paths of the layout table spelled in a role (read iotplat_paths instead): " + ", ".join(spelled)

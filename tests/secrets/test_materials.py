@@ -12,7 +12,7 @@ from cryptography import x509
 
 from iotplat.secrets import pki
 from iotplat.secrets.materials import ensure_materials
-from iotplat.secrets.passwords import hash_many, mosquitto_hash, verify_mosquitto_hash
+from iotplat.secrets.passwords import GENERATED_PBKDF2_ITERATIONS, hash_many, mosquitto_hash, verify_mosquitto_hash
 from iotplat.secrets.state import State
 from iotplat.spec.load import load_platform
 from tests.helpers import EXAMPLES, PLATFORM_DIR
@@ -37,7 +37,7 @@ def test_password_file_format(isolated_state: Path) -> None:
     salts = set()
     for line in lines:
         _, n, salt, digest = HASH_LINE.match(line).groups()
-        assert int(n) == 10000
+        assert int(n) == GENERATED_PBKDF2_ITERATIONS  # generated secrets: minimal cost (passwords.py)
         assert len(base64.b64decode(salt)) == 12 and len(base64.b64decode(digest)) == 64
         salts.add(salt)
     assert len(salts) == len(lines)

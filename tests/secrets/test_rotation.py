@@ -173,11 +173,11 @@ def _serve_tls_once(cert: pki.CertKey, tmp_path: Path) -> tuple[int, threading.T
 
 @pytest.mark.parametrize("days,warned", [(10, True), (29, True), (90, False)])
 def test_status_warns_30_days_before_expiry(tmp_path: Path, days: int, warned: bool) -> None:
-    from iotplat.verify.status import _Ctx, tls_probe
+    from iotplat.verify.status import TrustStore, tls_probe
 
     ca = pki.create_ca("probe CA")
     port, th = _serve_tls_once(pki.issue_server_cert(ca, "broker", ["broker.test"], days), tmp_path)
-    trust = _Ctx(ca.cert_pem)
+    trust = TrustStore(ca.cert_pem)
     try:
         ok, note, left = tls_probe("127.0.0.1", port, "broker.test", trust.context())
     finally:

@@ -40,6 +40,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free loopback ports, for servers that listen on base + n (the worker's
+    replica N serves HTTP on port + N - 1). Chosen below the kernel's ephemeral range (ip_local_port_range starts
+    at 32768), so an outgoing connection elsewhere on the machine cannot take base + 1 between this check and
+    the server's bind, which a port from bind(0) plus one could not promise."""
+    import random
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32768 - count)
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no run of {count} free ports below 32768")
+
+
 def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

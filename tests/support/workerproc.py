@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .servers import Influx1, Mosquitto, Victoria, free_port, kill_group
+from .servers import Influx1, Mosquitto, Victoria, free_port_run, kill_group
 
 TELEMETRY_SUB = {
     "name": "telemetry",
@@ -89,7 +89,7 @@ def worker_config(tmp: Path, broker: Mosquitto, influx: Influx1 | Victoria | Non
     sections["dead_letters"] = {"measurement": "iotplat_dead_letters", "topic": "iotplat/dead-letters",
                                 "rate_per_device": dead_letter_rate, "excerpt_bytes": 256}
     sections["limits"] = {"max_payload": 65536, "max_json_depth": 16, "max_fields": 200}
-    sections["http"] = {"listen": "127.0.0.1", "port": http_port if http_port is not None else free_port()}
+    sections["http"] = {"listen": "127.0.0.1", "port": http_port if http_port is not None else free_port_run(8)}
     for k, v in (extra or {}).items():
         sections.setdefault(k, {}).update(v)
     return render_config(tmp / name, sections, subscriptions or [TELEMETRY_SUB])

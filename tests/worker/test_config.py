@@ -180,3 +180,16 @@ def test_worker_imports_stay_light():
             "if m in sys.modules]; print(bad)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_check_fails_exactly_where_the_start_fails(good):
+    """`--check` builds every decoder as the worker's start does (iotplat.worker.decoders.build_decoders): a decoder
+    that refuses its subscription (here an option the json decoder does not know) is the same one line, exit 2."""
+    good.write_text(good.read_text().replace("[subscriptions.options]", '[subscriptions.options]\nprecison = "ms"', 1))
+    argv = [sys.executable, "-m", "iotplat.worker", "--config", str(good), "--replica", "1"]
+    check, start = (subprocess.run(a, capture_output=True, text=True, timeout=60) for a in (argv + ["--check"], argv))
+    for r in (check, start):
+        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert check.stderr == start.stderr
+    assert check.stderr == (f"error: {good}: subscriptions[0].options: json: unknown option 'precison' for format "
+                            "'json'; allowed: max_future_seconds\n")

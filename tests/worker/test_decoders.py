@@ -195,8 +195,10 @@ DECODERS = _all_decoders()
 
 
 def _check(payload: bytes) -> None:
+    # CPU time of this thread, not wall time: the bound catches a pathological (backtracking) decode of a short
+    # payload, and must not trip because two cores are shared with servers and other tests.
     for d in DECODERS:
-        t = time.perf_counter()
+        t = time.thread_time()
         try:
             out = d.decode(payload, {"device": "d"}, NOW)
         except Rejected as r:
@@ -205,7 +207,7 @@ def _check(payload: bytes) -> None:
             for item in out:
                 line = item if isinstance(item, bytes) else encode_point(item, NOW)
                 assert b"\n" not in line
-        assert time.perf_counter() - t < 0.5
+        assert time.thread_time() - t < 0.5
 
 
 @FUZZ

@@ -207,7 +207,8 @@ def test_final_health_point_on_sigterm_and_v2_write_path_against_victoriametrics
             for s in victoria.export(f'{{__name__="iotplat_worker_{name}"}}'):
                 assert s["metric"]["host"] == "edge-a" and s["metric"]["replica"] == "1"
                 got[name] = s["values"]
-        return got if len(got.get("written", [])) == 2 else None
+        # every series complete: VictoriaMetrics makes new samples searchable per series, not per request
+        return got if all(len(got.get(n, [])) == 2 for n in ("received", "written", "dead_letters", "spool_bytes")) else None
 
     got = _wait(exported, 30, "two health points in VictoriaMetrics")
     assert got["received"] == [0, 200] and got["written"] == [0, 200]

@@ -4,6 +4,6 @@ Nothing in this package creates resources itself. ``config`` turns the stack con
 ``iotplat render`` into a validated, frozen ``StackConfig``; ``plan`` decides subnets,
 addresses, public exposure and firewall rules from it; ``program`` is the wiring both programs
 share (the per-host loop and the stack outputs), calling back into the cloud's own components.
-Both stacks import it by putting ``stacks/common`` on ``sys.path`` (see their ``__main__.py``),
+Both stacks import it by putting ``stacks/common`` on ``sys.path`` (``stacks/common/bootstrap.py``),
 which works from a checkout and from the copy shipped inside the wheel alike.
 """

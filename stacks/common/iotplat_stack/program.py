@@ -2,7 +2,7 @@
 
 Nothing here creates a resource itself. ``build_hosts`` calls the cloud's own ``make_host`` for
 each planned host (which creates that cloud's Firewall and Host) and collects what the inventory
-needs; ``run`` is the whole of a ``__main__.py`` after ``sys.path`` is set: read the config, plan,
+needs; ``run`` is what a program does once ``sys.path`` is set (``stacks/common/bootstrap.py``): read the config, plan,
 build the cloud's ``Platform``, export the outputs described in docs/stacks.md.
 """
 

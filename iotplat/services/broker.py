@@ -1,0 +1,205 @@
+"""The MQTT broker: Mosquitto (role `mosquitto`, templates/mosquitto/), or with `broker.engine: nats` a NATS
+JetStream cluster on `broker.nodes` hosts (role `nats`; what differs lives in iotplat/services/nats.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from iotplat.containers.runtime import container_files, container_vars, runtime_of
+from iotplat.services import nats
+from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
+
+if TYPE_CHECKING:
+    from iotplat.deploy.ops import Context
+    from iotplat.hosts import Host
+    from iotplat.render.engine import Renderer
+    from iotplat.spec.platform_model import Platform
+    from iotplat.verify.status import Check, Probe
+
+PERSISTENCE = "/var/lib/mosquitto"
+PERSISTENCE_FILE = f"{PERSISTENCE}/mosquitto.db"
+
+
+def _duration(seconds: float) -> str:
+    """persistent_client_expiration takes h d w m y: rounded up to hours."""
+    hours = max(1, int(-(-seconds // 3600)))
+    return f"{hours // 24}d" if hours % 24 == 0 else f"{hours}h"
+
+
+def acl_rules(p: Platform) -> tuple[list[str], list[dict[str, Any]], list[str]]:
+    """(device patterns, per-device rules, worker read filters) of the ACL: a topic template that names only
+    {device} becomes a `pattern` line with %u; one that names registry columns is written per device."""
+    from iotplat.spec.platform_model import template_filter, template_names
+
+    patterns: list[str] = []
+    per_device: list[dict[str, Any]] = []
+    needs_attrs = [t for t in p.spec.devices.topics if set(template_names(t)) - {"device"}]
+    for t in p.spec.devices.topics:
+        if t not in needs_attrs:
+            patterns.append(t.replace("{device}", "%u"))
+    if needs_attrs:
+        for d in sorted(p.all_devices, key=lambda d: d.id):
+            values = {"device": d.id, **dict(d.attributes)}
+            per_device.append({"user": d.id, "topics": [t.format(**values) for t in needs_attrs]})
+    reads = sorted({template_filter(s.topic) for s in p.spec.ingestion.subscriptions})
+    return patterns, per_device, reads
+
+
+def _save_signal(p: Platform) -> str:
+    """The command that makes Mosquitto write its persistence file now (SIGUSR1 to its main process). In a
+    container the unit's main process is `docker wait`: the signal goes to the container instead."""
+    if runtime_of(p.spec, Broker.name) == "container":
+        return "docker kill --signal USR1 mosquitto >/dev/null"
+    return "systemctl kill --kill-whom=main -s USR1 mosquitto"
+
+
+def _nats(p: Platform) -> bool:
+    return p.spec.broker.engine == "nats"
+
+
+class Broker(Service):
+    name: ClassVar[str] = "broker"
+    role: ClassVar[str] = "mosquitto"
+    title: ClassVar[str] = "MQTT broker"
+    deploy_order: ClassVar[int] = 10
+    single_host: ClassVar[bool] = True
+    version_keys: ClassVar[Mapping[str, str]] = {"mosquitto": "set broker.version back to {old} in {spec}",
+                                                 "nats-server": "set broker.version back to {old} in {spec}"}
+
+    def paths(self) -> Mapping[str, str]:
+        return {
+            "mosquitto_conf": "/etc/mosquitto/mosquitto.conf",
+            "mosquitto_dir": "/etc/mosquitto/iotplat",
+            "mosquitto_acl": "/etc/mosquitto/iotplat/acl",
+            "mosquitto_passwd": "/etc/mosquitto/iotplat/passwd",
+            "mosquitto_key": "/etc/mosquitto/iotplat/server.key",
+            "mosquitto_persistence": PERSISTENCE,
+            "nats_conf": nats.CONF,
+            "nats_dir": nats.CONF_DIR,
+            "nats_key": nats.KEY,
+            "nats_store": nats.STORE_DIR,
+        }
+
+    def role_for(self, p: Platform) -> str:
+        return "nats" if _nats(p) else self.role
+
+    def files(self, r: Renderer) -> list[ServiceFile]:
+        p = r.p
+        spec = p.spec
+        if _nats(p):  # nats-server.conf differs per node and holds the users' bcrypt hashes: a secret (below)
+            return []
+        conf = r.template(
+            "mosquitto/mosquitto.conf.j2",
+            broker=spec.broker,
+            listeners=spec.broker.listeners,
+            limits=spec.broker.limits,
+            autosave_interval=max(1, int(spec.broker.persistence.autosave_interval)),
+            client_expiration=_duration(spec.broker.persistence.client_expiration),
+            inflight=p.inflight,
+            queue_messages=p.queue_messages,
+            queue_bytes=p.queue_bytes,
+            message_size=spec.broker.limits.message_size,
+            tls_min=spec.tls.min_version,
+        )
+        patterns, per_device, reads = acl_rules(p)
+        acl = r.template(
+            "mosquitto/acl.j2",
+            patterns=patterns,
+            device_rules=per_device,
+            workers=[rep.username for rep in p.replicas],
+            worker_reads=reads,
+            dead_letter_topic=spec.ingestion.dead_letters.topic,
+        )
+        paths = self.paths()
+        return [ServiceFile(paths["mosquitto_conf"], conf),
+                ServiceFile(paths["mosquitto_acl"], acl, "0640", "root", "mosquitto"),
+                *container_files(p, self.name)]  # runtime: container adds the unit that runs the image
+
+    def secrets(self, p: Platform, host: str) -> list[SecretFile]:
+        paths = self.paths()
+        if _nats(p):
+            return [SecretFile(paths["nats_conf"], nats.secret_key(host), "0640", "nats"),
+                    SecretFile(paths["nats_key"], f"host_key:{host}", "0640", "nats")]
+        return [SecretFile(paths["mosquitto_passwd"], "mosquitto_passwd", "0640", "mosquitto"),
+                SecretFile(paths["mosquitto_key"], f"host_key:{host}", "0640", "mosquitto")]
+
+    def ingress(self, p: Platform, host: str) -> list[Ingress]:
+        rules = []
+        if _nats(p):  # monitoring listens on loopback only: no rule
+            rules.append(Ingress(nats.CLIENT_PORT, "internal", "NATS over TLS (worker replicas)"))
+            if len(p.placement["broker"]) > 1:
+                rules.append(Ingress(nats.ROUTE_PORT, "internal", "NATS cluster routes (mutual TLS)"))
+        for lst in p.spec.broker.listeners:
+            label = "MQTT over TLS" if lst.protocol == "mqtt" else "MQTT over secure WebSockets"
+            rules.append(Ingress(lst.port, "devices", label))
+            rules.append(Ingress(lst.port, "internal", f"{label} (worker, canary)"))
+        return rules
+
+    def data_dirs(self, p: Platform) -> tuple[str, ...]:
+        return (nats.STORE_DIR,) if _nats(p) else (PERSISTENCE,)
+
+    def group_vars(self, p: Platform) -> dict[str, Any]:
+        if _nats(p):
+            return {"nats_package_versions": p.nats_pins}
+        return {"mosquitto_package_versions": p.mosquitto_pins, **container_vars(p, self.name, self.role)}
+
+    def scheduled_backup(self, r: Renderer, host: str) -> BackupStep | None:
+        if _nats(r.p):  # JetStream's store is replicated on the nodes; not archived (as `iotplat backup`)
+            return None
+        return BackupStep("Mosquitto's persistence file", "mosquitto.service",
+                          r.template("mosquitto/backup-step.sh.j2", persistence_file=PERSISTENCE_FILE,
+                                     container=runtime_of(r.p.spec, self.name) == "container"))
+
+    def package_pins(self, gv: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+        """The engine's package: a changed pin of either is a rolling upgrade, node by node with the canary."""
+        if "nats_package_versions" in gv:
+            return {"nats-server": dict(gv["nats_package_versions"])}
+        return {"mosquitto": dict(gv["mosquitto_package_versions"])}
+
+    def units(self, p: Platform, host: str) -> list[str]:
+        return [nats.UNIT] if _nats(p) else ["mosquitto"]
+
+    def health(self, p: Platform, host: str) -> dict[str, int]:
+        """nats-server's /healthz on the host's loopback (monitoring port): ok once JetStream is up."""
+        return {"nats-server": nats.MONITOR_PORT} if _nats(p) else {}
+
+    def cert_names(self, p: Platform) -> list[str]:
+        return [p.service_name("broker"), *p.spec.broker.server_names]
+
+    def tls_ports(self, p: Platform) -> list[TlsPort]:
+        # not nats's client port: the NATS protocol sends its INFO line in the clear before the TLS handshake
+        # (2.9), so a TLS probe cannot read it; the workers' health and the cluster checks cover it
+        return [TlsPort(lst.port, f"broker {lst.protocol} :{lst.port}", p.service_name("broker"))
+                for lst in p.spec.broker.listeners]
+
+    def checks(self, probe: Probe) -> list[Check]:
+        """On nats: the cluster's health (iotplat/verify/nats_cluster.py): nodes, routes, meta leader, stream."""
+        if not _nats(probe.platform):
+            return []
+        from iotplat.verify import nats_cluster
+
+        return nats_cluster.checks(probe)
+
+    def backup(self, ctx: Context, host: Host) -> dict[str, bytes]:
+        """The persistence file (queued messages, sessions), saved first with SIGUSR1 to the broker's main
+        process; waits (5 s at most) for the file to change."""
+        from iotplat.deploy.backup import run_on
+
+        if _nats(ctx.platform):  # JetStream's store is replicated on the nodes; not archived (README says so)
+            return {}
+        save = _save_signal(ctx.platform)
+        return {"mosquitto.db": run_on(host, (
+            f"set -e; f={PERSISTENCE_FILE}; old=$(stat -c %Y $f 2>/dev/null || echo 0); "
+            f"{save}; i=0; "
+            "while [ $i -lt 50 ] && [ \"$(stat -c %Y $f 2>/dev/null || echo 0)\" = \"$old\" ]; do sleep 0.1; i=$((i+1)); done; "
+            "cat $f"))}
+
+    def restore(self, ctx: Context, host: Host, members: Mapping[str, bytes], info: Mapping[str, Any]) -> None:
+        from iotplat.deploy.backup import run_on
+
+        if "mosquitto.db" not in members or _nats(ctx.platform):
+            return
+        run_on(host, (f"set -e; systemctl stop mosquitto; cat > {PERSISTENCE_FILE}; "
+                      f"chown mosquitto:mosquitto {PERSISTENCE_FILE}; chmod 0600 {PERSISTENCE_FILE}; "
+                      "systemctl start mosquitto"), stdin=members["mosquitto.db"])

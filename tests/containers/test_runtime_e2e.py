@@ -1,0 +1,231 @@
+"""End to end: platform/examples/containers (the broker and InfluxDB 1.x in containers, the worker as a package: a
+mixed platform) deployed by `iotplat up` onto two local nspawn hosts, with the stand-in images given as archives --
+the air-gapped path, for real: verified on the controller, copied, loaded and checked by image ID on the hosts.
+
+What it proves: the spec's runtime and images reach the hosts (then the worker moves from its package into the
+container iotplat builds for it from the same wheelhouse) through render and the roles; Docker is installed
+from Debian with iotplat's daemon.json; the units run the verified images by ID under the package's unit names, so
+`status` (units, TLS, canary: a real message through the containerized broker into the containerized InfluxDB),
+`logs` and `destroy` work unchanged; no secret is in `docker inspect`; a changed digest is drift for `plan`; the roles' uninstall path removes
+containers, units and images. What it cannot: the upstream images themselves (tests/support/images.py says how the stand-ins differ), hosts
+other than Debian 12, a registry pull (none is reachable here).
+
+Network 10.237.0.0/24 only. One platform for the module; about 3-4 minutes with the stand-ins cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.conftest import local_platform, module_env, platform_materials, run_cli
+from tests.helpers import EXAMPLES
+
+pytestmark = [pytest.mark.hosts, pytest.mark.slow]
+NETWORK = "10.237.0.0/24"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root and systemd-nspawn")
+    from tests.support.images import stand_in
+
+    broker, influx = stand_in("mosquitto"), stand_in("influxdb")
+    work = tmp_path_factory.mktemp("ctr-up")
+
+    def edit(spec: dict) -> None:
+        spec["name"], spec["target"]["network"] = "ctr", NETWORK
+        spec["images"] = {"broker": str(broker.ref), "influxdb": str(influx.ref),
+                          "archive": {"broker": str(broker.archive), "influxdb": str(influx.archive)}}
+
+    for ctx in local_platform(work, EXAMPLES / "containers" / "platform.yaml", edit, devices=["dev-a", "dev-b"],
+                              env={"IOTPLAT_IMAGE_CACHE": str(work / "image-cache")}, destroy_data=True):
+        ctx["standins"] = {"broker": broker, "influxdb": influx}
+        yield ctx  # then `iotplat destroy --data` deletes the hosts
+
+
+@pytest.fixture(autouse=True)
+def _module_state(isolated_state, deployed: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    module_env(deployed, monkeypatch)
+
+
+def _exec(deployed: dict, host: str, script: str) -> str:
+    from iotplat.deploy.targets import local_settings
+    from iotplat.hosts import local_provider
+    from iotplat.spec.load import load_platform
+
+    provider = local_provider(local_settings(load_platform(Path(deployed["spec"]))))
+    r = provider.exec(host, ["sh", "-c", script], timeout=120)
+    assert r.returncode == 0, (script, r.stderr)
+    return r.stdout
+
+
+def test_01_up_runs_broker_and_influxdb_in_containers_and_status_is_green(deployed: dict, capfd) -> None:
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
+    assert code == 0, (out + err)[-4000:]
+    result = json.loads(out)
+    deployed["hosts"] = result["hosts"]
+    assert result["ok"] is True
+    ok = {(c["host"], c["name"]) for c in result["status"] if c["ok"] and not c["skipped"]}
+    assert ("edge", "unit mosquitto") in ok and ("tsdb", "unit influxdb") in ok, result["status"]
+    assert ("edge", "canary") in ok  # a real message: device -> broker container -> worker -> InfluxDB container
+    # the units run the verified images by ID, in containers
+    for host, name, which in (("edge", "mosquitto", "broker"), ("tsdb", "influxdb", "influxdb")):
+        image = _exec(deployed, host, f"docker inspect --format '{{{{.Image}}}}' {name}").strip()
+        assert image == deployed["standins"][which].config_digest
+        assert _exec(deployed, host, f"systemctl show -p ExecStart --value {name}.service").count("docker wait") == 1
+    # the worker stays a package (mixed platform)
+    assert _exec(deployed, "edge", "systemctl is-active iotplat-worker@1.service").strip() == "active"
+    assert "docker" not in _exec(deployed, "edge", "systemctl cat iotplat-worker@1.service")
+
+
+def test_02_no_secret_in_docker_inspect_the_journal_or_the_build_dir(deployed: dict) -> None:
+    _, m, _ = platform_materials(deployed)
+    inspect = _exec(deployed, "edge", "docker inspect mosquitto") + _exec(deployed, "tsdb", "docker inspect influxdb")
+    values = [v for v in m.secrets.values() if isinstance(v, str) and len(v) >= 8]
+    values += [pw for pw, _ in m.mqtt_users.values()]
+    assert values and not [v for v in values if v in inspect]
+    journals = _exec(deployed, "edge", "journalctl --no-pager -o cat") + _exec(deployed, "tsdb", "journalctl --no-pager -o cat")
+    assert "mosquitto version" in journals and not [v for v in values if v in journals]
+    build = "".join(f.read_text(errors="replace") for f in Path(deployed["build"]).rglob("*") if f.is_file())
+    assert not [v for v in values if v in build]
+    env = json.loads(_exec(deployed, "tsdb", "docker inspect influxdb"))[0]["Config"]["Env"] or []
+    assert not [e for e in env if e.split("=", 1)[0].startswith("INFLUXDB_")]
+
+
+def test_03_second_up_changes_nothing(deployed: dict, capfd) -> None:
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json", "--no-verify")
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["changed"] == 0, json.loads(out).get("recap")
+
+
+def test_04_logs_show_the_containers_journal(deployed: dict, capfd) -> None:
+    code, out, err = run_cli(capfd, "logs", deployed["spec"], "--out", deployed["build"], "--service", "broker",
+                             "--since", "1 hour ago", "--lines", "200")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines and all(" edge/broker: " in line for line in lines)
+    # Mosquitto's own start-up lines, written by the container through Docker's journald driver
+    assert any("mosquitto version" in line and "running" in line for line in lines), out[-2000:]
+
+
+def test_05_a_changed_digest_is_drift(deployed: dict, capfd) -> None:
+    import yaml
+
+    # (no drift before: test_03's no-change `up` showed that)
+    spec_path = Path(deployed["spec"])
+    original = spec_path.read_text()
+    spec = yaml.safe_load(original)
+    ref = deployed["standins"]["broker"].ref
+    spec["images"]["broker"] = f"{ref.familiar_name}:{ref.tag}@sha256:{'1' * 64}"  # a new pin, pulled (no archive)
+    del spec["images"]["archive"]["broker"]
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    try:
+        code, out, err = run_cli(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
+        assert code == 3, (out + err)[-3000:]
+        result = json.loads(out)
+        assert any(c["host"] == "edge" for c in result["changes"])
+        assert "sha256:" + "1" * 64 in "\n".join(result["diff"])  # the unit's new image
+    finally:
+        spec_path.write_text(original)
+        run_cli(capfd, "render", deployed["spec"], "--out", deployed["build"])
+
+
+def test_05b_the_worker_moves_into_a_container(deployed: dict, capfd) -> None:
+    """runtime.worker: container on the running platform: iotplat builds the worker image from the same wheelhouse on
+    the stand-in python base, `up` replaces the package's replicas with containers (same unit names), the canary
+    passes through them, and they run as the image's non-root user."""
+    import yaml
+
+    from tests.support.images import stand_in
+
+    python = stand_in("python")
+    spec_path = Path(deployed["spec"])
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["runtime"]["worker"] = "container"
+    spec["images"]["worker_base"] = str(python.ref)
+    spec["images"]["archive"]["worker_base"] = str(python.archive)
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
+    if code != 0:  # what the replica said, for the failure message
+        err += _exec(deployed, "edge", "journalctl -u iotplat-worker@1 -n 40 --no-pager -o cat; docker ps -a || true")
+    assert code == 0, (out + err)[-6000:]
+    result = json.loads(out)
+    ok = {(c["host"], c["name"]) for c in result["status"] if c["ok"] and not c["skipped"]}
+    assert ("edge", "canary") in ok and ("edge", "unit iotplat-worker@1") in ok, result["status"]
+    gv = yaml.safe_load((Path(deployed["build"]) / "ansible/group_vars/all.yml").read_text())
+    image_id = gv["worker_container"]["image"]["image_id"]
+    assert _exec(deployed, "edge", "docker inspect --format '{{.Image}}' iotplat-worker-1").strip() == image_id
+    assert _exec(deployed, "edge", "docker exec iotplat-worker-1 id -u").strip() == "10001"
+    size = int(_exec(deployed, "edge", f"docker image inspect --format '{{{{.Size}}}}' {image_id}"))
+    assert size < 150_000_000
+
+
+def test_05c_backup_and_restore_run_inside_the_images(deployed: dict, capfd) -> None:
+    """`backup` then `restore` on the all-container platform: InfluxDB's portable backup and restore run in a
+    container of its own image (the host has no influxd), the broker saves through `docker kill --signal USR1`; the
+    rows written before the backup are there after the restore (which drops the database first)."""
+    import time
+
+    import paho.mqtt.client as mqtt
+
+    from iotplat.verify.status import TrustStore, influx_query
+    from tests.deploy.conftest import mqtt_connect
+
+    p, m, _ = platform_materials(deployed)
+    edge, tsdb = deployed["hosts"]["edge"], deployed["hosts"]["tsdb"]
+    ca = str(Path(deployed["build"]) / "hosts/edge/etc/iotplat/tls/ca.crt")
+    ts0 = int(time.time() * 1000) - 600_000
+    c, seen = mqtt_connect(edge, ca, "dev-a", m.mqtt_users["dev-a"][0], protocol=mqtt.MQTTv311)
+    assert seen["rc"] == 0
+    for i in range(20):
+        c.publish("devices/dev-a/telemetry", json.dumps({"temperature": i, "humidity": 1, "ts": ts0 + i}),
+                  qos=1).wait_for_publish(10)
+    c.loop_stop()
+    c.disconnect()
+    trust = TrustStore(m.ca_cert_pem)
+
+    def count() -> int:
+        res = influx_query(p, tsdb, trust.context(), "iotplat-grafana", m.secrets["influxdb_grafana_password"],
+                           f"SELECT count(temperature) FROM telemetry WHERE device = 'dev-a' AND time >= {ts0}ms "
+                           f"AND time < {ts0 + 20}ms")
+        series = res["results"][0].get("series") or [{"values": [[0, 0]]}]
+        return int(series[0]["values"][0][1])
+
+    try:
+        deadline = time.time() + 60
+        while count() < 20 and time.time() < deadline:
+            time.sleep(1)
+        assert count() == 20
+        code, out, err = run_cli(capfd, "backup", deployed["spec"], "--out", deployed["build"], "--to",
+                                 str(Path(deployed["work"]) / "backups"), "--json")
+        assert code == 0, (out + err)[-3000:]
+        archive = json.loads(out)["archive"]
+        code, out, err = run_cli(capfd, "restore", deployed["spec"], "--out", deployed["build"], "--from", archive,
+                                 "--yes", "--json")
+        assert code == 0, (out + err)[-3000:]
+        assert count() == 20
+    finally:
+        trust.close()
+
+
+def test_06_uninstall_removes_containers_units_and_images(deployed: dict) -> None:
+    """The roles' uninstall path (destroy.yml, which `iotplat destroy` runs on bare-metal and cloud hosts; local hosts
+    are deleted whole, so it is run here directly on the live hosts first)."""
+    from iotplat.deploy.ansible import run_playbook
+    from iotplat.deploy.ops import open_context
+
+    ctx = open_context(deployed["spec"], None, None, deployed["build"], lambda s: None)
+    hosts = ctx.target().acquire(create=False, progress=lambda s: None)
+    result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, playbook="destroy.yml",
+                          extra_vars={"iotplat_destroy_data": False})
+    assert result.returncode == 0, result.failures
+    for host, name, which in (("edge", "mosquitto", "broker"), ("tsdb", "influxdb", "influxdb")):
+        assert _exec(deployed, host, "docker ps -aq").strip() == ""
+        assert deployed["standins"][which].config_digest not in _exec(deployed, host, "docker images -q --no-trunc")
+        assert _exec(deployed, host, f"test -e /etc/systemd/system/{name}.service && echo yes || echo no").strip() == "no"
+    assert _exec(deployed, "edge", "docker images -q").strip() == ""  # the worker image too
