@@ -14,9 +14,8 @@ _TESTS = str(Path(__file__).resolve().parents[1])
 if _TESTS not in sys.path:
     sys.path.append(_TESTS)
 
+from support.fixtures import influx, workers  # noqa: E402,F401  (shared with tests/worker)
 from support.natscluster import NATS_SERVER, NatsCluster  # noqa: E402
-from support.servers import Influx1  # noqa: E402
-from support.workerproc import WorkerProc  # noqa: E402
 
 if not shutil.which(NATS_SERVER):  # pragma: no cover - .ci/run installs it
     pytest.fail("nats-server is not installed: apt-get install nats-server (see .ci/run)", pytrace=False)
@@ -29,18 +28,3 @@ def clusters():
     yield started
     for c in started:
         c.close()
-
-
-@pytest.fixture
-def influx():
-    i = Influx1.start()
-    yield i
-    i.close()
-
-
-@pytest.fixture
-def workers():
-    started: list[WorkerProc] = []
-    yield started
-    for w in started:
-        w.close()

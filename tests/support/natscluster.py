@@ -20,6 +20,7 @@ from pathlib import Path
 from iotplat.nats.config import JetStreamLimits, Listen, Node, NodeConfig, Permissions, TlsFiles, User, render_node
 from iotplat.nats.permissions import WorkerGrant, device_permissions, device_topics, worker_permissions
 from iotplat.secrets.passwords import bcrypt_many
+from . import servers
 from .servers import free_port, kill_group, wait_port
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/bin/nats-server"
@@ -29,27 +30,9 @@ TELEMETRY = "devices/{device}/telemetry"
 
 def make_ca(directory: Path, names: tuple[str, ...] = ("localhost", "broker.iotplat.internal"),
             usages: str = "serverAuth,clientAuth") -> dict[str, Path]:
-    """A throw-away CA and one certificate for 127.0.0.1 and ``names`` (openssl CLI). Broker nodes present
-    it to each other on the cluster routes, so it carries clientAuth as well as serverAuth."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_crt = d / "ca.key", d / "ca.crt"
-    key, csr, crt, ext = d / "server.key", d / "server.csr", d / "server.crt", d / "server.ext"
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    if not ca_crt.exists():
-        run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(ca_key),
-            "-out", str(ca_crt), "-days", "2", "-subj", "/CN=iotplat test CA")
-    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out",
-        str(csr), "-subj", "/CN=localhost")
-    sans = ",".join(["IP:127.0.0.1"] + [f"DNS:{n}" for n in names])
-    ext.write_text(f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                   f"extendedKeyUsage={usages}\n")
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial", "-out",
-        str(crt), "-days", "2", "-extfile", str(ext))
-    return {"ca": ca_crt, "cert": crt, "key": key}
+    """servers.make_ca for broker nodes: they present the certificate to each other on the cluster routes, so
+    it carries clientAuth as well as serverAuth."""
+    return servers.make_ca(directory, names, usages)
 
 
 @dataclass

@@ -101,8 +101,10 @@ def mosquitto_hash(password: str, iterations: int = 1000, salt: bytes | None = N
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(dk).decode()}"
 
 
-def make_ca(directory: Path, names: tuple[str, ...] = ("localhost", "broker.iotplat.internal")) -> dict[str, Path]:
-    """A throw-away CA and a server certificate for 127.0.0.1/::1 and ``names`` (openssl CLI)."""
+def make_ca(directory: Path, names: tuple[str, ...] = ("localhost", "broker.iotplat.internal"),
+            usages: str = "serverAuth") -> dict[str, Path]:
+    """A throw-away CA (kept when `directory` already holds one) and a server certificate for 127.0.0.1/::1 and
+    ``names`` with the extended key `usages` (openssl CLI)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     ca_key, ca_crt = d / "ca.key", d / "ca.crt"
@@ -111,13 +113,14 @@ def make_ca(directory: Path, names: tuple[str, ...] = ("localhost", "broker.iotp
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(ca_key),
-        "-out", str(ca_crt), "-days", "2", "-subj", "/CN=iotplat test CA")
+    if not ca_crt.exists():
+        run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(ca_key),
+            "-out", str(ca_crt), "-days", "2", "-subj", "/CN=iotplat test CA")
     run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out",
         str(csr), "-subj", "/CN=localhost")
     sans = ",".join(["IP:127.0.0.1", "IP:::1"] + [f"DNS:{n}" for n in names])
     ext.write_text(f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                   "extendedKeyUsage=serverAuth\n")
+                   f"extendedKeyUsage={usages}\n")
     run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial", "-out",
         str(crt), "-days", "2", "-extfile", str(ext))
     return {"ca": ca_crt, "cert": crt, "key": key}

@@ -15,8 +15,8 @@ _TESTS = str(Path(__file__).resolve().parents[1])
 if _TESTS not in sys.path:
     sys.path.append(_TESTS)
 
-from support.servers import Influx1, Mosquitto, Victoria  # noqa: E402
-from support.workerproc import WorkerProc  # noqa: E402
+from support.fixtures import influx, workers  # noqa: E402,F401  (shared with tests/nats)
+from support.servers import Mosquitto, Victoria  # noqa: E402
 
 
 @pytest.fixture
@@ -27,26 +27,10 @@ def broker():
 
 
 @pytest.fixture
-def influx():
-    i = Influx1.start()
-    yield i
-    i.close()
-
-
-@pytest.fixture
 def victoria():
     v = Victoria.start()
     yield v
     v.close()
-
-
-@pytest.fixture
-def workers():
-    """Start workers through this list; every one is killed at teardown."""
-    started: list[WorkerProc] = []
-    yield started
-    for w in started:
-        w.close()
 
 
 @pytest.fixture(params=["native", "paho"])
