@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "destroy", "stop and remove the services (data only with --data); local hosts are removed",
              cmd_destroy, spec, deploy,
              _arg("--data", action="store_true", help="also delete stored data (InfluxDB, broker queue, dashboards)"),
+             _arg("--keep-images", action="store_true",
+                  help="runtime container: leave the services' images loaded on kept hosts (bare metal, clouds)"),
              _YES)
     _command(sub, "backup", "one encrypted, checksummed archive: state, InfluxDB, broker queue, Grafana", cmd_backup,
              spec, _arg("--to", help="folder (or .iotplat-backup file) to write (default: ./backups)"), deploy)
@@ -321,8 +323,8 @@ def cmd_destroy(args: argparse.Namespace, out: Output) -> int:
         if answer.strip() != "yes":
             out.line("nothing changed")
             return ExitCode.FAILURE
-    result = destroy(args.spec, args.env, data=args.data, state_dir=args.state_dir, out_dir=args.out,
-                     progress=_progress(out))
+    result = destroy(args.spec, args.env, data=args.data, keep_images=args.keep_images, state_dir=args.state_dir,
+                     out_dir=args.out, progress=_progress(out))
     out.data.update(result)
     for line in result["deleted"]:
         out.line(f"deleted: {line}")

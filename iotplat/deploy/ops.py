@@ -352,11 +352,11 @@ def _diff_blocks(output: str) -> list[str]:
     return blocks
 
 
-def destroy(spec: str | None, env: str | None, *, data: bool = False, state_dir: str | None = None,
-            out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
-    """Stop and remove the services (their data only with `data`), then release what iotplat created for the hosts:
-    local hosts are deleted; bare-metal hosts kept; a cloud stack is retired (data disks kept) or, with `data`,
-    destroyed. Returns what was deleted and what was kept."""
+def destroy(spec: str | None, env: str | None, *, data: bool = False, keep_images: bool = False,
+            state_dir: str | None = None, out_dir: str | None = None, progress: Progress = print) -> dict[str, Any]:
+    """Stop and remove the services (their data only with `data`; container images unless `keep_images`), then
+    release what iotplat created for the hosts: local hosts are deleted; bare-metal hosts kept; a cloud stack is
+    retired (data disks kept) or, with `data`, destroyed. Returns what was deleted and what was kept."""
     from iotplat.deploy.ansible import run_playbook
     from iotplat.deploy.targets import NotDeployed, Released
 
@@ -373,7 +373,8 @@ def destroy(spec: str | None, env: str | None, *, data: bool = False, state_dir:
             if hosts:
                 check_reachable(hosts, ctx.state.dir)
                 result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, progress=progress,
-                                      playbook="destroy.yml", extra_vars={"iotplat_destroy_data": data})
+                                      playbook="destroy.yml",
+                                      extra_vars={"iotplat_destroy_data": data, "iotplat_keep_images": keep_images})
                 if result.returncode != 0:
                     raise IotplatError("destroy failed: " + "; ".join(result.failures[:3]))
                 where = ", ".join(h.name for h in hosts)

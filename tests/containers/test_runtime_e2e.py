@@ -213,7 +213,7 @@ def test_05c_backup_and_restore_run_inside_the_images(deployed: dict, capfd) -> 
         trust.close()
 
 
-def test_06_uninstall_removes_containers_units_and_images(deployed: dict) -> None:
+def test_06_uninstall_keeps_images_when_asked_then_removes_them(deployed: dict) -> None:
     """The roles' uninstall path (destroy.yml, which `iotplat destroy` runs on bare-metal and cloud hosts; local hosts
     are deleted whole, so it is run here directly on the live hosts first)."""
     from iotplat.deploy.ansible import run_playbook
@@ -221,8 +221,17 @@ def test_06_uninstall_removes_containers_units_and_images(deployed: dict) -> Non
 
     ctx = open_context(deployed["spec"], None, None, deployed["build"], lambda s: None)
     hosts = ctx.target().acquire(create=False, progress=lambda s: None)
+    # `destroy --keep-images`: containers and units go, the loaded images stay
     result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, playbook="destroy.yml",
-                          extra_vars={"iotplat_destroy_data": False})
+                          extra_vars={"iotplat_destroy_data": False, "iotplat_keep_images": True})
+    assert result.returncode == 0, result.failures
+    for host, name, which in (("edge", "mosquitto", "broker"), ("tsdb", "influxdb", "influxdb")):
+        assert _exec(deployed, host, "docker ps -aq").strip() == ""
+        assert deployed["standins"][which].config_digest in _exec(deployed, host, "docker images -q --no-trunc")
+        assert _exec(deployed, host, f"test -e /etc/systemd/system/{name}.service && echo yes || echo no").strip() == "no"
+    # a plain destroy (run again: the uninstall is idempotent) removes the images too
+    result = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, playbook="destroy.yml",
+                          extra_vars={"iotplat_destroy_data": False, "iotplat_keep_images": False})
     assert result.returncode == 0, result.failures
     for host, name, which in (("edge", "mosquitto", "broker"), ("tsdb", "influxdb", "influxdb")):
         assert _exec(deployed, host, "docker ps -aq").strip() == ""
