@@ -24,7 +24,6 @@ role, the firewall or systemd (tests/nats/test_cluster_e2e.py on local hosts doe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -40,7 +39,7 @@ from iotplat.commands import prepare
 from iotplat.services import nats
 from support.natscluster import NATS_SERVER
 from support.servers import free_port, kill_group, wait_port
-from tests.helpers import EXAMPLES
+from tests.helpers import EXAMPLES, use_private_state
 
 SPEC = EXAMPLES / "cluster" / "platform.yaml"
 HOSTS = ("n1", "n2", "n3")
@@ -76,19 +75,11 @@ class Rendered:
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendered]:
     base = tmp_path_factory.mktemp("nats-rendered")
-    key = base / "vault-password"
-    key.write_text("TEST-ONLY-nats-rendered-cluster-key-0123456789\n")
-    key.chmod(0o600)
-    saved = {k: os.environ.get(k) for k in ("IOTPLAT_STATE_DIR", "IOTPLAT_VAULT_PASSWORD_FILE")}
-    os.environ.update(IOTPLAT_STATE_DIR=str(base / "state"), IOTPLAT_VAULT_PASSWORD_FILE=str(key))
+    restore = use_private_state(base)
     try:
         prepared = prepare(str(SPEC), None, out_dir=str(base / "build"))
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore()
     p, m = prepared.platform, prepared.materials
     ca_file = base / "ca.crt"
     ca_file.write_text(m.ca_cert_pem)

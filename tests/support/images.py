@@ -26,8 +26,6 @@ digest. What they cannot prove: the upstream images themselves. Known difference
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -42,6 +40,7 @@ from pathlib import Path
 from iotplat.containers import oci
 from iotplat.containers.images import ImageRef, parse_image_ref
 from iotplat.containers.oci import ImageConfig, Platform
+from iotplat.hosts.image import file_lock
 from iotplat.hosts.settings import apt_mirrors
 
 FORMAT = 1  # bump when the build below changes in a way the inputs do not show
@@ -105,7 +104,7 @@ def stand_in(which: str) -> StandIn:
     mirror, _ = apt_mirrors()
     folder = CACHE / recipe.key(mirror)
     meta = folder / "standin.json"
-    with _lock(CACHE / f".{which}.lock"):
+    with file_lock(CACHE / f".{which}.lock", timeout=1800, what=f"stand-in image {which}"):
         if not meta.exists():
             _build(recipe, mirror, folder)
         rec = json.loads(meta.read_text())
@@ -160,17 +159,6 @@ def _prune(keep: set[Path]) -> None:
     for folder in CACHE.iterdir():
         if folder.is_dir() and re.fullmatch(r"[0-9a-f]{20}", folder.name) and folder not in keep:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":  # build (or show) every stand-in: python -m tests.support.images
