@@ -110,6 +110,13 @@ def _target_of(deployed: dict[str, Any]) -> Target:
     return TypeAdapter(Target).validate_python(deployed["target_spec"], strict=False)
 
 
+TIMEOUT_GRACE = 45.0  # seconds of retries for SSH connects that timed out (check_reachable)
+
+
+def _timed_out(problem: str) -> bool:
+    return problem.endswith("timed out") or "no SSH answer within" in problem
+
+
 def check_reachable(hosts: list[Host], state_dir: Path, wait: float = 0) -> None:
     """Every host answers SSH with the key pinned for it (before anything runs there): a changed host key or an
     unreachable host stops the command with one line naming the host and the fix. `wait`: seconds to keep trying
@@ -134,14 +141,19 @@ def check_reachable(hosts: list[Host], state_dir: Path, wait: float = 0) -> None
         last = [line for line in err.strip().splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
         return f"{h.name} ({h.address}): SSH as {h.ssh_user} failed: {last[0]}"
 
-    deadline = time.monotonic() + wait
+    started = time.monotonic()
+    deadline = started + wait
     pending = list(hosts)
     while True:
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(pending)))) as pool:
             results = list(pool.map(probe, pending))
         problems = [m for m in results if m]
         keys = [m for m in problems if "host key" in m]
-        if not problems or keys or time.monotonic() >= deadline:
+        # a connect that timed out (a busy host, a jump host's hop) gets TIMEOUT_GRACE seconds of retries even when
+        # the caller does not wait for booting hosts: one slow answer must not fail a whole command
+        transient = bool(problems) and all(_timed_out(m) for m in problems)
+        limit = max(deadline, started + TIMEOUT_GRACE) if transient else deadline
+        if not problems or keys or time.monotonic() >= limit:
             break
         pending = [h for h, m in zip(pending, results, strict=True) if m]
         time.sleep(2)
