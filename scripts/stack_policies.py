@@ -6,7 +6,7 @@
 
 How: run the real stack programs (stacks/aws, stacks/azure) under Pulumi's mocks, as the stack tests do
 (tests/stacks/stacks_harness.py), with every fixture config (one host; three hosts, one of them private,
-which adds the NAT gateway), and collect the resource type tokens they register and the provider
+which adds the NAT gateway; a broker cluster, which adds the load balancer), and collect the resource type tokens they register and the provider
 functions (invokes) they call. Each token is looked up in the tables below, which give the API actions
 Pulumi's provider needs to create, read (refresh, import), update, delete and tag that type, with the
 reason for each. A token the tables do not cover stops the script, so a stack that starts using a new
@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "policies"
-FIXTURES = {"aws": ("aws-1host", "aws-3host"), "azure": ("azure-1host", "azure-3host")}
+FIXTURES = {"aws": ("aws-1host", "aws-3host", "aws-cluster"), "azure": ("azure-1host", "azure-3host", "azure-cluster")}
 COMPONENT_PREFIX = "iotplat:"  # the stacks' own ComponentResources: no cloud API behind them
 
 
@@ -148,6 +148,33 @@ AWS: dict[str, tuple[Grant, ...]] = {
            "ec2:DescribeVolumes", "ec2:ModifyVolume", "ec2:DescribeVolumesModifications", "ec2:DeleteVolume"),
         EC2_TAGS,
     ),
+    "aws:lb/loadBalancer:LoadBalancer": (
+        _g("create, read, change and delete the broker cluster's network load balancer (with tags)",
+           "elasticloadbalancing:CreateLoadBalancer", "elasticloadbalancing:DescribeLoadBalancers",
+           "elasticloadbalancing:DescribeLoadBalancerAttributes", "elasticloadbalancing:ModifyLoadBalancerAttributes",
+           "elasticloadbalancing:DeleteLoadBalancer", "elasticloadbalancing:AddTags",
+           "elasticloadbalancing:RemoveTags", "elasticloadbalancing:DescribeTags"),
+        _g("place it in the public subnet", "ec2:DescribeSubnets", "ec2:DescribeInternetGateways",
+           "ec2:DescribeNetworkInterfaces"),
+    ),
+    "aws:lb/targetGroup:TargetGroup": (
+        _g("create, read, change and delete the TCP target group of the broker instances (with tags)",
+           "elasticloadbalancing:CreateTargetGroup", "elasticloadbalancing:DescribeTargetGroups",
+           "elasticloadbalancing:DescribeTargetGroupAttributes", "elasticloadbalancing:ModifyTargetGroup",
+           "elasticloadbalancing:ModifyTargetGroupAttributes", "elasticloadbalancing:DeleteTargetGroup",
+           "elasticloadbalancing:AddTags", "elasticloadbalancing:RemoveTags", "elasticloadbalancing:DescribeTags"),
+    ),
+    "aws:lb/targetGroupAttachment:TargetGroupAttachment": (
+        _g("register each broker instance as a target (untaggable)", "elasticloadbalancing:RegisterTargets",
+           "elasticloadbalancing:DeregisterTargets", "elasticloadbalancing:DescribeTargetHealth"),
+    ),
+    "aws:lb/listener:Listener": (
+        _g("create, read, change and delete the TCP listener on the MQTT port (with tags)",
+           "elasticloadbalancing:CreateListener", "elasticloadbalancing:DescribeListeners",
+           "elasticloadbalancing:DescribeListenerAttributes", "elasticloadbalancing:ModifyListener",
+           "elasticloadbalancing:DeleteListener", "elasticloadbalancing:AddTags", "elasticloadbalancing:RemoveTags",
+           "elasticloadbalancing:DescribeTags"),
+    ),
     "aws:ec2/volumeAttachment:VolumeAttachment": (
         _g("attach and detach the data volume (untaggable)", "ec2:AttachVolume", "ec2:DetachVolume",
            "ec2:DescribeVolumes", "ec2:DescribeInstances"),
@@ -203,6 +230,13 @@ AZURE: dict[str, tuple[Grant, ...]] = {
         _g("create, read and delete each host's NIC (static private IP)", f"{_N}/networkInterfaces/read",
            f"{_N}/networkInterfaces/write", f"{_N}/networkInterfaces/delete"),
         _g("attach it to the VM", f"{_N}/networkInterfaces/join/action"),
+    ),
+    "azure-native:network:LoadBalancer": (
+        _g("create, read and delete the broker cluster's load balancer (its frontend, pool, probe and rule are "
+           "inline)", f"{_N}/loadBalancers/read", f"{_N}/loadBalancers/write", f"{_N}/loadBalancers/delete"),
+        _g("its rule refers to its own frontend, pool and probe", f"{_N}/loadBalancers/frontendIPConfigurations/join/action",
+           f"{_N}/loadBalancers/probes/join/action"),
+        _g("each broker NIC joins the backend pool", f"{_N}/loadBalancers/backendAddressPools/join/action"),
     ),
     "azure-native:compute:Disk": (
         _g("create, read, resize and delete the data disks (no export: beginGetAccess is not granted)",

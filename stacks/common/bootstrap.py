@@ -6,7 +6,8 @@ Pulumi runs a program from its folder: the deploy step runs `pulumi up --stack <
 from this file's own place, so a program runs the same from a checkout, from the copy inside the wheel
 (iotplat/_data/stacks) and from the deploy step's copy in the state directory (<cloud>/ and common/ side by
 side); then it runs iotplat_stack.program.run with the cloud's Platform component
-(iotplat_<cloud>.platform.Platform) and its firewall's rule quota (iotplat_<cloud>.firewall.MAX_RULES_PER_DIRECTION).
+(iotplat_<cloud>.platform.Platform), its firewall's rule quota (iotplat_<cloud>.firewall.MAX_RULES_PER_DIRECTION)
+and where its load balancer's health checks come from (iotplat_<cloud>.platform.HEALTH_CHECK_CIDR).
 """
 
 from __future__ import annotations
@@ -27,4 +28,5 @@ def run_stack(cloud: str, *, private_subnet: bool) -> None:
     platform = importlib.import_module(f"iotplat_{cloud}.platform")
     firewall = importlib.import_module(f"iotplat_{cloud}.firewall")
     program.run(cloud, platform.Platform, private_subnet=private_subnet,
-                max_rules_per_direction=firewall.MAX_RULES_PER_DIRECTION)
+                max_rules_per_direction=firewall.MAX_RULES_PER_DIRECTION,
+                health_check_cidr=platform.HEALTH_CHECK_CIDR)

@@ -76,6 +76,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
             outputs.update(publicIp=_fake_ip(args.name), allocationId=f"eipalloc-{args.name}")
         elif args.typ == "aws:ec2/keyPair:KeyPair":
             outputs.setdefault("keyName", args.name)
+        elif args.typ in ("aws:lb/loadBalancer:LoadBalancer", "aws:lb/targetGroup:TargetGroup"):
+            resource_id = f"arn:aws:elasticloadbalancing:eu-west-1:123456789012:{args.name}"
+            outputs.update(arn=resource_id)
+            if args.typ == "aws:lb/loadBalancer:LoadBalancer":
+                outputs.update(dnsName=f"{args.inputs['name']}-0123456789abcdef.elb.eu-west-1.amazonaws.com")
         elif args.typ == "azure-native:network:PublicIPAddress":
             outputs.update(ipAddress=_fake_ip(args.name))
         elif args.typ.startswith("azure-native:"):

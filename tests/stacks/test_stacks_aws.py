@@ -19,7 +19,7 @@ from iotplat_stack import config
 from iotplat_stack.config import NEVER_WORLD_OPEN, ConfigError
 from stacks_harness import StackRun, load_fixture, run_stack
 
-FIXTURES = ["aws-1host", "aws-3host"]
+FIXTURES = ["aws-1host", "aws-3host", "aws-cluster"]
 INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 EGRESS = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
 INSTANCE = "aws:ec2/instance:Instance"
@@ -28,6 +28,7 @@ SG = "aws:ec2/securityGroup:SecurityGroup"
 UNTAGGABLE = {
     "aws:ec2/routeTableAssociation:RouteTableAssociation": aws.ec2.RouteTableAssociation,
     "aws:ec2/volumeAttachment:VolumeAttachment": aws.ec2.VolumeAttachment,
+    "aws:lb/targetGroupAttachment:TargetGroupAttachment": aws.lb.TargetGroupAttachment,
 }
 
 
@@ -226,7 +227,7 @@ def test_untaggable_types_really_take_no_tags(token: str) -> None:
 
 def test_outputs_feed_the_inventory(case: tuple[config.StackConfig, StackRun]) -> None:
     cfg, run = case
-    assert set(run.outputs) == {"hosts", "sshUser", "sshJumpHost", "mode"}
+    assert set(run.outputs) == {"hosts", "sshUser", "sshJumpHost", "mode", "brokerLoadBalancer"}
     assert list(run.outputs["hosts"]) == [h.name for h in cfg.hosts]
     for entry in run.outputs["hosts"].values():
         assert set(entry) == {"publicIp", "privateIp", "dataDevice"}

@@ -16,7 +16,7 @@ from iotplat_stack import config
 from iotplat_stack.config import NEVER_WORLD_OPEN, ConfigError
 from stacks_harness import StackRun, load_fixture, run_stack
 
-FIXTURES = ["azure-1host", "azure-3host"]
+FIXTURES = ["azure-1host", "azure-3host", "azure-cluster"]
 NSG = "azure-native:network:NetworkSecurityGroup"
 VM = "azure-native:compute:VirtualMachine"
 NIC = "azure-native:network:NetworkInterface"
@@ -186,7 +186,7 @@ def test_every_taggable_resource_is_tagged(case: tuple[config.StackConfig, Stack
 
 def test_outputs_feed_the_inventory(case: tuple[config.StackConfig, StackRun]) -> None:
     cfg, run = case
-    assert set(run.outputs) == {"hosts", "sshUser", "sshJumpHost", "mode"}
+    assert set(run.outputs) == {"hosts", "sshUser", "sshJumpHost", "mode", "brokerLoadBalancer"}
     assert list(run.outputs["hosts"]) == [h.name for h in cfg.hosts]
     for entry in run.outputs["hosts"].values():
         assert entry["dataDevice"] == "/dev/disk/azure/scsi1/lun0"

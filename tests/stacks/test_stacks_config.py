@@ -61,7 +61,8 @@ def all_internal(raw: dict[str, Any]) -> None:
         host["ingress"] = [{"port": 8086, "protocol": "tcp", "source": "internal", "description": "x"}]
 
 
-@pytest.mark.parametrize("fixture", ["aws-1host", "aws-3host", "azure-1host", "azure-3host"])
+@pytest.mark.parametrize("fixture", ["aws-1host", "aws-3host", "aws-cluster", "azure-1host", "azure-3host",
+                                     "azure-cluster"])
 def test_fixtures_are_valid(fixture: str) -> None:
     cfg = config.parse(load_fixture(fixture), fixture.split("-")[0])
     assert cfg.name == "demo-production"
@@ -173,7 +174,7 @@ ERRORS: list[tuple[str, Mutation, str]] = [
         setter("iotplat:sshPassword", "hunter2"),
         "iotplat:sshPassword: unknown key; known keys are iotplat:platform, iotplat:environment, "
         "iotplat:networkCidr, iotplat:sshUser, iotplat:sshPublicKey, iotplat:image, iotplat:mode, iotplat:adminCidrs, "
-        "iotplat:deviceCidrs, iotplat:tags, iotplat:hosts",
+        "iotplat:deviceCidrs, iotplat:tags, iotplat:hosts, iotplat:brokerLoadBalancer",
     ),
     (
         "private key instead of public",
@@ -230,7 +231,7 @@ def test_azure_needs_its_location() -> None:
         config.parse(mutated("azure-1host", deleter("azure-native:location")), "azure")
 
 
-@pytest.mark.parametrize("fixture", ["aws-3host", "azure-3host"])
+@pytest.mark.parametrize("fixture", ["aws-3host", "azure-3host", "aws-cluster", "azure-cluster"])
 def test_reading_through_pulumi_config_matches_parsing_the_file(fixture: str) -> None:
     raw = load_fixture(fixture)
     target = fixture.split("-")[0]
@@ -252,3 +253,80 @@ def test_structured_value_that_is_not_json_is_named() -> None:
             config.from_pulumi("aws")
     finally:
         pulumi.runtime.set_all_config({})
+
+
+# --- iotplat:brokerLoadBalancer ---------------------------------------------------------------
+
+
+def lb_setter(field: str, value: Any) -> Mutation:
+    def change(raw: dict[str, Any]) -> None:
+        raw["iotplat:brokerLoadBalancer"][field] = value
+
+    return change
+
+
+def drop_ingress(host: int, port: int, source: str) -> Mutation:
+    def change(raw: dict[str, Any]) -> None:
+        rules = raw["iotplat:hosts"][host]["ingress"]
+        raw["iotplat:hosts"][host]["ingress"] = [
+            r for r in rules if not (r["port"] == port and r["source"] == source)
+        ]
+
+    return change
+
+
+LB = "iotplat:brokerLoadBalancer"
+LB_ERRORS: list[tuple[str, Mutation, str]] = [
+    ("not a mapping", setter(LB, [8883]), f"{LB}: must be a mapping (got list)"),
+    ("unknown key", lb_setter("tls", True), f"{LB}.tls: unknown key; the load balancer has port, hosts"),
+    ("port missing", lambda raw: raw[LB].pop("port"), f"{LB}.port: is required"),
+    ("port not a number", lb_setter("port", "8883"), f"{LB}.port: must be an integer (got '8883')"),
+    ("port out of range", lb_setter("port", 70000), f"{LB}.port: must be between 1 and 65535 (got 70000)"),
+    (
+        "never-world-open port",
+        lb_setter("port", 8086),
+        f"{LB}.port: 8086 is one of 22, 3389, 8086, 3000, never put behind a public load balancer",
+    ),
+    ("hosts not a list", lb_setter("hosts", "core"), f"{LB}.hosts: must be a list (got str)"),
+    (
+        "one host",
+        lb_setter("hosts", ["core"]),
+        f"{LB}.hosts: must list at least two hosts (got 1); one node needs none",
+    ),
+    ("unknown host", lb_setter("hosts", ["core", "b9"]), f"{LB}.hosts[1]: 'b9' is not a host of iotplat:hosts"),
+    ("duplicate host", lb_setter("hosts", ["b2", "b2"]), f"{LB}.hosts[1]: duplicate host 'b2'"),
+    (
+        "port closed to devices",
+        drop_ingress(2, 8883, "devices"),
+        f"{LB}.hosts[2]: host 'b3' has no tcp ingress on 8883 from devices; the load balancer forwards "
+        "devices there",
+    ),
+    (
+        "port closed to the network",
+        drop_ingress(1, 8883, "internal"),
+        f"{LB}.hosts[1]: host 'b2' has no tcp ingress on 8883 from internal; the load balancer checks the "
+        "port from inside the network",
+    ),
+    (
+        "other port than the listener",
+        lb_setter("port", 8884),
+        f"{LB}.hosts[0]: host 'core' has no tcp ingress on 8884 from devices; the load balancer forwards "
+        "devices there",
+    ),
+]
+
+
+@pytest.mark.parametrize("target", ["aws", "azure"])
+@pytest.mark.parametrize(("change", "message"), [e[1:] for e in LB_ERRORS], ids=[e[0] for e in LB_ERRORS])
+def test_bad_load_balancer_is_refused_with_one_line(target: str, change: Mutation, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(mutated(f"{target}-cluster", change), target)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("target", ["aws", "azure"])
+def test_load_balancer_is_optional_and_parsed(target: str) -> None:
+    cluster = config.parse(load_fixture(f"{target}-cluster"), target)
+    assert cluster.broker_load_balancer == config.LoadBalancer(port=8883, hosts=("core", "b2", "b3"))
+    assert config.parse(load_fixture(f"{target}-3host"), target).broker_load_balancer is None
+    assert config.parse(mutated(f"{target}-cluster", setter(LB, None)), target).broker_load_balancer is None

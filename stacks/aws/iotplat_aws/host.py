@@ -65,6 +65,7 @@ class HostArgs:
 
 
 class Host(pulumi.ComponentResource):
+    instance_id: pulumi.Output[str] | None  # None for a retired host (its data volume only)
     private_ip: pulumi.Output[str]
     public_ip: pulumi.Output[str] | None
     data_device: pulumi.Output[str]
@@ -84,6 +85,7 @@ class Host(pulumi.ComponentResource):
         )
         self.data_device = volume.id.apply(data_device_path)
         self.public_ip = None
+        self.instance_id = None
         if args.data_only:  # retired: the volume keeps the data until the platform comes back or is destroyed
             self.private_ip = None  # type: ignore[assignment]
             self.register_outputs({"privateIp": None, "publicIp": None, "dataDevice": self.data_device})
@@ -138,6 +140,7 @@ class Host(pulumi.ComponentResource):
             )
             self.public_ip = address.public_ip
 
+        self.instance_id = instance.id
         self.private_ip = instance.private_ip
         self.register_outputs(
             {"privateIp": self.private_ip, "publicIp": self.public_ip, "dataDevice": self.data_device}

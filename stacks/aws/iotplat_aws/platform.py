@@ -1,4 +1,5 @@
-"""The whole AWS platform: one Network, and a Firewall plus a Host per planned host."""
+"""The whole AWS platform: one Network, a Firewall plus a Host per planned host, and for a broker cluster a
+network load balancer in front of its nodes."""
 
 from __future__ import annotations
 
@@ -12,23 +13,28 @@ from iotplat_stack.program import PlatformArgs, build_hosts
 
 from .firewall import Firewall, FirewallArgs
 from .host import Host, HostArgs
+from .loadbalancer import LoadBalancer, LoadBalancerArgs
 from .network import Network, NetworkArgs
 from .tags import tagged
 
 # Debian's official AMIs are published by this account (https://wiki.debian.org/Cloud/AmazonEC2Image).
 DEBIAN_OWNER = "136693071363"
 AMI_NAME_PATTERNS = {"debian-12": "debian-12-amd64-*", "debian-13": "debian-13-amd64-*"}
+# The NLB's health checks come from its own private addresses in the public subnet: the network (the default).
+HEALTH_CHECK_CIDR = None
 
 __all__ = ["Platform", "PlatformArgs"]
 
 
 class Platform(pulumi.ComponentResource):
     hosts: pulumi.Output[dict[str, Any]]
+    broker_load_balancer: pulumi.Output[dict[str, Any]] | None
 
     def __init__(self, name: str, args: PlatformArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("iotplat:aws:Platform", name, None, opts)
         cfg, plan = args.config, args.plan
         child = pulumi.ResourceOptions(parent=self)
+        self.broker_load_balancer = None
 
         network = Network(
             name,
@@ -68,6 +74,8 @@ class Platform(pulumi.ComponentResource):
             opts=child,
         )
 
+        instance_ids: dict[str, pulumi.Output[str]] = {}
+
         def make_host(host_name: str, spec: HostSpec, placed: HostPlan, host_tags: dict[str, str]) -> Host:
             firewall = Firewall(
                 host_name,
@@ -76,7 +84,7 @@ class Platform(pulumi.ComponentResource):
             )
             subnet_id = network.private_subnet_id if placed.subnet == "private" else network.public_subnet_id
             assert subnet_id is not None
-            return Host(
+            host = Host(
                 host_name,
                 HostArgs(
                     ami_id=image.id,
@@ -95,6 +103,27 @@ class Platform(pulumi.ComponentResource):
                 # Elastic IPs and the NAT path need the internet gateway and routes first.
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[network]),
             )
+            assert host.instance_id is not None
+            instance_ids[spec.name] = host.instance_id
+            return host
 
         self.hosts = build_hosts(name, cfg, plan, make_host)
-        self.register_outputs({"hosts": self.hosts})
+        lb = plan.load_balancer
+        if lb is not None:
+            assert network.public_subnet_id is not None
+            balancer = LoadBalancer(
+                f"{name}-broker",
+                LoadBalancerArgs(
+                    stack=name,
+                    vpc_id=network.vpc_id,
+                    subnet_id=network.public_subnet_id,
+                    port=lb.port,
+                    targets={host: instance_ids[host] for host in lb.hosts},
+                    tags=cfg.tags,
+                ),
+                opts=child,
+            )
+            self.broker_load_balancer = pulumi.Output.from_input(
+                {"dnsName": balancer.dns_name, "address": None, "port": lb.port, "hosts": list(lb.hosts)}
+            )
+        self.register_outputs({"hosts": self.hosts, "brokerLoadBalancer": self.broker_load_balancer})

@@ -14,6 +14,13 @@ from pulumi_azure_native import network
 MAX_RULES_PER_DIRECTION = 500
 FIRST_PRIORITY = 100
 DENY_ALL_PRIORITY = 4096
+# Where Azure's load balancer probes come from; the NSG names it by its service tag.
+LB_PROBE_CIDR = "168.63.129.16/32"
+LB_PROBE_TAG = "AzureLoadBalancer"
+
+
+def _source(rule: Rule) -> str:
+    return LB_PROBE_TAG if rule.cidr == LB_PROBE_CIDR else rule.cidr
 
 
 def security_rules(rules: Sequence[Rule]) -> list[dict[str, Any]]:
@@ -21,7 +28,8 @@ def security_rules(rules: Sequence[Rule]) -> list[dict[str, Any]]:
 
     Azure's default rules allow all traffic inside the virtual network and all outbound traffic
     to the internet; the two deny rules at the last user priority override them, so only the
-    planned rules are open. Platform traffic to 168.63.129.16 (DNS, VM agent) and IMDS is not
+    planned rules are open (the load balancer's probes too: the plan's rule from 168.63.129.16 becomes the
+    ``AzureLoadBalancer`` service tag). Platform traffic to 168.63.129.16 (DNS, VM agent) and IMDS is not
     subject to NSG rules, per Azure's documentation.
     """
     out: list[dict[str, Any]] = []
@@ -37,7 +45,7 @@ def security_rules(rules: Sequence[Rule]) -> list[dict[str, Any]]:
                 "direction": "Inbound" if inbound else "Outbound",
                 "access": "Allow",
                 "protocol": rule.protocol.capitalize(),
-                "source_address_prefix": rule.cidr if inbound else "*",
+                "source_address_prefix": _source(rule) if inbound else "*",
                 "source_port_range": "*",
                 "destination_address_prefix": "*" if inbound else rule.cidr,
                 "destination_port_range": str(rule.port),

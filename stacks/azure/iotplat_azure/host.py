@@ -36,6 +36,7 @@ class HostArgs:
     ssh_public_key: str
     tags: Mapping[str, str]
     data_only: bool = False  # a retired platform: the data disk and nothing else
+    backend_pool_id: pulumi.Input[str] | None = None  # the broker load balancer's pool the NIC joins, if any
 
     @classmethod
     def data_only_args(cls, resource_group_name: pulumi.Input[str], location: str, hostname: str, disk_gb: int,
@@ -97,6 +98,8 @@ class Host(pulumi.ComponentResource):
             public_ip_ref = {"id": address.id}
             self.public_ip = address.ip_address
 
+        pool = {} if args.backend_pool_id is None else {
+            "load_balancer_backend_address_pools": [{"id": args.backend_pool_id}]}
         nic = network.NetworkInterface(
             f"{name}-nic",
             network_interface_name=f"{args.hostname}-nic",
@@ -109,6 +112,7 @@ class Host(pulumi.ComponentResource):
                     "private_ip_address": args.private_ip,
                     "private_ip_address_version": "IPv4",
                     "public_ip_address": public_ip_ref,
+                    **pool,
                 }
             ],
             network_security_group={"id": args.security_group_id},

@@ -134,6 +134,18 @@ class Host:
 
 
 @dataclass(frozen=True)
+class LoadBalancer:
+    """A TCP load balancer in front of a broker cluster: devices reach every node through one address.
+
+    TLS passes through (the load balancer does not terminate it), so the nodes' certificates carry
+    the DNS name devices dial; the spec's ``broker.server_names`` holds it (iotplat validate).
+    """
+
+    port: int  # the MQTT over TLS port, the same on the load balancer and on the nodes
+    hosts: tuple[str, ...]  # the broker nodes, in spec order
+
+
+@dataclass(frozen=True)
 class StackConfig:
     target: str
     location: str
@@ -148,6 +160,7 @@ class StackConfig:
     tags: Mapping[str, str]
     hosts: tuple[Host, ...]
     mode: str = "active"
+    broker_load_balancer: LoadBalancer | None = None
 
     @property
     def retired(self) -> bool:
@@ -170,8 +183,11 @@ class StackConfig:
 
 # Keys read from the iotplat namespace; structured ones arrive from the engine as JSON text.
 PLAIN_KEYS = ("platform", "environment", "networkCidr", "sshUser", "sshPublicKey", "image", "mode")
-OBJECT_KEYS = ("adminCidrs", "deviceCidrs", "tags", "hosts")
+OBJECT_KEYS = ("adminCidrs", "deviceCidrs", "tags", "hosts", "brokerLoadBalancer")
 KEYS = PLAIN_KEYS + OBJECT_KEYS
+# Keys a stack config may leave out. Pulumi.yaml does not declare them: the CLI requires every declared key
+# that has no default, and `iotplat render` writes brokerLoadBalancer only for a broker cluster.
+OPTIONAL_KEYS = ("brokerLoadBalancer",)
 
 
 def parse(raw: Mapping[str, Any], target: str) -> StackConfig:
@@ -230,6 +246,7 @@ def parse(raw: Mapping[str, Any], target: str) -> StackConfig:
         tags=tags,
         hosts=cfg_hosts,
         mode=mode,
+        broker_load_balancer=_load_balancer(raw, cfg_hosts),
     )
     _check_world_open(cfg)
     if not any(h.is_public for h in cfg.hosts):
@@ -261,7 +278,7 @@ def from_pulumi(target: str) -> StackConfig:
         try:
             raw[f"{NS}:{key}"] = json.loads(text)
         except json.JSONDecodeError as exc:
-            kind = "mapping" if key == "tags" else "list"
+            kind = "mapping" if key in ("tags", "brokerLoadBalancer") else "list"
             raise ConfigError(
                 f"{NS}:{key}", f"must be a YAML {kind}, got text that is not one ({exc.msg})"
             ) from None
@@ -429,6 +446,45 @@ def _hosts(raw: Mapping[str, Any], rules: TargetRules) -> tuple[Host, ...]:
         )
         hosts.append(Host(name=name, size=size, disk_gb=disk_gb, services=services, ingress=ingress))
     return tuple(hosts)
+
+
+def _load_balancer(raw: Mapping[str, Any], hosts: Sequence[Host]) -> LoadBalancer | None:
+    """``iotplat:brokerLoadBalancer``: optional; ``{port, hosts}`` naming two or more hosts that each accept
+    TCP on ``port`` from ``devices`` (what the load balancer forwards) and from ``internal`` (where AWS's
+    health checks come from; iotplat's broker rules always have both)."""
+    key = f"{NS}:brokerLoadBalancer"
+    if raw.get(key) is None:
+        return None
+    data = _mapping(raw[key], key)
+    extra = sorted(set(data) - {"port", "hosts"})
+    if extra:
+        raise ConfigError(f"{key}.{extra[0]}", "unknown key; the load balancer has port, hosts")
+    port = _int(_require_nested(data, "port", key), f"{key}.port", 1, 65535)
+    if port in NEVER_WORLD_OPEN:
+        raise ConfigError(
+            f"{key}.port",
+            f"{port} is one of {', '.join(map(str, NEVER_WORLD_OPEN))}, never put behind a public load balancer",
+        )
+    names = _list(_require_nested(data, "hosts", key), f"{key}.hosts")
+    if len(names) < 2:
+        raise ConfigError(f"{key}.hosts", f"must list at least two hosts (got {len(names)}); one node needs none")
+    by_name = {h.name: h for h in hosts}
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        hkey = f"{key}.hosts[{i}]"
+        if not isinstance(name, str) or name not in by_name:
+            raise ConfigError(hkey, f"{name!r} is not a host of {NS}:hosts")
+        if name in seen:
+            raise ConfigError(hkey, f"duplicate host {name!r}")
+        seen.add(name)
+        for source in ("devices", "internal"):
+            if not any(r.port == port and r.protocol == "tcp" and r.source == source for r in by_name[name].ingress):
+                raise ConfigError(
+                    hkey,
+                    f"host {name!r} has no tcp ingress on {port} from {source}; the load balancer "
+                    + ("forwards devices there" if source == "devices" else "checks the port from inside the network"),
+                )
+    return LoadBalancer(port=port, hosts=tuple(names))
 
 
 def _require_nested(data: Mapping[str, Any], field: str, parent: str) -> Any:

@@ -15,6 +15,9 @@ Decisions, in short (docs/stacks.md has the reasons):
   jump host's address on hosts without a public IP). Egress: HTTP/HTTPS/NTP anywhere (package
   mirrors, PyPI, ACME and time have no fixed addresses), the declared internal ports only to the
   hosts that accept them, and SSH from the jump host to the hosts behind it.
+- A broker cluster (``iotplat:brokerLoadBalancer``) gets a TCP load balancer on its MQTT port; each
+  node also accepts that port from where the cloud's health checks come (``health_check_cidr``:
+  AWS's NLB probes from its own addresses inside the network, Azure's from 168.63.129.16).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .config import NEVER_WORLD_OPEN, NS, SSH_PORT, ConfigError, Host, StackConfig
+from .config import NEVER_WORLD_OPEN, NS, SSH_PORT, ConfigError, Host, LoadBalancer, StackConfig
 
 # Usable host offsets inside a /24. Both clouds reserve .0-.3 and .255; .4-.9 are kept for
 # infrastructure: the AWS NAT gateway gets .5 of the public subnet, so it can never take an
@@ -77,6 +80,7 @@ class Plan:
     nat_private_ip: str | None  # where a NAT gateway sits in the public subnet (AWS)
     bastion: str | None  # SSH jump host, when some host has no public IP
     hosts: tuple[HostPlan, ...]
+    load_balancer: LoadBalancer | None = None  # in front of the broker nodes (a cluster), else None
 
     def host(self, name: str) -> HostPlan:
         for host in self.hosts:
@@ -116,8 +120,11 @@ def assign_addresses(names: Sequence[str], subnet: ipaddress.IPv4Network) -> dic
     return out
 
 
-def plan(cfg: StackConfig, *, private_subnet: bool, max_rules_per_direction: int) -> Plan:
-    """Lay out the platform. ``private_subnet``: put hosts without a public IP in their own /24."""
+def plan(
+    cfg: StackConfig, *, private_subnet: bool, max_rules_per_direction: int, health_check_cidr: str | None = None
+) -> Plan:
+    """Lay out the platform. ``private_subnet``: put hosts without a public IP in their own /24.
+    ``health_check_cidr``: where the cloud's load balancer health checks come from (default: the network)."""
     public_net, private_net = host_subnets(cfg.network_cidr)
     public_names = [h.name for h in cfg.hosts if h.is_public]
     private_names = [h.name for h in cfg.hosts if not h.is_public]
@@ -129,7 +136,7 @@ def plan(cfg: StackConfig, *, private_subnet: bool, max_rules_per_direction: int
 
     hosts = []
     for index, host in enumerate(cfg.hosts):
-        ingress = _dedupe(ingress_rules(cfg, host, addresses, bastion))
+        ingress = _dedupe(ingress_rules(cfg, host, addresses, bastion) + health_check_rules(cfg, host, health_check_cidr))
         egress = _dedupe(egress_rules(cfg, host, addresses, bastion))
         for direction, rules in (("inbound", ingress), ("outbound", egress)):
             if len(rules) > max_rules_per_direction:
@@ -155,6 +162,7 @@ def plan(cfg: StackConfig, *, private_subnet: bool, max_rules_per_direction: int
         nat_private_ip=str(public_net.network_address + NAT_OFFSET) if private_names else None,
         bastion=bastion,
         hosts=tuple(hosts),
+        load_balancer=cfg.broker_load_balancer,
     )
     assert_policies(result)
     return result
@@ -174,6 +182,16 @@ def ingress_rules(cfg: StackConfig, host: Host, addresses: dict[str, str], basti
             for cidr in cfg.cidrs_for(declared.source)
         )
     return rules
+
+
+def health_check_rules(cfg: StackConfig, host: Host, health_check_cidr: str | None) -> list[Rule]:
+    """The load balancer's health checks on a node's MQTT port. On AWS they come from the network (the NLB's
+    own addresses in the public subnet), which the broker's ``internal`` rule already admits: deduplicated."""
+    lb = cfg.broker_load_balancer
+    if lb is None or host.name not in lb.hosts:
+        return []
+    cidr = health_check_cidr or str(cfg.network_cidr)
+    return [Rule("ingress", "tcp", lb.port, cidr, "load balancer health checks")]
 
 
 def egress_rules(cfg: StackConfig, host: Host, addresses: dict[str, str], bastion: str | None) -> list[Rule]:

@@ -60,6 +60,8 @@ def build_hosts(
 
 class PlatformComponent(Protocol):
     hosts: pulumi.Output[dict[str, Any]]
+    # {"dnsName", "address", "port", "hosts"} of the load balancer in front of the broker nodes, or None
+    broker_load_balancer: pulumi.Output[dict[str, Any]] | None
 
 
 def run(
@@ -68,12 +70,15 @@ def run(
     *,
     private_subnet: bool,
     max_rules_per_direction: int,
+    health_check_cidr: str | None = None,
 ) -> None:
     """Read the stack config for ``target``, plan, build ``platform`` and export its outputs."""
     cfg = config.from_pulumi(target)
-    layout = plan.plan(cfg, private_subnet=private_subnet, max_rules_per_direction=max_rules_per_direction)
+    layout = plan.plan(cfg, private_subnet=private_subnet, max_rules_per_direction=max_rules_per_direction,
+                       health_check_cidr=health_check_cidr)
     built = platform(cfg.name, PlatformArgs(config=cfg, plan=layout))
     pulumi.export("hosts", built.hosts)
     pulumi.export("sshUser", cfg.ssh_user)
     pulumi.export("sshJumpHost", None if cfg.retired else layout.bastion)
     pulumi.export("mode", cfg.mode)
+    pulumi.export("brokerLoadBalancer", built.broker_load_balancer)
