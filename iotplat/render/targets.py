@@ -126,7 +126,21 @@ class Cloud(RenderTarget):
             ],
             self.region_key: getattr(t, self.region_field),
         }
+        lb = broker_load_balancer(p)
+        if lb is not None:
+            config["iotplat:brokerLoadBalancer"] = lb
         return f"pulumi/{self.kind}/Pulumi.{p.name}-{p.environment}.yaml", config
+
+
+def broker_load_balancer(p: Platform) -> dict[str, Any] | None:
+    """The stack's load balancer in front of a broker cluster (broker.engine: nats on more than one host): the
+    MQTT over TLS listener's port and the broker hosts; None for one broker (devices dial that host)."""
+    b = p.spec.broker
+    hosts = list(p.placement["broker"])
+    if b.engine != "nats" or len(hosts) < 2:
+        return None
+    port = next(lst.port for lst in b.listeners if lst.protocol == "mqtt")
+    return {"port": port, "hosts": hosts}
 
 
 class Aws(Cloud):

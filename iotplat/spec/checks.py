@@ -546,10 +546,16 @@ def check_broker_engine(p: Platform, doc: Document) -> list[Problem]:
     elif hosts and len(hosts) != b.nodes:
         out.append(doc.problem(("hosts",), f"broker.nodes is {b.nodes} but {len(hosts)} host(s) list the broker "
                                f"service ({', '.join(hosts)})", f"list broker on exactly {b.nodes} hosts"))
-    if p.spec.target.kind in ("aws", "azure"):
-        out.append(doc.problem(("broker", "engine"), f"broker.engine: nats is not deployed on {p.spec.target.kind} yet "
-                               "(the stack has no load balancer in front of the nodes)",
-                               "use target kind local or baremetal, or engine: mosquitto"))
+    if p.spec.target.kind in ("aws", "azure") and len(hosts) > 1 and not b.server_names:
+        # The stack's load balancer passes TLS through (docs/stacks.md): devices verify the nodes' own certificate
+        # against the name they dial, so that name must be on it, and only the spec can put it there.
+        lb = ("network load balancer's DNS name, the stack output brokerLoadBalancer.dnsName (a CNAME)"
+              if p.spec.target.kind == "aws" else
+              "load balancer's public IP, the stack output brokerLoadBalancer.address (an A record)")
+        out.append(doc.problem(("broker", "server_names"), f"a NATS cluster on {p.spec.target.kind} is reached through "
+                               "the stack's load balancer, which passes TLS through to the nodes: their certificates "
+                               "need the DNS name devices dial", f"list that name in broker.server_names and point it "
+                               f"at the {lb}"))
     mqtt = [i for i, lst in enumerate(b.listeners) if lst.protocol == "mqtt"]
     for i, lst in enumerate(b.listeners):
         if lst.protocol == "websockets":

@@ -10,9 +10,12 @@ traffic flows (only a real `pulumi up` shows that; the emulated cloud refuses lo
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from iotplat_aws.loadbalancer import MAX_NAME, aws_name
 from iotplat_azure.loadbalancer import sub_resource_id
 from iotplat_stack import config, plan
@@ -207,3 +210,44 @@ def test_plan_aws_health_checks_ride_on_the_internal_rule() -> None:
     # the network CIDR on 8883 is already the broker's internal rule: the same rules, nothing added
     assert [h.ingress for h in layout.hosts] == [h.ingress for h in without.hosts]
     assert all(any(r.port == 8883 and r.cidr == str(cfg.network_cidr) for r in h.ingress) for h in layout.hosts)
+
+
+# --- what `iotplat render` writes ----------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC_CASES = REPO / "tests" / "spec" / "cases"
+
+
+def _rendered(cli: Any, case: str, kind: str, tmp_path: Path, changes: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+    folder = tmp_path / case
+    shutil.copytree(SPEC_CASES / case, folder)
+    spec = folder / "platform.yaml"
+    for old, new in changes:
+        assert old in spec.read_text(), old
+        spec.write_text(spec.read_text().replace(old, new))
+    shutil.copy(REPO / "platform" / "examples" / "aws" / "id_ed25519.pub", folder / "key.pub")
+    result = cli("render", str(folder / "platform.yaml"), "--out", str(tmp_path / "build"))
+    assert result.code == 0, result.err
+    (config_file,) = (tmp_path / "build" / "pulumi" / kind).glob("Pulumi.*.yaml")
+    return dict(yaml.safe_load(config_file.read_text())["config"])
+
+
+@pytest.mark.parametrize("kind", ["aws", "azure"])
+def test_render_writes_the_load_balancer_of_a_nats_cluster(kind: str, cli: Any, tmp_path: Path) -> None:
+    """The spec case the check accepts renders to a stack config the stacks accept, with the load balancer on
+    the MQTT listener's port in front of exactly the broker hosts; its hosts' ingress is the fixture's."""
+    raw = _rendered(cli, f"valid_nats_cluster_{kind}", kind, tmp_path)
+    assert raw["iotplat:brokerLoadBalancer"] == {"port": 8883, "hosts": BROKERS}
+    cfg = config.parse(raw, kind)
+    assert cfg.broker_load_balancer == config.LoadBalancer(port=8883, hosts=tuple(BROKERS))
+    fixture = config.parse(load_fixture(f"{kind}-cluster"), kind)
+    assert [set(h.ingress) for h in cfg.hosts] == [set(h.ingress) for h in fixture.hosts]
+
+
+def test_render_writes_no_load_balancer_for_one_node(cli: Any, tmp_path: Path) -> None:
+    """One NATS node: devices dial that host, no load balancer (and no server name needed)."""
+    raw = _rendered(cli, "valid_nats_cluster_aws", "aws", tmp_path, (
+        ("  nodes: 3\n", "  nodes: 1\n"), ("  server_names: [mqtt.example.com]\n", ""),
+        ("services: [broker, worker]\n", "services: [worker]\n"), ("services: [broker]\n", "services: [worker]\n")))
+    assert [h["name"] for h in raw["iotplat:hosts"] if "broker" in h["services"]] == ["core"]
+    assert "iotplat:brokerLoadBalancer" not in raw
