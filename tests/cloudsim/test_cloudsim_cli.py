@@ -81,6 +81,17 @@ def test_program_error_ends_with_its_message_and_exit_255(sim: Sim) -> None:
     assert up.returncode == 255 and line in up.stderr
 
 
+@pytest.mark.parametrize("cloud", ["aws", "azure"])
+def test_a_broker_load_balancer_is_refused_in_the_preview(sim: Sim, cloud: str) -> None:
+    """The emulated cloud has no load balancer: a cluster's stack stops at its preview with one clear line."""
+    cfg = sim.config(f"{cloud}-cluster", "cluster")
+    assert sim.pulumi(cloud, "stack", "select", "--create", STACK).returncode == 0
+    done = sim.pulumi(cloud, "preview", "--stack", STACK, "--config-file", str(cfg), "--json")
+    assert done.returncode == 255
+    assert "load balancers are not emulated: a NATS broker cluster on aws/azure" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("cloud,fixture,unset,needle", [
     ("aws", "aws-1host", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"),
      "pulumi:providers:aws resource 'default_"),
