@@ -3,7 +3,8 @@
 What is counted, per target (each figure a `Line` with the quantity and unit price it came from):
 - cloud (aws, azure): per host compute, root disk, data disk (`target.disk_size`), a public IPv4 address
   for each host the stacks give one; a NAT gateway (hourly, its own public address, data processed) when
-  some host has none; internet egress from the spec's traffic. The spec's own cloud is priced with its
+  some host has none; for a broker cluster (broker.engine: nats on more than one host) the stacks' load
+  balancer (hourly, its public address, the devices' bytes it carries); internet egress from the spec's traffic. The spec's own cloud is priced with its
   sizes and region; the other cloud with the equivalent sizes (same kind, at least as many vCPUs and as
   much memory) in the table's counterpart region.
 - bare metal: the user's own monthly cost per host (spec `cost.hardware` or `--hardware-cost`).
@@ -180,6 +181,15 @@ def exposure(p: Platform) -> Exposure:
     return Exposure(public, tuple(h for h in p.host_names if h not in public))
 
 
+def load_balancer_hosts(p: Platform) -> list[str]:
+    """The broker hosts behind the stacks' load balancer, as the rendered stack config names them (none: no
+    load balancer)."""
+    from iotplat.render.targets import broker_load_balancer
+
+    lb = broker_load_balancer(p)
+    return list(lb["hosts"]) if lb else []
+
+
 def traffic(p: Platform, table: PriceTable) -> Traffic:
     a = table.assumptions
     ing = p.spec.ingestion
@@ -270,6 +280,16 @@ def price_cloud(p: Platform, table: PriceTable, cloud: Cloud, region_name: str, 
         gb = money(table.assumptions.nat_gb_per_private_host) * len(expo.private)
         lines.append(Line(None, "NAT data", f"{fmt(gb)} GB x {fmt(money(region.nat_gateway_gb))}/GB",
                           cents(gb * money(region.nat_gateway_gb))))
+    if load_balancer_hosts(p):
+        if region.load_balancer_hour is None or region.load_balancer_gb is None:
+            raise _Unpriced(f"no {cloud} load balancer prices for region {region_name} (the broker cluster has one): "
+                            f"add {cloud}: {{regions: {{{region_name}: {{load_balancer_hour: USD_PER_HOUR, "
+                            f"load_balancer_gb: USD_PER_GB}}}}}} {HOW_TO_ADD}")
+        lb_hour, lb_gb = money(region.load_balancer_hour), money(region.load_balancer_gb)
+        lines.append(Line(None, "load balancer", f"{h} h x {fmt(lb_hour)}/h", cents(hours * lb_hour)))
+        lines.append(Line(None, "LB public IPv4", f"{h} h x {fmt(ip_hour)}/h", cents(hours * ip_hour)))
+        gb = cents(flow.inbound_gb)
+        lines.append(Line(None, "LB data", f"{fmt(gb)} GB x {fmt(lb_gb)}/GB", cents(gb * lb_gb)))
     detail, amount = _egress(region, flow.egress_gb)
     lines.append(Line(None, "egress", detail, cents(amount)))
     return tuple(lines)
@@ -443,6 +463,10 @@ def _assumptions(p: Platform, table: PriceTable, expo: Exposure, flow: Traffic,
         f"egress to the internet: {share}% of inbound = {fmt(cents(flow.egress_gb))} GB a month (acknowledgements, "
         "dashboards, API reads); the free 100 GB is counted for this platform alone (both clouds apply it per account)",
         "traffic between hosts stays on private addresses in one zone (AWS) or one virtual network (Azure): free",
+        *([f"load balancer in front of the broker nodes {', '.join(load_balancer_hosts(p))} (clouds only), with its "
+           "public IPv4 address, carrying the inbound bytes; AWS counts NLCUs by bytes only (1 GB an hour each): "
+           "the connection dimensions (800 new or 100,000 active TCP flows per NLCU) are not counted"]
+          if load_balancer_hosts(p) else []),
         f"data disk: {data_disk_gib(p)} GiB per host"
         + (" (target.disk_size)" if p.target in CLOUDS else " (the cloud targets' default disk_size)")
         + f"; root disk: {table.aws.root_disk_gib} GiB on AWS, {table.azure.root_disk_gib} GiB on Azure "

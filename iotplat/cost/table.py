@@ -94,6 +94,10 @@ class RegionPrices(_Base):
     public_ipv4_hour: Price
     nat_gateway_hour: Price
     nat_gateway_gb: Price
+    # the broker cluster's load balancer (AWS network LB, Azure Standard LB): per hour, and per GB it carries;
+    # optional, so a price file written before they existed still loads (a cluster is then not priced there)
+    load_balancer_hour: Price | None = None
+    load_balancer_gb: Price | None = None
     egress: list[EgressTier] = Field(min_length=1)
 
     @field_validator("egress")

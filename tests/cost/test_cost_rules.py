@@ -15,6 +15,7 @@ import yaml
 from iotplat.cost import table as price_table
 from iotplat.cost.estimate import _egress, estimate, exposure
 from iotplat.cost.table import CLOUDS, load_table, shipped_table
+from iotplat.errors import InvalidInput
 from iotplat.spec.load import load_platform
 from tests.helpers import EXAMPLES, REPO
 
@@ -184,3 +185,31 @@ def test_the_readme_example_is_true(cli, monkeypatch: pytest.MonkeyPatch) -> Non
     result = cli("cost", *args)
     assert result.code == 0, result.err
     assert shown and all(line in result.out.splitlines() for line in shown), shown
+
+
+# ------------------------------------------------------------------------------------- the broker load balancer
+
+
+def test_a_broker_cluster_pays_for_the_stacks_load_balancer_and_one_node_does_not(tmp_path: Path) -> None:
+    """The load balancer lines appear exactly when the rendered stack config has iotplat:brokerLoadBalancer, and
+    a region without load balancer prices (an older price file) says what to add instead of pricing it at 0."""
+    cluster = load_platform(CASES / "aws_nats_cluster" / "platform.yaml")
+    table = shipped_table()
+    own = estimate(cluster, table).options[0]
+    items = [line.item for line in own.lines if line.host is None]
+    assert items[:3] == ["load balancer", "LB public IPv4", "LB data"]
+    assert own.lines[-4].monthly == Decimal("18.40")  # 730 h x 0.0252/h, eu-west-1
+    assert all(o.error is None and [ln.item for ln in o.lines].count("load balancer") == 1
+               for o in estimate(cluster, table).options if o.target != "baremetal")
+
+    text = (CASES / "aws_nats_cluster" / "platform.yaml").read_text()
+    text = text.replace("  nodes: 3\n", "  nodes: 1\n").replace("services: [broker, worker]\n", "services: [worker]\n")
+    (tmp_path / "platform.yaml").write_text(text.replace("services: [broker]\n", "services: [worker]\n"))
+    single = estimate(load_platform(tmp_path / "platform.yaml"), table).options[0]
+    assert single.error is None and not [ln for ln in single.lines if "load balancer" in ln.item or "LB" in ln.item]
+
+    region = table.aws.regions["eu-west-1"].model_copy(update={"load_balancer_hour": None})
+    old = table.model_copy(update={"aws": table.aws.model_copy(update={"regions": {"eu-west-1": region}})})
+    with pytest.raises(InvalidInput, match=r"no aws load balancer prices for region eu-west-1 \(the broker cluster has "
+                                        r"one\): add aws: \{regions: \{eu-west-1: \{load_balancer_hour"):
+        estimate(cluster, old)
