@@ -4,9 +4,9 @@ What is counted, per target (each figure a `Line` with the quantity and unit pri
 - cloud (aws, azure): per host compute, root disk, data disk (`target.disk_size`), a public IPv4 address
   for each host the stacks give one; a NAT gateway (hourly, its own public address, data processed) when
   some host has none; for a broker cluster (broker.engine: nats on more than one host) the stacks' load
-  balancer (hourly, its public address, the devices' bytes it carries); internet egress from the spec's traffic. The spec's own cloud is priced with its
-  sizes and region; the other cloud with the equivalent sizes (same kind, at least as many vCPUs and as
-  much memory) in the table's counterpart region.
+  balancer (hourly, its public address, the devices' bytes it carries); internet egress from the spec's
+  traffic. The spec's own cloud is priced with its sizes and region; the other cloud with the equivalent
+  sizes (same kind, at least as many vCPUs and as much memory) in the table's counterpart region.
 - bare metal: the user's own monthly cost per host (spec `cost.hardware` or `--hardware-cost`).
 
 Which hosts get a public address (and so whether a NAT gateway exists) is the stacks' decision
