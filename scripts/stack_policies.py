@@ -216,7 +216,7 @@ AZURE: dict[str, tuple[Grant, ...]] = {
     "azure-native:network:PublicIPAddress": (
         _g("create, read and delete the static public IPs", f"{_N}/publicIPAddresses/read",
            f"{_N}/publicIPAddresses/write", f"{_N}/publicIPAddresses/delete"),
-        _g("attach one to a NIC or to the NAT gateway", f"{_N}/publicIPAddresses/join/action"),
+        _g("attach one to a NIC, to the NAT gateway or to the load balancer's frontend", f"{_N}/publicIPAddresses/join/action"),
     ),
     "azure-native:network:NetworkSecurityGroup": (
         _g("create, read and delete each host's NSG", f"{_N}/networkSecurityGroups/read",
