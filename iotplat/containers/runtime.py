@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .images import ImageRef, default_image, parse_image_ref
 from .oci import Platform as ImagePlatform
+from .units import DEFAULT_LIMITS, Limits, limits_dropin
 
 if TYPE_CHECKING:
     from iotplat.services.base import ServiceFile
@@ -54,6 +55,24 @@ def runtime_of(spec: PlatformSpec, service: str) -> RuntimeName:
         return "package"
     rt = spec.runtime
     return getattr(rt, service) or rt.default
+
+
+def limits_of(spec: PlatformSpec, service: str) -> Limits:
+    """The limits `service` runs under (of each replica, for the worker): the spec's, else the defaults."""
+    default = DEFAULT_LIMITS[service]
+    written = getattr(spec.resources, service, None)
+    if written is None:
+        return default
+    return Limits(memory_bytes=written.memory if written.memory is not None else default.memory_bytes,
+                  cpus=written.cpus if written.cpus is not None else default.cpus,
+                  pids=written.pids if written.pids is not None else default.pids)
+
+
+def limited(spec: PlatformSpec, service: str) -> bool:
+    """Whether `service` runs under limits: always in a container; as a package when the spec names it."""
+    if service not in DEFAULT_LIMITS:
+        return False
+    return runtime_of(spec, service) == "container" or getattr(spec.resources, service, None) is not None
 
 
 def container_services(p: Platform) -> list[str]:
@@ -181,12 +200,13 @@ def service_container(p: Platform, service: str) -> ServiceContainer:
     from .profiles import broker_service, influxdb1_service, worker_service
 
     image = container_image(p, service).run
+    limits = limits_of(p.spec, service)
     if service == "broker":
-        return broker_service(image, tuple(sorted({lst.port for lst in p.spec.broker.listeners})))
+        return broker_service(image, tuple(sorted({lst.port for lst in p.spec.broker.listeners})), limits)
     if service == "influxdb":
-        return influxdb1_service(image, p.spec.influxdb.port)
+        return influxdb1_service(image, p.spec.influxdb.port, limits)
     if service == "worker":
-        return worker_service(image, p.spec.ingestion.metrics_port)
+        return worker_service(image, p.spec.ingestion.metrics_port, limits)
     raise ValueError(f"{service} cannot run in a container yet")  # refused by check_runtime before render
 
 
@@ -223,3 +243,29 @@ def container_vars(p: Platform, service: str, role: str) -> dict[str, object]:
             "owned": [{"path": o.path, "uid": o.uid, "gid": o.gid, "mode": f"{o.mode:04o}"} for o in sc.owned],
         }
     return out
+
+
+# The package's unit of each service that can take limits (the roles' unit names), and the drop-in that holds them.
+PACKAGE_UNITS = {"broker": "mosquitto.service", "worker": "iotplat-worker@.service", "influxdb": "influxdb.service",
+                 "grafana": "grafana-server.service"}
+NATS_UNIT = "nats-server.service"
+LIMITS_DROPIN = "iotplat-resources.conf"
+
+
+def package_unit(spec: PlatformSpec, service: str) -> str:
+    if service == "broker" and spec.broker.engine == "nats":
+        return NATS_UNIT
+    return PACKAGE_UNITS[service]
+
+
+def limits_files(p: Platform, service: str) -> list[ServiceFile]:
+    """The package runtime's resource limits: a drop-in of the package's unit (the same limits a container gets,
+    units.limits_dropin), when the spec names the service under `resources`; else nothing (a container's limits
+    are in its unit; a package without `resources` runs unlimited, as before)."""
+    from iotplat.services.base import ServiceFile
+
+    if runtime_of(p.spec, service) != "package" or not limited(p.spec, service):
+        return []
+    unit = package_unit(p.spec, service)
+    return [ServiceFile(f"{UNIT_DIR}/{unit}.d/{LIMITS_DROPIN}",
+                        limits_dropin(unit, limits_of(p.spec, service), service).encode())]
