@@ -249,7 +249,9 @@ def container_vars(p: Platform, service: str, role: str) -> dict[str, object]:
 PACKAGE_UNITS = {"broker": "mosquitto.service", "worker": "iotplat-worker@.service", "influxdb": "influxdb.service",
                  "grafana": "grafana-server.service"}
 NATS_UNIT = "nats-server.service"
-LIMITS_DROPIN = "iotplat-resources.conf"
+# Named after the service, so the roles can find and remove the drop-ins a spec no longer names (roles/common/tasks/
+# files.yml: `iotplat-resources-<service>.conf` in any unit's drop-in folder that the service's rendered files lack).
+LIMITS_DROPIN = "iotplat-resources-{service}.conf"
 
 
 def package_unit(spec: PlatformSpec, service: str) -> str:
@@ -267,5 +269,5 @@ def limits_files(p: Platform, service: str) -> list[ServiceFile]:
     if runtime_of(p.spec, service) != "package" or not limited(p.spec, service):
         return []
     unit = package_unit(p.spec, service)
-    return [ServiceFile(f"{UNIT_DIR}/{unit}.d/{LIMITS_DROPIN}",
+    return [ServiceFile(f"{UNIT_DIR}/{unit}.d/{LIMITS_DROPIN.format(service=service)}",
                         limits_dropin(unit, limits_of(p.spec, service), service).encode())]

@@ -22,7 +22,7 @@ from iotplat.spec.load import load_platform
 from tests.helpers import PLATFORM_DIR
 
 IMAGE = "sha256:" + "a" * 64
-DROPIN = "iotplat-resources.conf"
+DROPIN = "iotplat-resources-{}.conf"
 
 
 def _spec(tmp: Path, extra: dict) -> Path:
@@ -115,19 +115,21 @@ def test_both_runtimes_apply_the_same_limits_and_nothing_else_differs(tmp_path: 
         "default": "container", "worker": "package", "grafana": "package"}})),
         None, out_dir=str(tmp_path / "out-ctr"), state_dir=str(state))
     pkg, ctr = _host_files(tmp_path / "out-pkg"), _host_files(tmp_path / "out-ctr")
-    dropins = {n.split("/", 1)[1]: d.decode() for n, d in pkg.items() if n.endswith(DROPIN)}
-    assert set(dropins) == {f"etc/systemd/system/{u}.d/{DROPIN}"
-                            for u in ("mosquitto.service", "influxdb.service", "iotplat-worker@.service")}
+    dropins = {n.split("/", 1)[1]: d.decode() for n, d in pkg.items() if "/iotplat-resources-" in n}
+    assert set(dropins) == {f"etc/systemd/system/{u}.d/{DROPIN.format(s)}" for u, s in (
+        ("mosquitto.service", "broker"), ("influxdb.service", "influxdb"), ("iotplat-worker@.service", "worker"))}
     units = {n.rsplit("/", 1)[1]: d.decode() for n, d in ctr.items() if n.endswith((
         "system/mosquitto.service", "system/influxdb.service"))}
     for unit, text in units.items():
-        _same_limits(_flags(text), _dropin(dropins[f"etc/systemd/system/{unit}.d/{DROPIN}"]))
+        service = "broker" if unit == "mosquitto.service" else "influxdb"
+        _same_limits(_flags(text), _dropin(dropins[f"etc/systemd/system/{unit}.d/{DROPIN.format(service)}"]))
     assert _flags(units["mosquitto.service"])["--cpus"] == "1.5"
-    assert _dropin(dropins[f"etc/systemd/system/iotplat-worker@.service.d/{DROPIN}"]) == {
+    assert _dropin(dropins[f"etc/systemd/system/iotplat-worker@.service.d/{DROPIN.format('worker')}"]) == {
         "MemoryMax": str(300 << 20), "MemorySwapMax": "0", "CPUQuota": "50%", "TasksMax": "512"}
     # the worker stays a package on both: the same drop-in; the container services get none (their unit has them)
     for name, data in pkg.items():
-        if name.endswith(("mosquitto.service.d/" + DROPIN, "influxdb.service.d/" + DROPIN)):
+        if name.endswith(("mosquitto.service.d/" + DROPIN.format("broker"),
+                          "influxdb.service.d/" + DROPIN.format("influxdb"))):
             assert name not in ctr
         else:
             assert ctr.get(name) == data, f"{name} differs between the runtimes"
@@ -135,11 +137,11 @@ def test_both_runtimes_apply_the_same_limits_and_nothing_else_differs(tmp_path: 
 
 def test_a_package_platform_without_resources_gets_no_dropin(tmp_path: Path) -> None:
     render(str(_spec(tmp_path, {})), None, out_dir=str(tmp_path / "out"), state_dir=str(tmp_path / "state"))
-    assert not [n for n in _host_files(tmp_path / "out") if DROPIN in n]
+    assert not [n for n in _host_files(tmp_path / "out") if "iotplat-resources" in n]
 
 
 def test_nats_gets_its_dropin_on_its_own_unit(tmp_path: Path) -> None:
     p = load_platform(_spec(tmp_path, {"broker": {"engine": "nats"}, "resources": {"broker": {"memory": "1GiB"}}}))
     (f,) = runtime.limits_files(p, "broker")
-    assert f.dest == f"/etc/systemd/system/nats-server.service.d/{DROPIN}"
+    assert f.dest == f"/etc/systemd/system/nats-server.service.d/{DROPIN.format('broker')}"
     assert _dropin(f.content.decode())["MemoryMax"] == str(1 << 30)
