@@ -194,7 +194,7 @@ def limits_dropin(unit: str, limits: Limits, service: str) -> str:
         raise UnitValueError(f"{unit!r} / {service!r} cannot take a resources drop-in")
     lines = [
         "# Managed by iotplat from the platform spec. Do not edit: `iotplat up` overwrites it.",
-        f"# resources.{service}: the limits a container of the service gets (docs/containers.md).",
+        f"# resources.{service} (docs/containers.md): what docker's --memory, --memory-swap, --cpus and --pids-limit set.",
         "[Service]",
     ]
     if limits.memory_bytes:
