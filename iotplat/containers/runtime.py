@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from iotplat.spec.units import format_size
+
 from .images import ImageRef, default_image, parse_image_ref
 from .oci import Platform as ImagePlatform
 from .units import DEFAULT_LIMITS, Limits, limits_dropin
@@ -57,10 +59,41 @@ def runtime_of(spec: PlatformSpec, service: str) -> RuntimeName:
     return getattr(rt, service) or rt.default
 
 
-def limits_of(spec: PlatformSpec, service: str) -> Limits:
-    """The limits `service` runs under (of each replica, for the worker): the spec's, else the defaults."""
+MIB = 1024**2
+# The least memory iotplat gives a service (spec `resources`; the broker's floor also grows with its queues):
+# below these the kernel would end it under ordinary load.
+MEMORY_FLOORS = {
+    "worker": (128 * MIB, "a worker replica needs at least 128MiB (its interpreter, in-flight window and batches)"),
+    "influxdb": (256 * MIB, "InfluxDB needs at least 256MiB (its index, cache and compactions)"),
+    "grafana": (256 * MIB, "Grafana needs at least 256MiB (its server, plugins and dashboards)"),
+}
+BROKER_BASE_MEMORY = 32 * MIB  # Mosquitto itself, its connections and its persistence writes
+NATS_MEMORY_FLOOR = 64 * MIB
+
+
+def memory_floor(p: Platform, service: str) -> tuple[int, str]:
+    """(bytes, why) below which `service` is refused a memory limit."""
+    if service != "broker":
+        return MEMORY_FLOORS[service]
+    if p.spec.broker.engine == "nats":
+        return NATS_MEMORY_FLOOR, "nats-server needs at least 64MiB (its connections and JetStream's state)"
+    replicas = p.spec.ingestion.replicas
+    floor = BROKER_BASE_MEMORY + replicas * p.queue_bytes
+    floor = -(-floor // MIB) * MIB
+    return floor, (f"Mosquitto keeps each worker replica's queue in memory while the worker is away: {replicas} x "
+                   f"{format_size(p.queue_bytes)} (broker.limits.queue_bytes, from ingestion.outage_budget) plus "
+                   f"{format_size(BROKER_BASE_MEMORY)} for itself is {floor // MIB}MiB; with less the kernel ends "
+                   "it during an outage and the queued messages are lost")
+
+
+def limits_of(p: Platform, service: str) -> Limits:
+    """The limits `service` runs under (of each replica, for the worker): the spec's, else the defaults; the
+    broker's default memory grows to its floor (memory_floor) when its worker queues need more than 512MiB."""
     default = DEFAULT_LIMITS[service]
-    written = getattr(spec.resources, service, None)
+    if service == "broker":
+        default = Limits(memory_bytes=max(default.memory_bytes or 0, memory_floor(p, service)[0]), cpus=default.cpus,
+                         pids=default.pids)
+    written = getattr(p.spec.resources, service, None)
     if written is None:
         return default
     return Limits(memory_bytes=written.memory if written.memory is not None else default.memory_bytes,
@@ -200,7 +233,7 @@ def service_container(p: Platform, service: str) -> ServiceContainer:
     from .profiles import broker_service, influxdb1_service, worker_service
 
     image = container_image(p, service).run
-    limits = limits_of(p.spec, service)
+    limits = limits_of(p, service)
     if service == "broker":
         return broker_service(image, tuple(sorted({lst.port for lst in p.spec.broker.listeners})), limits)
     if service == "influxdb":
@@ -270,4 +303,4 @@ def limits_files(p: Platform, service: str) -> list[ServiceFile]:
         return []
     unit = package_unit(p.spec, service)
     return [ServiceFile(f"{UNIT_DIR}/{unit}.d/{LIMITS_DROPIN.format(service=service)}",
-                        limits_dropin(unit, limits_of(p.spec, service), service).encode())]
+                        limits_dropin(unit, limits_of(p, service), service).encode())]

@@ -194,7 +194,8 @@ def limits_dropin(unit: str, limits: Limits, service: str) -> str:
         raise UnitValueError(f"{unit!r} / {service!r} cannot take a resources drop-in")
     lines = [
         "# Managed by iotplat from the platform spec. Do not edit: `iotplat up` overwrites it.",
-        f"# resources.{service} (docs/containers.md): what docker's --memory, --memory-swap, --cpus and --pids-limit set.",
+        f"# resources.{service} (docs/containers.md): what docker's --memory, --memory-swap, --cpus and "
+        "--pids-limit set.",
         "[Service]",
     ]
     if limits.memory_bytes:

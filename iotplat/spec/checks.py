@@ -662,30 +662,6 @@ def check_runtime(p: Platform, doc: Document) -> list[Problem]:
 
 
 MIB = 1024**2
-# The least memory iotplat gives a service (spec `resources`; the broker's floor also grows with its queues):
-# below these the kernel would end it under ordinary load.
-MEMORY_FLOORS = {
-    "worker": (128 * MIB, "a worker replica needs at least 128MiB (its interpreter, in-flight window and batches)"),
-    "influxdb": (256 * MIB, "InfluxDB needs at least 256MiB (its index, cache and compactions)"),
-    "grafana": (256 * MIB, "Grafana needs at least 256MiB (its server, plugins and dashboards)"),
-}
-BROKER_BASE_MEMORY = 32 * MIB  # Mosquitto itself, its connections and its persistence writes
-NATS_MEMORY_FLOOR = 64 * MIB
-
-
-def memory_floor(p: Platform, service: str) -> tuple[int, str]:
-    """(bytes, why) below which `service` is refused a memory limit."""
-    if service != "broker":
-        return MEMORY_FLOORS[service]
-    if p.spec.broker.engine == "nats":
-        return NATS_MEMORY_FLOOR, "nats-server needs at least 64MiB (its connections and JetStream's state)"
-    replicas = p.spec.ingestion.replicas
-    floor = BROKER_BASE_MEMORY + replicas * p.queue_bytes
-    floor = -(-floor // MIB) * MIB
-    return floor, (f"Mosquitto keeps each worker replica's queue in memory while the worker is away: {replicas} x "
-                   f"{format_size(p.queue_bytes)} (broker.limits.queue_bytes, from ingestion.outage_budget) plus "
-                   f"{format_size(BROKER_BASE_MEMORY)} for itself is {floor // MIB}MiB; with less the kernel ends "
-                   "it during an outage and the queued messages are lost")
 
 
 class HostSize(NamedTuple):
@@ -714,36 +690,21 @@ def _host_size(p: Platform, host: str) -> HostSize | None:
 
 
 def check_resources(p: Platform, doc: Document) -> list[Problem]:
-    """Resource limits (`resources`, and a container's defaults): no service below its memory floor, no CPU limit
-    above the host's cores, and the memory limits of one host's services within its size where iotplat knows it."""
-    from iotplat.containers.runtime import limited, limits_of, runtime_of
+    """Resource limits (`resources`; a container's defaults count too): no written memory limit below the service's
+    floor (runtime.memory_floor; the defaults never are), no CPU limit above the host's cores, and the memory limits
+    of one host's services within its size where iotplat knows it (cloud sizes)."""
+    from iotplat.containers.runtime import limited, limits_of, memory_floor
     from iotplat.cost.table import equivalent
 
     out: list[Problem] = []
     res = p.spec.resources
-
-    def where(svc: str, key: str) -> tuple[str, ...]:
-        written = getattr(res, svc)
-        if written is not None and getattr(written, key) is not None:
-            return ("resources", svc, key)
-        if written is not None:
-            return ("resources", svc)
-        return ("runtime", svc) if getattr(p.spec.runtime, svc) is not None else ("runtime", "default")
-
-    def what(svc: str, memory: int) -> str:
-        written = getattr(res, svc)
-        if written is not None and written.memory is not None:
-            return format_size(memory)
-        return (f"the default memory limit of {svc}{' in a container' if runtime_of(p.spec, svc) == 'container' else ''}"
-                f" ({format_size(memory)})")
-
     services = [s for s in ("broker", "worker", "influxdb", "grafana") if p.placement[s] and limited(p.spec, s)]
     for svc in services:
-        memory = limits_of(p.spec, svc).memory_bytes
+        written = getattr(res, svc)
         floor, why = memory_floor(p, svc)
-        if memory is not None and memory < floor:
-            out.append(doc.problem(where(svc, "memory"), f"{what(svc, memory)} is too little: {why}",
-                                   f"set resources.{svc}.memory to at least {floor // MIB}MiB"))
+        if written is not None and written.memory is not None and written.memory < floor:
+            out.append(doc.problem(("resources", svc, "memory"), f"{format_size(written.memory)} is too little: {why}",
+                                   f"set it to at least {floor // MIB}MiB"))
     for host in p.host_names:
         known = _host_size(p, host)
         if known is None:
@@ -753,14 +714,14 @@ def check_resources(p: Platform, doc: Document) -> list[Problem]:
         for svc in services:
             if host not in p.placement[svc]:
                 continue
-            lim = limits_of(p.spec, svc)
+            lim = limits_of(p, svc)
             count = len(p.replicas_on(host)) if svc == "worker" else 1
             if lim.memory_bytes and count:
                 label = f"worker {count} x {format_size(lim.memory_bytes)}" if svc == "worker" else \
                     f"{svc} {format_size(lim.memory_bytes)}"
                 parts.append((label, count * lim.memory_bytes))
             if lim.cpus is not None and lim.cpus > vcpus:
-                out.append(doc.problem(where(svc, "cpus"), f"{lim.cpus:g} CPUs for {svc} on host {host!r}, but {size} "
+                out.append(doc.problem(("resources", svc, "cpus"), f"{lim.cpus:g} CPUs for {svc} on host {host!r}, but {size} "
                                        f"has {vcpus} (docker refuses --cpus above the host's cores)",
                                        f"set resources.{svc}.cpus to at most {vcpus}, or choose a larger size"))
         total = sum(n for _, n in parts)

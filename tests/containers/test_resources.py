@@ -42,7 +42,8 @@ def _flags(unit: str) -> dict[str, str]:
     """The limit flags of a container unit's `docker create` line."""
     create = next(line for line in unit.splitlines() if line.startswith("ExecStartPre=") and " create " in line)
     words = shlex.split(create.partition("=")[2])
-    return {w: words[i + 1] for i, w in enumerate(words) if w in ("--memory", "--memory-swap", "--cpus", "--pids-limit")}
+    flags = ("--memory", "--memory-swap", "--cpus", "--pids-limit")
+    return {w: words[i + 1] for i, w in enumerate(words) if w in flags}
 
 
 def _dropin(text: str) -> dict[str, str]:
@@ -95,10 +96,28 @@ def test_the_dropin_refuses_what_is_not_a_closed_value(unit: str, limits: Limits
 
 def test_limits_of_fills_what_the_spec_leaves_out(tmp_path: Path) -> None:
     p = load_platform(_spec(tmp_path, {"resources": {"influxdb": {"cpus": 2}, "worker": {"memory": "300MiB"}}}))
-    assert runtime.limits_of(p.spec, "influxdb") == Limits(memory_bytes=1 << 30, cpus=2.0, pids=512)
-    assert runtime.limits_of(p.spec, "worker") == Limits(memory_bytes=300 << 20, pids=512)
-    assert runtime.limits_of(p.spec, "broker") == DEFAULT_LIMITS["broker"]
-    assert [s for s in ("broker", "worker", "influxdb", "grafana") if runtime.limited(p.spec, s)] == ["worker", "influxdb"]
+    assert runtime.limits_of(p, "influxdb") == Limits(memory_bytes=1 << 30, cpus=2.0, pids=512)
+    assert runtime.limits_of(p, "worker") == Limits(memory_bytes=300 << 20, pids=512)
+    assert runtime.limits_of(p, "broker") == DEFAULT_LIMITS["broker"]
+    limited = [s for s in ("broker", "worker", "influxdb", "grafana") if runtime.limited(p.spec, s)]
+    assert limited == ["worker", "influxdb"]
+
+
+def test_the_brokers_default_memory_grows_with_its_worker_queues(tmp_path: Path) -> None:
+    """512MiB unless the worker sessions' queues (replicas x queue_bytes + 32MiB) need more: a container's default
+    never sits below the floor validate holds a written limit to."""
+    p = load_platform(_spec(tmp_path, {"runtime": {"broker": "container"}}))
+    floor = runtime.memory_floor(p, "broker")[0]
+    assert floor < 512 << 20 and runtime.limits_of(p, "broker").memory_bytes == 512 << 20
+    ingestion = yaml.safe_load((PLATFORM_DIR / "platform.yaml").read_text())["ingestion"]
+    p = load_platform(_spec(tmp_path, {"runtime": {"broker": "container"}, "ingestion": {**ingestion, "peak_rate": 5000}}))
+    floor = runtime.memory_floor(p, "broker")[0]
+    assert floor == 32 * 2**20 + -(-p.spec.ingestion.replicas * p.queue_bytes // 2**20) * 2**20 > 512 << 20
+    assert runtime.limits_of(p, "broker").memory_bytes == floor
+    assert f"--memory {floor} --memory-swap {floor}" in container_unit(runtime.service_container(p, "broker").unit)
+    p = load_platform(_spec(tmp_path, {"runtime": {"broker": "container"}, "ingestion": {**ingestion, "peak_rate": 5000},
+                                       "resources": {"broker": {"pids": 100}}}))
+    assert runtime.limits_of(p, "broker") == Limits(memory_bytes=floor, pids=100)
 
 
 def test_both_runtimes_apply_the_same_limits_and_nothing_else_differs(tmp_path: Path) -> None:
