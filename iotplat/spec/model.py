@@ -742,8 +742,9 @@ class ServiceResources(Base):
     (MemoryMax=, MemorySwapMax=0, CPUQuota=, TasksMax=). Unset: the service's default (docs/containers.md)."""
 
     memory: Size | None = Field(None, description="Memory the service may use, swap included (e.g. 512MiB, 2GiB); "
-                                "more and the kernel ends it (systemd restarts it). Default: broker 512MiB, "
-                                "worker 256MiB per replica, influxdb 1GiB, grafana 512MiB.")
+                                "more and the kernel ends it (systemd restarts it). Default: broker 512MiB (more "
+                                "when its worker queues need it), worker 256MiB per replica, influxdb 1GiB, grafana "
+                                "512MiB.")
     cpus: float | None = Field(None, description="CPU time as a number of cores (e.g. 0.5, 1.5; in steps of 0.01, "
                                "at most the host's cores). Default: no limit.")
     pids: int | None = Field(None, ge=16, le=1_000_000, description="Processes and threads it may run. Default: 512.")
@@ -878,7 +879,8 @@ class PlatformSpec(Base):
     images: Images = Field(Images(), description="Container runtime: each service's image (pinned by digest) and archives.")
     resources: Resources = Field(
         Resources(), description="Memory, CPU and process limits per service, the same on both runtimes: a container "
-        "always has them (defaults: broker 512MiB, worker 256MiB per replica, influxdb 1GiB); a package's unit gets "
+        "always has them (defaults: broker 512MiB or what its queues need, worker 256MiB per replica, influxdb 1GiB); "
+        "a package's unit gets "
         "them as a systemd drop-in when the service is named here.")
     secrets: Secrets = Field(Secrets(), description="Secrets are generated into the state directory unless referenced here.")
     state: StateSettings = Field(StateSettings(), description="Where iotplat keeps state for this platform.")
