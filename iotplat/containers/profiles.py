@@ -4,6 +4,9 @@
     influxdb1_service(image, port, limits)          influxdb.service
     worker_service(image, metrics_port, limits)     iotplat-worker@.service (a template: one container per replica)
 
+`limits` come from the spec's `resources` (iotplat.containers.runtime.limits_of: the spec's values over
+DEFAULT_LIMITS), the same values a package's unit gets as a drop-in.
+
 The rendered files are mounted read-only at the paths of the package runtime (iotplat.render.layout.PATHS), so the
 bytes the renderer writes once serve both runtimes. Directories are mounted rather than single files wherever a
 file is replaced while the service runs (password file, certificates): a deployment replaces a file by renaming a
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 from iotplat.render.layout import CREDENTIALS_DIR, PATHS
 
-from .units import INSTANCE, ContainerService, Limits, Mount
+from .units import DEFAULT_LIMITS, INSTANCE, ContainerService, Limits, Mount
 
 TLS_DIR = PATHS["ca_cert"].rsplit("/", 1)[0]  # /etc/iotplat/tls: ca.crt and the host's server.crt
 
@@ -49,7 +52,7 @@ INFLUXDB1_UID = 1500  # influxdb:1.x: USER influxdb (uid 1500)
 WORKER_UID = 10001  # iotplat's worker image (worker_image.WORKER_UID)
 
 
-def broker_service(image: str, ports: tuple[int, ...], limits: Limits = Limits(memory_bytes=512 << 20)) -> ServiceContainer:
+def broker_service(image: str, ports: tuple[int, ...], limits: Limits = DEFAULT_LIMITS["broker"]) -> ServiceContainer:
     conf_dir = PATHS["mosquitto_conf"].rsplit("/", 1)[0]  # /etc/mosquitto
     secret_dir = PATHS["mosquitto_passwd"].rsplit("/", 1)[0]  # /etc/mosquitto/iotplat
     unit = ContainerService(
@@ -68,7 +71,7 @@ def broker_service(image: str, ports: tuple[int, ...], limits: Limits = Limits(m
     ))
 
 
-def influxdb1_service(image: str, port: int, limits: Limits = Limits(memory_bytes=1 << 30)) -> ServiceContainer:
+def influxdb1_service(image: str, port: int, limits: Limits = DEFAULT_LIMITS["influxdb"]) -> ServiceContainer:
     conf_dir = PATHS["influxdb1_conf"].rsplit("/", 1)[0]  # /etc/influxdb
     cred_in = PATHS["influxdb_key"].rsplit("/", 1)[0]  # /run/credentials/influxdb.service (as with LoadCredential)
     cred_host = f"{CREDENTIALS_DIR}/influxdb"
@@ -89,7 +92,7 @@ def influxdb1_service(image: str, port: int, limits: Limits = Limits(memory_byte
 WORKER_CREDENTIALS_IN = "/run/credentials/iotplat-worker"
 
 
-def worker_service(image: str, metrics_port: int, limits: Limits = Limits(memory_bytes=256 << 20)) -> ServiceContainer:
+def worker_service(image: str, metrics_port: int, limits: Limits = DEFAULT_LIMITS["worker"]) -> ServiceContainer:
     """The worker replicas' template unit; `{instance}` is the replica number (the unit's %i)."""
     cred_host = f"{CREDENTIALS_DIR}/worker-{INSTANCE}"
     data = f"/var/lib/iotplat-worker/{INSTANCE}"

@@ -23,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from iotplat.spec.units import format_size
+
 from .images import ImageRef, default_image, parse_image_ref
 from .oci import Platform as ImagePlatform
+from .units import DEFAULT_LIMITS, Limits, limits_dropin
 
 if TYPE_CHECKING:
     from iotplat.services.base import ServiceFile
@@ -54,6 +57,55 @@ def runtime_of(spec: PlatformSpec, service: str) -> RuntimeName:
         return "package"
     rt = spec.runtime
     return getattr(rt, service) or rt.default
+
+
+MIB = 1024**2
+# The least memory iotplat gives a service (spec `resources`; the broker's floor also grows with its queues):
+# below these the kernel would end it under ordinary load.
+MEMORY_FLOORS = {
+    "worker": (128 * MIB, "a worker replica needs at least 128MiB (its interpreter, in-flight window and batches)"),
+    "influxdb": (256 * MIB, "InfluxDB needs at least 256MiB (its index, cache and compactions)"),
+    "grafana": (256 * MIB, "Grafana needs at least 256MiB (its server, plugins and dashboards)"),
+}
+BROKER_BASE_MEMORY = 32 * MIB  # Mosquitto itself, its connections and its persistence writes
+NATS_MEMORY_FLOOR = 64 * MIB
+
+
+def memory_floor(p: Platform, service: str) -> tuple[int, str]:
+    """(bytes, why) below which `service` is refused a memory limit."""
+    if service != "broker":
+        return MEMORY_FLOORS[service]
+    if p.spec.broker.engine == "nats":
+        return NATS_MEMORY_FLOOR, "nats-server needs at least 64MiB (its connections and JetStream's state)"
+    replicas = p.spec.ingestion.replicas
+    floor = BROKER_BASE_MEMORY + replicas * p.queue_bytes
+    floor = -(-floor // MIB) * MIB
+    return floor, (f"Mosquitto keeps each worker replica's queue in memory while the worker is away: {replicas} x "
+                   f"{format_size(p.queue_bytes)} (broker.limits.queue_bytes, from ingestion.outage_budget) plus "
+                   f"{format_size(BROKER_BASE_MEMORY)} for itself is {floor // MIB}MiB; with less the kernel ends "
+                   "it during an outage and the queued messages are lost")
+
+
+def limits_of(p: Platform, service: str) -> Limits:
+    """The limits `service` runs under (of each replica, for the worker): the spec's, else the defaults; the
+    broker's default memory grows to its floor (memory_floor) when its worker queues need more than 512MiB."""
+    default = DEFAULT_LIMITS[service]
+    if service == "broker":
+        default = Limits(memory_bytes=max(default.memory_bytes or 0, memory_floor(p, service)[0]), cpus=default.cpus,
+                         pids=default.pids)
+    written = getattr(p.spec.resources, service, None)
+    if written is None:
+        return default
+    return Limits(memory_bytes=written.memory if written.memory is not None else default.memory_bytes,
+                  cpus=written.cpus if written.cpus is not None else default.cpus,
+                  pids=written.pids if written.pids is not None else default.pids)
+
+
+def limited(spec: PlatformSpec, service: str) -> bool:
+    """Whether `service` runs under limits: always in a container; as a package when the spec names it."""
+    if service not in DEFAULT_LIMITS:
+        return False
+    return runtime_of(spec, service) == "container" or getattr(spec.resources, service, None) is not None
 
 
 def container_services(p: Platform) -> list[str]:
@@ -181,12 +233,13 @@ def service_container(p: Platform, service: str) -> ServiceContainer:
     from .profiles import broker_service, influxdb1_service, worker_service
 
     image = container_image(p, service).run
+    limits = limits_of(p, service)
     if service == "broker":
-        return broker_service(image, tuple(sorted({lst.port for lst in p.spec.broker.listeners})))
+        return broker_service(image, tuple(sorted({lst.port for lst in p.spec.broker.listeners})), limits)
     if service == "influxdb":
-        return influxdb1_service(image, p.spec.influxdb.port)
+        return influxdb1_service(image, p.spec.influxdb.port, limits)
     if service == "worker":
-        return worker_service(image, p.spec.ingestion.metrics_port)
+        return worker_service(image, p.spec.ingestion.metrics_port, limits)
     raise ValueError(f"{service} cannot run in a container yet")  # refused by check_runtime before render
 
 
@@ -223,3 +276,31 @@ def container_vars(p: Platform, service: str, role: str) -> dict[str, object]:
             "owned": [{"path": o.path, "uid": o.uid, "gid": o.gid, "mode": f"{o.mode:04o}"} for o in sc.owned],
         }
     return out
+
+
+# The package's unit of each service that can take limits (the roles' unit names), and the drop-in that holds them.
+PACKAGE_UNITS = {"broker": "mosquitto.service", "worker": "iotplat-worker@.service", "influxdb": "influxdb.service",
+                 "grafana": "grafana-server.service"}
+NATS_UNIT = "nats-server.service"
+# Named after the service, so the roles can find and remove the drop-ins a spec no longer names (roles/common/tasks/
+# files.yml: `iotplat-resources-<service>.conf` in any unit's drop-in folder that the service's rendered files lack).
+LIMITS_DROPIN = "iotplat-resources-{service}.conf"
+
+
+def package_unit(spec: PlatformSpec, service: str) -> str:
+    if service == "broker" and spec.broker.engine == "nats":
+        return NATS_UNIT
+    return PACKAGE_UNITS[service]
+
+
+def limits_files(p: Platform, service: str) -> list[ServiceFile]:
+    """The package runtime's resource limits: a drop-in of the package's unit (the same limits a container gets,
+    units.limits_dropin), when the spec names the service under `resources`; else nothing (a container's limits
+    are in its unit; a package without `resources` runs unlimited, as before)."""
+    from iotplat.services.base import ServiceFile
+
+    if runtime_of(p.spec, service) != "package" or not limited(p.spec, service):
+        return []
+    unit = package_unit(p.spec, service)
+    return [ServiceFile(f"{UNIT_DIR}/{unit}.d/{LIMITS_DROPIN.format(service=service)}",
+                        limits_dropin(unit, limits_of(p, service), service).encode())]

@@ -24,7 +24,8 @@ service the same way whatever runs it. The unit creates the container (`docker c
   service files at their usual paths -- the same bytes as the package runtime -- and the secrets, root-only files
   on the host, at their paths. No secret is ever an environment variable, so none shows in `docker inspect`.
 - data in named host directories, read-write, owned by the container's user id (the deployment chowns them).
-- resource limits from typed inputs: --memory, --cpus, --pids-limit.
+- resource limits from typed inputs (spec `resources`): --memory with --memory-swap equal to it (no swap), --cpus,
+  --pids-limit. `limits_dropin` gives a package's unit the same limits as a systemd drop-in.
 
 Every value that reaches the unit is a closed value (checked against the whole string) or escaped for systemd:
 ExecStart is a word list systemd splits itself (no shell): words outside a plain character set are double-quoted
@@ -76,6 +77,17 @@ class Limits:
     memory_bytes: int | None = None  # --memory (hard limit)
     cpus: float | None = None  # --cpus, e.g. 0.5
     pids: int = 512  # --pids-limit
+
+
+# Each service's limits when the spec names none (spec `resources`; runtime.limits_of): the container runtime always
+# applies them; the package runtime applies a service's limits (these filling what the spec leaves out) only when
+# the spec names the service under `resources`, so a package platform without `resources` renders as before.
+DEFAULT_LIMITS = {
+    "broker": Limits(memory_bytes=512 << 20),
+    "worker": Limits(memory_bytes=256 << 20),  # per replica
+    "influxdb": Limits(memory_bytes=1 << 30),
+    "grafana": Limits(memory_bytes=512 << 20),
+}
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,34 @@ def container_unit(svc: ContainerService) -> str:
     return "\n".join(lines)
 
 
+def limits_dropin(unit: str, limits: Limits, service: str) -> str:
+    """A systemd drop-in giving a package's unit the limits a container of the service gets, setting for flag:
+    --memory M --memory-swap M (no swap) -> MemoryMax=M, MemorySwapMax=0; --cpus C (CFS quota of C periods) ->
+    CPUQuota=C*100%; --pids-limit N -> TasksMax=N. Both are the same cgroup v2 files (memory.max, memory.swap.max,
+    cpu.max, pids.max), so a service is held to the same numbers whatever runs it."""
+    _check_limits(limits)
+    if not _UNIT_RE.fullmatch(unit) or service not in DEFAULT_LIMITS:
+        raise UnitValueError(f"{unit!r} / {service!r} cannot take a resources drop-in")
+    lines = [
+        "# Managed by iotplat from the platform spec. Do not edit: `iotplat up` overwrites it.",
+        f"# resources.{service} (docs/containers.md): what docker's --memory, --memory-swap, --cpus and "
+        "--pids-limit set.",
+        "[Service]",
+    ]
+    if limits.memory_bytes:
+        lines += [f"MemoryMax={limits.memory_bytes}", "MemorySwapMax=0"]
+    if limits.cpus:
+        lines.append(f"CPUQuota={round(limits.cpus * 100)}%")
+    lines += [f"TasksMax={limits.pids}", ""]
+    return "\n".join(lines)
+
+
+def _check_limits(lim: Limits) -> None:
+    if not (1 <= lim.pids <= 1_000_000) or (lim.memory_bytes is not None and lim.memory_bytes < 6 * 1024 * 1024) \
+            or (lim.cpus is not None and not 0.01 <= lim.cpus <= 1024):
+        raise UnitValueError(f"resource limits {lim} are out of range")
+
+
 def _check(svc: ContainerService) -> None:
     if not _UNIT_RE.fullmatch(svc.unit):
         raise UnitValueError(f"unit name {svc.unit!r} is not a service unit name")
@@ -197,10 +237,7 @@ def _check(svc: ContainerService) -> None:
         if any(h in key.lower() for h in _SECRET_HINTS):
             raise UnitValueError(f"environment variable {key} looks like a secret: secrets are read-only files")
         _word(value)
-    lim = svc.limits
-    if not (1 <= lim.pids <= 1_000_000) or (lim.memory_bytes is not None and lim.memory_bytes < 6 * 1024 * 1024) \
-            or (lim.cpus is not None and not 0.01 <= lim.cpus <= 1024):
-        raise UnitValueError(f"resource limits {lim} are out of range")
+    _check_limits(svc.limits)
     if not 1 <= svc.stop_timeout <= 3600 or any(not 1 <= p <= 65535 for p in svc.ports):
         raise UnitValueError("stop timeout or ports out of range")
 

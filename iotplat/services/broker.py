@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.containers.runtime import container_files, container_vars, runtime_of
+from iotplat.containers.runtime import container_files, container_vars, limits_files, runtime_of
 from iotplat.services import nats
 from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
 
@@ -88,7 +88,7 @@ class Broker(Service):
         p = r.p
         spec = p.spec
         if _nats(p):  # nats-server.conf differs per node and holds the users' bcrypt hashes: a secret (below)
-            return []
+            return limits_files(p, self.name)  # resources.broker: a drop-in of nats-server.service
         conf = r.template(
             "mosquitto/mosquitto.conf.j2",
             broker=spec.broker,
@@ -114,7 +114,8 @@ class Broker(Service):
         paths = self.paths()
         return [ServiceFile(paths["mosquitto_conf"], conf),
                 ServiceFile(paths["mosquitto_acl"], acl, "0640", "root", "mosquitto"),
-                *container_files(p, self.name)]  # runtime: container adds the unit that runs the image
+                *container_files(p, self.name),  # runtime: container adds the unit that runs the image
+                *limits_files(p, self.name)]  # package with resources.broker: the limits' drop-in
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
         paths = self.paths()

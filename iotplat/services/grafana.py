@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from iotplat.containers.runtime import limits_files
 from iotplat.services.base import Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class Grafana(Service):
         ]
         for name, board in sorted(dashboards.build_dashboards(p).items()):
             files.append(ServiceFile(f"{paths['grafana_dashboards']}/{name}", dashboards.dashboard_bytes(board)))
-        return files
+        return [*files, *limits_files(p, self.name)]  # resources.grafana: the limits' drop-in
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
         return [SecretFile(f"{CREDENTIALS}/server.key", f"host_key:{host}"),

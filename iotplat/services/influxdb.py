@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.containers.runtime import container_files, container_vars, runtime_of
+from iotplat.containers.runtime import container_files, container_vars, limits_files, runtime_of
 from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
@@ -83,9 +83,10 @@ class InfluxDB(Service):
         paths = self.paths()
         if ix.version == 1:
             data = r.template("influxdb/influxdb.conf.j2", port=ix.port, tls_min=r.p.spec.tls.min_version)
-            return [ServiceFile(paths["influxdb1_conf"], data), *container_files(r.p, self.name)]
+            return [ServiceFile(paths["influxdb1_conf"], data), *container_files(r.p, self.name),
+                    *limits_files(r.p, self.name)]
         data = r.template("influxdb/config.toml.j2", port=ix.port, tls_min=r.p.spec.tls.min_version)
-        return [ServiceFile(paths["influxdb2_conf"], data)]
+        return [ServiceFile(paths["influxdb2_conf"], data), *limits_files(r.p, self.name)]
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
         # in a container influxd (the image's user) reads its key from the read-only mounted folder: group-readable

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.containers.runtime import container_files, container_vars, runtime_of
+from iotplat.containers.runtime import container_files, container_vars, limits_files, runtime_of
 from iotplat.services.base import SecretFile, Service, ServiceFile
 
 if TYPE_CHECKING:
@@ -89,7 +89,8 @@ class Worker(Service):
             subscriptions=[s.model_dump() for s in ing.subscriptions],
             nats=worker_section(p) if spec.broker.engine == "nats" else None,
         )
-        return [ServiceFile(self.paths()["worker_conf"], data), *container_files(p, self.name)]
+        return [ServiceFile(self.paths()["worker_conf"], data), *container_files(p, self.name),
+                *limits_files(p, self.name)]
 
     def secrets(self, p: Platform, host: str) -> list[SecretFile]:
         out = []

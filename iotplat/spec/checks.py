@@ -10,7 +10,7 @@ import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 from importlib import metadata
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypeVar
 
 from iotplat.errors import Problem
 from iotplat.spec.errors_map import did_you_mean
@@ -27,6 +27,9 @@ from iotplat.spec.platform_model import (
 )
 from iotplat.spec.units import format_size
 from iotplat.spec.yamlio import Document
+
+if TYPE_CHECKING:
+    from iotplat.cost.table import SizeFacts
 
 Check = Callable[[Platform, Document], list[Problem]]
 BUILTIN_DECODERS = ("json", "line", "raw")
@@ -664,6 +667,85 @@ def check_runtime(p: Platform, doc: Document) -> list[Problem]:
     return out
 
 
+MIB = 1024**2
+
+
+class HostSize(NamedTuple):
+    path: tuple[str, ...]  # where the spec sets it
+    name: str
+    memory: int  # bytes
+    vcpus: int
+    sizes: dict[str, SizeFacts]  # the cloud's sizes (for a larger one)
+
+
+def _host_size(p: Platform, host: str) -> HostSize | None:
+    """A host's size where iotplat knows it: a cloud size from its price table."""
+    from iotplat.cost.table import shipped_sizes
+
+    t = p.spec.target
+    if t.kind not in ("aws", "azure"):
+        return None
+    key, sizes = ("instance_types", t.instance_types) if t.kind == "aws" else ("vm_sizes", t.vm_sizes)
+    name = host if host in sizes else "default"
+    size = sizes.get(name)
+    own = shipped_sizes("aws" if t.kind == "aws" else "azure")
+    facts = own.get(size) if size else None
+    if size is None or facts is None:  # not a size iotplat knows (check_vm_sizes says why when it is wrong)
+        return None
+    return HostSize(("target", key, name), size, int(facts.memory_gib * 1024**3), facts.vcpus, own)
+
+
+def check_resources(p: Platform, doc: Document) -> list[Problem]:
+    """Resource limits (`resources`; a container's defaults count too): no written memory limit below the service's
+    floor (runtime.memory_floor; the defaults never are), no CPU limit above the host's cores, and the memory limits
+    of one host's services within its size where iotplat knows it (cloud sizes)."""
+    from iotplat.containers.runtime import limited, limits_of, memory_floor
+    from iotplat.cost.table import equivalent
+
+    out: list[Problem] = []
+    res = p.spec.resources
+    services = [s for s in ("broker", "worker", "influxdb", "grafana") if p.placement[s] and limited(p.spec, s)]
+    for svc in services:
+        written = getattr(res, svc)
+        floor, why = memory_floor(p, svc)
+        if written is not None and written.memory is not None and written.memory < floor:
+            out.append(doc.problem(("resources", svc, "memory"), f"{format_size(written.memory)} is too little: {why}",
+                                   f"set it to at least {floor // MIB}MiB"))
+    for host in p.host_names:
+        known = _host_size(p, host)
+        if known is None:
+            continue
+        path, size, host_memory, vcpus, own = known
+        parts: list[tuple[str, int]] = []
+        for svc in services:
+            if host not in p.placement[svc]:
+                continue
+            lim = limits_of(p, svc)
+            count = len(p.replicas_on(host)) if svc == "worker" else 1
+            if lim.memory_bytes and count:
+                label = f"worker {count} x {format_size(lim.memory_bytes)}" if svc == "worker" else \
+                    f"{svc} {format_size(lim.memory_bytes)}"
+                parts.append((label, count * lim.memory_bytes))
+            if lim.cpus is not None and lim.cpus > vcpus:
+                out.append(doc.problem(("resources", svc, "cpus"), f"{lim.cpus:g} CPUs for {svc} on host {host!r}, but {size} "
+                                       f"has {vcpus} (docker refuses --cpus above the host's cores)",
+                                       f"set resources.{svc}.cpus to at most {vcpus}, or choose a larger size"))
+        total = sum(n for _, n in parts)
+        if total > host_memory:
+            facts = own[size]
+            bigger = equivalent(own, vcpus=facts.vcpus, memory_gib=total / 1024**3, family=facts.family,
+                                arch=facts.arch)
+            written = _set_in_spec(doc, path)
+            out.append(doc.problem(path if written else ("target",),
+                                   f"the memory limits of the services on host {host!r} add up to "
+                                   f"{format_size(total)} ({', '.join(label for label, _ in parts)}), more than "
+                                   f"{size}{'' if written else f' (the default {path[1]})'} has "
+                                   f"({format_size(host_memory)})",
+                                   f"set {'.'.join(path)} to {bigger or 'a larger size'}, lower "
+                                   "resources.<service>.memory, or place the services on more hosts"))
+    return out
+
+
 CHECKS: tuple[Check, ...] = (
     check_placement,
     check_ports,
@@ -679,6 +761,7 @@ CHECKS: tuple[Check, ...] = (
     check_cost_settings,
     check_broker_engine,
     check_runtime,
+    check_resources,
 )
 
 

@@ -730,6 +730,49 @@ class Images(Base):
     archive: ImageArchives = Field(ImageArchives(), description="Local image archives for hosts without registry access.")
 
 
+# --------------------------------------------------------------------------------------- resources
+
+MIN_MEMORY = 6 * 1024**2  # docker refuses a smaller --memory
+MAX_MEMORY = 4 * 1024**4
+
+
+class ServiceResources(Base):
+    """Hard limits of one service (of each worker replica), enforced by the kernel (cgroup v2) on both runtimes: the
+    container's --memory/--memory-swap/--cpus/--pids-limit, or a systemd drop-in of the package's unit
+    (MemoryMax=, MemorySwapMax=0, CPUQuota=, TasksMax=). Unset: the service's default (docs/containers.md)."""
+
+    memory: Size | None = Field(None, description="Memory the service may use, swap included (e.g. 512MiB, 2GiB); "
+                                "more and the kernel ends it (systemd restarts it). Default: broker 512MiB (more "
+                                "when its worker queues need it), worker 256MiB per replica, influxdb 1GiB, grafana "
+                                "512MiB.")
+    cpus: float | None = Field(None, description="CPU time as a number of cores (e.g. 0.5, 1.5; in steps of 0.01, "
+                               "at most the host's cores). Default: no limit.")
+    pids: int | None = Field(None, ge=16, le=1_000_000, description="Processes and threads it may run. Default: 512.")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: int | None) -> int | None:
+        if v is not None and not MIN_MEMORY <= v <= MAX_MEMORY:
+            raise ValueError(f"must be between 6MiB and 4TiB, got {v} bytes")
+        return v
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, v: float | None) -> float | None:
+        if v is not None and (not 0.01 <= v <= 1024 or abs(v * 100 - round(v * 100)) > 1e-6):
+            raise ValueError(f"must be a number of cores from 0.01 to 1024 in steps of 0.01, got {v:g}")
+        return v
+
+
+class Resources(Base):
+    """Resource limits per service (unset: its defaults)."""
+
+    broker: ServiceResources | None = Field(None, description="Mosquitto's (or nats-server's) limits.")
+    worker: ServiceResources | None = Field(None, description="The limits of each worker replica.")
+    influxdb: ServiceResources | None = Field(None, description="InfluxDB's limits.")
+    grafana: ServiceResources | None = Field(None, description="Grafana's limits.")
+
+
 # --------------------------------------------------------------------------------------- secrets
 
 
@@ -834,6 +877,11 @@ class PlatformSpec(Base):
         "package", description="package (Debian packages, the default) or container (pinned images under systemd "
         "units), for the whole platform, or a map: {default: package, broker: container}.")
     images: Images = Field(Images(), description="Container runtime: each service's image (pinned by digest) and archives.")
+    resources: Resources = Field(
+        Resources(), description="Memory, CPU and process limits per service, the same on both runtimes: a container "
+        "always has them (defaults: broker 512MiB or what its queues need, worker 256MiB per replica, influxdb 1GiB); "
+        "a package's unit gets "
+        "them as a systemd drop-in when the service is named here.")
     secrets: Secrets = Field(Secrets(), description="Secrets are generated into the state directory unless referenced here.")
     state: StateSettings = Field(StateSettings(), description="Where iotplat keeps state for this platform.")
     backup: ScheduledBackups = Field(ScheduledBackups(), description="Scheduled backups on the hosts (systemd timer, retention count).")

@@ -130,6 +130,9 @@ def _local() -> dict[str, Any]:
     d["images"] = {"broker": f"eclipse-mosquitto:2.0.22{pin}", "influxdb": f"influxdb:1.11.8{pin}",
                    "grafana": f"grafana/grafana-oss:12.0.0{pin}", "worker_base": f"python:3.13-slim{pin}",
                    "archive": {"grafana": "grafana.tar", "worker_base": "python.tar"}}
+    # resource limits: the container units' flags (broker, InfluxDB) and the packages' drop-ins (worker, Grafana)
+    d["resources"] = {"broker": {"memory": "2GiB", "cpus": 1.5, "pids": 512}, "worker": {"memory": "300MiB"},
+                      "influxdb": {"memory": "1GiB"}, "grafana": {"memory": "512MiB", "cpus": 1}}
     # InfluxDB in a container has no scheduled backups (validate refuses them): the backup fields are reached in
     # the next baseline that holds them
     del d["backup"]
@@ -386,13 +389,14 @@ def _pem(text: str, keys: dict[str, str]) -> int:
     return text.count("-----BEGIN ")
 
 
+_DROPIN = re.compile(r"/systemd/system/[^/]+\.d/[^/]+\.conf\Z")  # a unit's drop-in (spec `resources`)
 PARSERS: list[tuple[Callable[[str], bool], Callable[[str, dict[str, str]], Any]]] = [
     (lambda n: n.endswith(".json"), lambda t, k: _tree(json.loads(t), k)),
     (lambda n: n.endswith((".yml", ".yaml")), lambda t, k: _tree(yaml.load(t, Loader=_LOADER), k)),
     (lambda n: n.endswith(("/worker.toml", "/influxdb.conf", "/config.toml")), lambda t, k: _tree(tomllib.loads(t), k)),
     (lambda n: n.endswith(("/mosquitto.conf", "/acl")), _lines),
     (lambda n: n.endswith(("/grafana.ini", "/ansible.cfg")), _ini),
-    (lambda n: n.endswith((".service", ".timer")), _systemd),
+    (lambda n: n.endswith((".service", ".timer")) or bool(_DROPIN.search(n)), _systemd),
     (lambda n: n.endswith("/sbin/iotplat-backup"), _shell),
     (lambda n: n.endswith(".crt"), _pem),
     (lambda n: n == "secret:mosquitto_passwd", _passwd),
