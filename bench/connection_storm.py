@@ -1,0 +1,594 @@
+#!/usr/bin/env python3
+"""Benchmark: a connection storm. N devices (default 10,000), each with its own credential, connected over MQTT
+3.1.1/TLS; the broker is restarted and every device reconnects at once. The figure is the seconds from the broker
+accepting connections again until every device is connected AND has had one QoS 1 PUBLISH acknowledged
+(PUBACK), with p50/p90/p99 per device, failed attempts by kind, the broker's peak RSS and CPU seconds. Goal:
+10,000 devices in <= 10 s.
+
+Not a test: it prints figures, the goal met or not, and the ratio between the engines measured in this run.
+
+    .venv/bin/python bench/connection_storm.py                       # 10,000 devices, mosquitto and nats-3
+    .venv/bin/python bench/connection_storm.py --devices 1000 --quick    # a short look (mosquitto, nats-3)
+    .venv/bin/python bench/connection_storm.py --only mosquitto --broker-nofile 1024 --devices 1100
+                                                                     # what a deployed Mosquitto can hold
+
+Set-ups (every server on 127.0.0.1, its own temp dir, killed at the end):
+
+- mosquitto: Debian's 2.0.11 with the mosquitto.conf and ACL **iotplat renders** for the default spec
+  (platform/platform.yaml with a registry of N devices; iotplat.services.broker.Broker.files): TLS 1.2 only
+  with the rendered cipher list, password file, ACL (`pattern write devices/%u/telemetry`), persistence on,
+  the derived max_inflight/max_queued, max_connections -1, connection_messages on. Only deployment locations
+  are rewritten (file paths, the listener's port and 127.0.0.1); every other line is the rendered one. The
+  password file holds one PBKDF2-SHA512 hash per device at the cost iotplat gives generated secrets
+  (iotplat.secrets.materials.mqtt_hash_iterations(.., GENERATED)), each a generated 32-character secret.
+  Restart = SIGTERM (Mosquitto saves its persistence file and closes every connection), then start again.
+- nats-3: the 3-node JetStream cluster as tests/support/natscluster.py renders it with iotplat.nats.config
+  (TLS on every listener and route, one bcrypt user per device at the generated cost 4, each device's
+  subject permissions, the mqtt_max_ack_pending and max_payload iotplat.services.nats.node_configs sets).
+  Devices are spread over the nodes (device i on node i mod 3) and move to the next node when a connect
+  fails (the device kit lists every node). Restart = all three nodes (SIGTERM, then started again): the
+  same event as Mosquitto's restart (every device reconnects, JetStream must elect its leaders again), so
+  the two figures compare. `--nats-one-node` adds nats-3-one: only n1 restarts, its third of the devices
+  reconnect to n2/n3 (the figure starts when n1 stops: the others accept connections throughout).
+
+The client side: `--clients` processes (default 2), each an asyncio loop with a minimal raw-socket MQTT 3.1.1
+client (CONNECT with clean session, one QoS 1 PUBLISH, wait for PUBACK: written here because only these two
+packets are needed and paho's thread per client does not scale to 5,000 per process). Devices publish only,
+so they use clean sessions (Mosquitto restores no session for them). After the broker drops them, each
+device retries with jittered exponential backoff (0.05 s doubling to 1 s), every attempt bounded (10 s) and
+the device bounded (`--timeout`). RLIMIT_NOFILE is raised to its hard limit for clients and brokers
+(`--broker-nofile` sets the brokers' soft limit, e.g. 1024 = systemd's default soft limit, what
+Debian's mosquitto.service plus iotplat's drop-in give Mosquitto). Client CPU seconds are printed beside
+the broker's: on 2 cores shared by broker and clients, a client side near a full core would be part of
+the figure.
+
+The baseline from the same run: the first connect of all devices before the restart (at most 200
+handshakes in flight per client process, so it is paced rather than a storm), and the ratio between the
+engines. The load average is printed before and after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT / "tests"))  # appended: tests/secrets must not shadow the stdlib
+sys.path.insert(0, str(ROOT))
+
+PY = sys.executable
+GOAL_DEVICES, GOAL_SECONDS = 10_000, 10.0
+KEEPALIVE = 300  # the rendered max_keepalive: a longer one is refused
+ATTEMPT_TIMEOUT = 10.0
+INITIAL_INFLIGHT = 200  # handshakes in flight per client process before the restart (the paced baseline)
+
+
+# ------------------------------------------------------------------------------------------ MQTT 3.1.1 wire
+def _utf8(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack(">H", len(b)) + b
+
+
+def _remaining(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def connect_packet(user: str, password: str) -> bytes:
+    """CONNECT, MQTT 3.1.1, clean session, username + password, client id = username."""
+    body = _utf8("MQTT") + bytes([4, 0x80 | 0x40 | 0x02]) + struct.pack(">H", KEEPALIVE)
+    body += _utf8(user) + _utf8(user) + _utf8(password)
+    return b"\x10" + _remaining(len(body)) + body
+
+
+def publish_packet(topic: str, payload: bytes, pid: int = 1) -> bytes:
+    body = _utf8(topic) + struct.pack(">H", pid) + payload
+    return b"\x32" + _remaining(len(body)) + body
+
+
+# ------------------------------------------------------------------------------------------ the client side
+@dataclass
+class Device:
+    index: int
+    user: str
+    password: str
+    ports: list[int]
+    attempts: int = 0
+    failures: Counter = field(default_factory=Counter)
+    done_at: float = 0.0
+    initial_ok: bool = False
+    writer: asyncio.StreamWriter | None = None
+
+
+async def _session(dev: Device, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect (TLS), CONNECT, one QoS 1 PUBLISH, PUBACK. Raises on anything else."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", dev.ports[0], ssl=ctx, server_hostname="localhost",
+                                                   ssl_handshake_timeout=ATTEMPT_TIMEOUT)
+    try:
+        writer.write(connect_packet(dev.user, dev.password))
+        connack = await reader.readexactly(4)
+        if connack[0] != 0x20 or connack[3] != 0:
+            raise PermissionError(f"CONNACK {connack.hex()}")
+        payload = b'{"ts":%d,"seq":1,"temperature":20.5}' % int(time.time() * 1000)
+        writer.write(publish_packet(f"devices/{dev.user}/telemetry", payload))
+        puback = await reader.readexactly(4)
+        if puback != b"\x40\x02\x00\x01":
+            raise ConnectionError(f"no PUBACK: {puback.hex()}")
+        return reader, writer
+    except BaseException:
+        writer.close()
+        raise
+
+
+def _kind(e: BaseException) -> str:
+    if isinstance(e, ConnectionRefusedError):
+        return "refused"
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(e, PermissionError):
+        return "connack-refused"
+    if isinstance(e, ssl.SSLError):
+        return "tls"
+    if isinstance(e, (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)):
+        return "reset"
+    return type(e).__name__
+
+
+async def _until_up(dev: Device, ctx: ssl.SSLContext, deadline: float,
+                    first_delay: float) -> asyncio.StreamReader | None:
+    """Attempts with jittered exponential backoff until one connect+publish is acknowledged (or the deadline)."""
+    delay = 0.05
+    await asyncio.sleep(first_delay)
+    while time.monotonic() < deadline and dev.attempts < 1000:
+        dev.attempts += 1
+        try:
+            reader, dev.writer = await asyncio.wait_for(_session(dev, ctx), ATTEMPT_TIMEOUT + 2)
+            dev.done_at = time.time()
+            return reader
+        except (OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as e:
+            dev.failures[_kind(e)] += 1
+            dev.ports.append(dev.ports.pop(0))  # the next node next time (one port on Mosquitto)
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(1.0, delay * 2)
+    return None
+
+
+async def _device(dev: Device, ctx: ssl.SSLContext, gate: asyncio.Semaphore, ready: asyncio.Event,
+                  storm: asyncio.Event, timeout: float) -> None:
+    async with gate:
+        reader = await _until_up(dev, ctx, time.monotonic() + timeout, 0.0)
+    if reader is None:
+        return
+    dev.done_at, dev.attempts, dev.failures, dev.initial_ok = 0.0, 0, Counter(), True
+    ready.set()
+    try:
+        while await reader.read(4096):  # nothing is expected; EOF = the broker went away
+            pass
+    except (OSError, ssl.SSLError):
+        pass
+    storm.set()
+    if dev.writer is not None:
+        dev.writer.close()
+    await _until_up(dev, ctx, time.monotonic() + timeout, random.uniform(0.0, 0.05))
+
+
+def raise_nofile(soft: int | None = None) -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to `soft` (default: the hard limit); returns it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if soft is None else min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return want
+
+
+def child(args: argparse.Namespace) -> int:
+    """One client process: its share of devices, connected; then the reconnect after the broker drops them."""
+    raise_nofile()
+    creds = json.loads(Path(args.creds).read_text())
+    ports = [int(p) for p in args.ports.split(",")]
+    devs = [Device(i, u, pw, ports[i % len(ports):] + ports[:i % len(ports)])
+            for i, (u, pw) in creds.items() for i in [int(i)]]
+    ctx = ssl.create_default_context(cafile=args.ca)
+
+    async def main() -> None:
+        gate = asyncio.Semaphore(INITIAL_INFLIGHT)
+        ready, storm = asyncio.Event(), asyncio.Event()
+        t0 = time.time()
+        tasks = [asyncio.create_task(_device(d, ctx, gate, ready, storm, args.timeout)) for d in devs]
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline and not all(d.initial_ok or t.done() for d, t in zip(devs, tasks)):
+            await asyncio.sleep(0.05)
+        up = sum(1 for d in devs if d.initial_ok)
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        print(json.dumps({"ready": up, "of": len(devs), "initial_s": time.time() - t0}), flush=True)
+        await asyncio.wait(tasks, timeout=args.timeout * 2 + 30)
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        fails: Counter = Counter()
+        for d in devs:
+            fails.update(d.failures)
+        print(json.dumps({"done": [d.done_at for d in devs], "attempts": sum(d.attempts for d in devs),
+                          "failures": dict(fails),
+                          "cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # parent: finish
+        for d in devs:
+            if d.writer is not None:
+                d.writer.close()
+
+    asyncio.run(main())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ the brokers
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def nofile_soft(pid: int) -> str:
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return line.split()[3]
+    except OSError:
+        pass
+    return "?"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def wait_accepting(ports: list[int], timeout: float, any_: bool = True) -> float:
+    """Wall-clock time at which (any / every) port first accepted a TCP connection; polled every 5 ms."""
+    deadline = time.monotonic() + timeout
+    pending = set(ports)
+    while time.monotonic() < deadline:
+        for p in list(pending):
+            try:
+                with socket.create_connection(("127.0.0.1", p), timeout=0.2):
+                    pending.discard(p)
+                    if any_ or not pending:
+                        return time.time()
+            except OSError:
+                pass
+        time.sleep(0.005)
+    raise TimeoutError(f"ports {sorted(pending)} not accepting within {timeout}s")
+
+
+def _limit(soft: int | None):  # noqa: ANN202 - a preexec_fn
+    def apply() -> None:
+        raise_nofile(soft)
+    return apply
+
+
+def device_names(n: int) -> list[str]:
+    return [f"dev{i:05d}" for i in range(n)]
+
+
+class RenderedMosquitto:
+    """Mosquitto 2.0.11 with the mosquitto.conf, ACL and password file iotplat renders for the default spec with
+    `n` devices; only file paths and the listener's address are rewritten."""
+
+    def __init__(self, n: int, nofile: int | None) -> None:
+        from iotplat.render.engine import Renderer
+        from iotplat.secrets.materials import mqtt_hash_iterations
+        from iotplat.secrets.passwords import SecretSource, generate_password, hash_many
+        from iotplat.services.broker import Broker
+        from iotplat.spec.load import load_platform
+        from support.servers import free_port, make_ca
+
+        self.dir = Path(tempfile.mkdtemp(prefix="iotplat-storm-mosq-"))
+        self.nofile = nofile
+        self.proc: subprocess.Popen | None = None
+        spec_dir = self.dir / "spec"
+        spec_dir.mkdir()
+        shutil.copyfile(ROOT / "platform" / "platform.yaml", spec_dir / "platform.yaml")
+        (spec_dir / "devices.csv").write_text("id\n" + "".join(f"{d}\n" for d in device_names(n)))
+        platform = load_platform(spec_dir / "platform.yaml")
+        files = {f.dest: f.content.decode() for f in Broker().files(Renderer(platform, None))}  # type: ignore[arg-type]
+        conf, acl = files["/etc/mosquitto/mosquitto.conf"], files["/etc/mosquitto/iotplat/acl"]
+        self.iterations = mqtt_hash_iterations(platform, SecretSource.GENERATED)
+        self.passwords = {d: generate_password() for d in device_names(n)}
+        hashes = hash_many(self.passwords.items(), self.iterations)
+        (self.dir / "passwd").write_text("".join(f"{u}:{h}\n" for u, h in hashes.items()))
+        os.chmod(self.dir / "passwd", 0o600)
+        (self.dir / "acl").write_text(acl)
+        (self.dir / "data").mkdir()
+        self.ca = make_ca(self.dir / "tls")
+        self.port = free_port()
+        self.conf_text = conf
+        for key, value in (("password_file", self.dir / "passwd"), ("acl_file", self.dir / "acl"),
+                           ("persistence_location", f"{self.dir}/data/"), ("certfile", self.ca["cert"]),
+                           ("keyfile", self.ca["key"]), ("listener", f"{self.port} 127.0.0.1")):
+            conf, count = re.subn(rf"(?m)^{key} .*$", f"{key} {value}", conf)
+            if count != 1:
+                raise RuntimeError(f"the rendered mosquitto.conf has {count} '{key}' lines (expected 1): update "
+                                   "bench/connection_storm.py for the template's change")
+        (self.dir / "mosquitto.conf").write_text(conf)
+        if os.geteuid() == 0:  # Mosquitto drops to its own user: it must read its files and write persistence
+            import pwd
+
+            pw = pwd.getpwnam("mosquitto")
+            for root, dirs, fs in os.walk(self.dir):
+                os.chown(root, pw.pw_uid, pw.pw_gid)
+                for f in fs:
+                    os.chown(os.path.join(root, f), pw.pw_uid, pw.pw_gid)
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port]
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.ca["ca"])
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None else []
+
+    def launch(self) -> None:
+        from support.servers import MOSQUITTO
+
+        log = open(self.dir / "mosquitto.log", "ab")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.dir / "mosquitto.conf")], stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=log, start_new_session=True, preexec_fn=_limit(self.nofile))
+        log.close()
+
+    def stop(self) -> None:
+        from support.servers import kill_group
+
+        kill_group(self.proc, signal.SIGTERM, timeout=60)
+
+    def restart(self) -> tuple[float, list[int]]:
+        """SIGTERM, wait for the exit, start again; (wall time of the new start, ports to wait for)."""
+        self.stop()
+        t = time.time()
+        self.launch()
+        return t, self.ports
+
+    def close(self) -> None:
+        from support.servers import kill_group
+
+        kill_group(self.proc, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ClusterBroker:
+    """The 3-node NATS cluster (tests/support/natscluster.py, iotplat.nats.config) with one user per device."""
+
+    def __init__(self, n: int, nofile: int | None, one_node: bool = False) -> None:
+        from support.natscluster import NatsCluster
+
+        self.one_node = one_node
+        self.nofile = nofile
+        self.cluster = NatsCluster.start(3, devices=n, workers=1, launch=False, mqtt_max_ack_pending=2000,
+                                         max_payload=262144)
+        self.passwords = {u: pw for u, pw in self.cluster.passwords.items() if u.startswith("dev")}
+        assert len(self.passwords) == n, "natscluster names devices dev000.."
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.mqtt_port for node in self.cluster.nodes]
+
+    @property
+    def ca_file(self) -> str:
+        return self.cluster.ca_file
+
+    def pids(self) -> list[int]:
+        return [node.proc.pid for node in self.cluster.nodes if node.proc is not None]
+
+    def _launch(self, nodes: list) -> None:  # noqa: ANN001 - NatsNode
+        from support.natscluster import NATS_SERVER
+
+        for node in nodes:
+            node.proc = subprocess.Popen([NATS_SERVER, "-c", str(node.conf), "-l", str(node.log)],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_limit(self.nofile))
+
+    def launch(self) -> None:
+        from support.servers import wait_port
+
+        self._launch(self.cluster.nodes)
+        for node in self.cluster.nodes:
+            wait_port(node.mqtt_port, 60, proc=node.proc, what=f"nats-server {node.name}")
+        self.cluster.wait_ready()
+        self.cluster.warm_mqtt()
+
+    def restart(self) -> tuple[float, list[int]]:
+        nodes = self.cluster.nodes[:1] if self.one_node else self.cluster.nodes
+        for node in nodes:
+            node.stop(signal.SIGTERM, timeout=60)
+        t = time.time()
+        self._launch(nodes)
+        return t, [node.mqtt_port for node in nodes]
+
+    def close(self) -> None:
+        self.cluster.close()
+
+
+# ------------------------------------------------------------------------------------------ one storm
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(q * len(s))) - 1))]
+
+
+def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -> dict:
+    """Start the broker, connect n devices, restart it, measure the reconnect. Everything is killed at the end."""
+    broker: RenderedMosquitto | ClusterBroker | None = None
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix="iotplat-storm-"))
+    try:
+        t_setup = time.monotonic()
+        broker = RenderedMosquitto(n, nofile) if kind == "mosquitto" else ClusterBroker(n, nofile, kind == "nats-3-one")
+        broker.launch()
+        if kind == "mosquitto":
+            from support.servers import wait_port
+
+            wait_port(broker.port, 30, proc=broker.proc, what="mosquitto")
+        setup_s = time.monotonic() - t_setup
+        names = sorted(broker.passwords)
+        for c in range(clients):
+            share = {str(i): (names[i], broker.passwords[names[i]]) for i in range(c, n, clients)}
+            (tmp / f"creds-{c}.json").write_text(json.dumps(share))
+            os.chmod(tmp / f"creds-{c}.json", 0o600)
+            procs.append(subprocess.Popen(
+                [PY, __file__, "--child", "--creds", str(tmp / f"creds-{c}.json"), "--ca", broker.ca_file,
+                 "--ports", ",".join(map(str, broker.ports)), "--timeout", str(timeout)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                preexec_fn=_limit(None)))
+        ready = [json.loads(p.stdout.readline() or "{}") for p in procs]  # type: ignore[union-attr]
+        connected = sum(r.get("ready", 0) for r in ready)
+        initial_s = max((r.get("initial_s", 0.0) for r in ready), default=0.0)
+        rss_before = sum(peak_rss_mb(pid) for pid in broker.pids())
+        limit = nofile_soft(broker.pids()[0])
+        if connected < n:
+            return {"kind": kind, "n": n, "connected_before": connected, "initial_s": initial_s, "nofile": limit,
+                    "error": f"only {connected:,} of {n:,} devices could connect before the restart",
+                    "log": _log_tail(broker)}
+        load0 = load()
+        t_start, ports = broker.restart()
+        t_listen = wait_accepting(ports, 60)
+        results = [json.loads(p.stdout.readline() or "{}") for p in procs]  # type: ignore[union-attr]
+        pids = broker.pids()
+        cpu = sum(cpu_seconds(pid) for pid in pids)
+        rss = sum(peak_rss_mb(pid) for pid in pids)
+        done = [t for r in results for t in r.get("done", [])]
+        ok = [t for t in done if t > 0]
+        t_zero = t_start if kind == "nats-3-one" else t_listen  # one node: the others accepted throughout
+        per = [t - t_zero for t in ok]
+        fails: Counter = Counter()
+        for r in results:
+            fails.update(r.get("failures", {}))
+        return {"kind": kind, "n": n, "connected_before": connected, "initial_s": initial_s, "setup_s": setup_s,
+                "reconnected": len(ok), "secs": max(per) if per else float("nan"),
+                "p50": _pct(per, 0.5) if per else float("nan"), "p90": _pct(per, 0.9) if per else float("nan"),
+                "p99": _pct(per, 0.99) if per else float("nan"), "listen_after_start": t_listen - t_start,
+                "attempts": sum(r.get("attempts", 0) for r in results), "failures": dict(fails),
+                "broker_cpu_s": cpu, "broker_rss_mb": rss, "rss_before_mb": rss_before, "nofile": limit,
+                "client_cpu_s": sum(r.get("cpu_s", 0.0) for r in results), "load": f"{load0} -> {load()}"}
+    finally:
+        for p in procs:
+            try:
+                if p.poll() is None:
+                    p.stdin.write("finish\n")  # type: ignore[union-attr]
+                    p.stdin.flush()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+        if broker is not None:
+            broker.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _log_tail(broker: RenderedMosquitto | ClusterBroker) -> str:
+    if isinstance(broker, RenderedMosquitto):
+        text = (broker.dir / "mosquitto.log").read_text(errors="replace")
+    else:
+        text = broker.cluster.nodes[0].log_text()
+    lines = [x for x in text.splitlines() if "rror" in x or "limit" in x.lower()]
+    return "\n".join(lines[-3:])
+
+
+def report(r: dict) -> str:
+    if "error" in r:
+        return (f"   {r['kind']:11s} FAILED: {r['error']} (initial connect {r['initial_s']:.1f} s; broker soft "
+                f"RLIMIT_NOFILE {r['nofile']})" + (f"\n      log: {r['log']}" if r.get("log") else ""))
+    fails = ", ".join(f"{k} {v:,}" for k, v in sorted(r["failures"].items())) or "none"
+    return (f"   {r['kind']:11s} {r['reconnected']:,}/{r['n']:,} reconnected+acked in {r['secs']:.2f} s "
+            f"(p50 {r['p50']:.2f}  p90 {r['p90']:.2f}  p99 {r['p99']:.2f} s per device); listening "
+            f"{r['listen_after_start']:.2f} s after start; attempts {r['attempts']:,} (failed: {fails}); broker "
+            f"CPU {r['broker_cpu_s']:.1f} s, peak RSS {r['broker_rss_mb']:.0f} MB (before restart "
+            f"{r['rss_before_mb']:.0f} MB), soft RLIMIT_NOFILE {r['nofile']}; clients CPU {r['client_cpu_s']:.1f} s; "
+            f"baseline: first connect of all (paced) {r['initial_s']:.1f} s; load {r['load']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=GOAL_DEVICES)
+    ap.add_argument("--clients", type=int, default=2, help="client processes (default 2, one per core)")
+    ap.add_argument("--only", choices=("mosquitto", "nats-3", "nats-3-one"), action="append")
+    ap.add_argument("--nats-one-node", action="store_true", help="also restart one node of three (nats-3-one)")
+    ap.add_argument("--quick", action="store_true", help="shorter per-device timeout (60 s)")
+    ap.add_argument("--timeout", type=float, default=None, help="per-device bound in seconds (default 300)")
+    ap.add_argument("--broker-nofile", type=int, default=None,
+                    help="the brokers' soft RLIMIT_NOFILE (default: the hard limit)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--creds", help=argparse.SUPPRESS)
+    ap.add_argument("--ca", help=argparse.SUPPRESS)
+    ap.add_argument("--ports", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = 60.0 if args.quick else 300.0
+    if args.child:
+        return child(args)
+    if args.devices < 1 or args.clients < 1:
+        ap.error("--devices and --clients must be at least 1")
+    kinds = args.only or (["mosquitto", "nats-3"] + (["nats-3-one"] if args.nats_one_node else []))
+    print(f"connection storm: {args.devices:,} devices (MQTT 3.1.1, TLS, one credential each) reconnecting after "
+          f"a broker restart; {args.clients} client processes; {os.cpu_count()} cores; load average {load()}",
+          flush=True)
+    results = {}
+    for kind in kinds:
+        r = storm(kind, args.devices, args.clients, args.timeout, args.broker_nofile)
+        results[kind] = r
+        print(report(r), flush=True)
+    goal_n = args.devices >= GOAL_DEVICES
+    for kind, r in results.items():
+        if "error" in r:
+            continue
+        met = r["reconnected"] == r["n"] and r["secs"] <= GOAL_SECONDS
+        scope = "" if goal_n else f" (at {args.devices:,} devices; the goal is {GOAL_DEVICES:,})"
+        print(f"   goal {GOAL_DEVICES:,} in <= {GOAL_SECONDS:.0f} s: {kind} {'met' if met else 'NOT met'}{scope}",
+              flush=True)
+    m, c = results.get("mosquitto", {}), results.get("nats-3", {})
+    if "secs" in m and "secs" in c:
+        print(f"   nats-3 / mosquitto: time x{c['secs'] / m['secs']:.2f}, broker CPU "
+              f"x{c['broker_cpu_s'] / max(m['broker_cpu_s'], 0.01):.2f}, peak RSS "
+              f"x{c['broker_rss_mb'] / max(m['broker_rss_mb'], 0.01):.2f}", flush=True)
+    print(f"load average at the end {load()}", flush=True)
+    return 0 if all("error" not in r and r["reconnected"] == r["n"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
