@@ -304,6 +304,16 @@ class RenderedMosquitto:
     `n` devices; only file paths and the listener's address are rewritten."""
 
     def __init__(self, n: int, nofile: int | None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="iotplat-storm-mosq-"))
+        self.nofile = nofile
+        self.proc: subprocess.Popen | None = None
+        try:
+            self._prepare(n)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _prepare(self, n: int) -> None:
         from iotplat.render.engine import Renderer
         from iotplat.secrets.materials import mqtt_hash_iterations
         from iotplat.secrets.passwords import SecretSource, generate_password, hash_many
@@ -311,9 +321,6 @@ class RenderedMosquitto:
         from iotplat.spec.load import load_platform
         from support.servers import free_port, make_ca
 
-        self.dir = Path(tempfile.mkdtemp(prefix="iotplat-storm-mosq-"))
-        self.nofile = nofile
-        self.proc: subprocess.Popen | None = None
         spec_dir = self.dir / "spec"
         spec_dir.mkdir()
         shutil.copyfile(ROOT / "platform" / "platform.yaml", spec_dir / "platform.yaml")
@@ -397,7 +404,9 @@ class ClusterBroker:
         self.cluster = NatsCluster.start(3, devices=n, workers=1, launch=False, mqtt_max_ack_pending=2000,
                                          max_payload=262144)
         self.passwords = {u: pw for u, pw in self.cluster.passwords.items() if u.startswith("dev")}
-        assert len(self.passwords) == n, "natscluster names devices dev000.."
+        if len(self.passwords) != n:
+            self.cluster.close()
+            raise RuntimeError("tests/support/natscluster.py no longer names its devices dev000..")
 
     @property
     def ports(self) -> list[int]:
@@ -482,6 +491,10 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
         load0 = load()
         t_start, ports = broker.restart()
         t_listen = wait_accepting(ports, 60)
+        ready_after = float("nan")
+        if isinstance(broker, ClusterBroker):  # while the devices reconnect: when JetStream has its leaders again
+            broker.cluster.wait_ready(120)
+            ready_after = time.time() - t_start
         results = [json.loads(p.stdout.readline() or "{}") for p in procs]  # type: ignore[union-attr]
         pids = broker.pids()
         cpu = sum(cpu_seconds(pid) for pid in pids)
@@ -497,6 +510,7 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
                 "reconnected": len(ok), "secs": max(per) if per else float("nan"),
                 "p50": _pct(per, 0.5) if per else float("nan"), "p90": _pct(per, 0.9) if per else float("nan"),
                 "p99": _pct(per, 0.99) if per else float("nan"), "listen_after_start": t_listen - t_start,
+                "ready_after_start": ready_after,
                 "attempts": sum(r.get("attempts", 0) for r in results), "failures": dict(fails),
                 "broker_cpu_s": cpu, "broker_rss_mb": rss, "rss_before_mb": rss_before, "nofile": limit,
                 "client_cpu_s": sum(r.get("cpu_s", 0.0) for r in results), "load": f"{load0} -> {load()}"}
@@ -537,7 +551,10 @@ def report(r: dict) -> str:
     fails = ", ".join(f"{k} {v:,}" for k, v in sorted(r["failures"].items())) or "none"
     return (f"   {r['kind']:11s} {r['reconnected']:,}/{r['n']:,} reconnected+acked in {r['secs']:.2f} s "
             f"(p50 {r['p50']:.2f}  p90 {r['p90']:.2f}  p99 {r['p99']:.2f} s per device); listening "
-            f"{r['listen_after_start']:.2f} s after start; attempts {r['attempts']:,} (failed: {fails}); broker "
+            f"{r['listen_after_start']:.2f} s after start"
+            + ("" if r["ready_after_start"] != r["ready_after_start"] else
+               f", JetStream ready (meta leader) {r['ready_after_start']:.2f} s after start")
+            + f"; attempts {r['attempts']:,} (failed: {fails}); broker "
             f"CPU {r['broker_cpu_s']:.1f} s, peak RSS {r['broker_rss_mb']:.0f} MB (before restart "
             f"{r['rss_before_mb']:.0f} MB), soft RLIMIT_NOFILE {r['nofile']}; clients CPU {r['client_cpu_s']:.1f} s; "
             f"baseline: first connect of all (paced) {r['initial_s']:.1f} s; load {r['load']}")
