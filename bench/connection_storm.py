@@ -613,6 +613,7 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
                     "error": f"only {connected:,} of {n:,} devices could connect before the restart",
                     "log": _log_tail(broker)}
         load0 = load()
+        cpu0 = {pid: cpu_seconds(pid) for pid in broker.pids()}  # nodes that keep running count from here
         t_stop = time.time()
         t_start, ports = broker.restart()
         t_listen = wait_accepting(ports, 60)
@@ -625,7 +626,7 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
             ready_after = time.time() - t_start
         results = [json.loads(p.stdout.readline() or "{}") for p in procs]  # type: ignore[union-attr]
         pids = broker.pids()
-        cpu = sum(cpu_seconds(pid) for pid in pids)
+        cpu = sum(cpu_seconds(pid) - cpu0.get(pid, 0.0) for pid in pids)  # a restarted one: since its start
         rss = sum(peak_rss_mb(pid) for pid in pids)
         done = [t for r in results for t in r.get("done", [])]
         ok = [t for t in done if t > 0]
