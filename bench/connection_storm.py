@@ -461,7 +461,8 @@ class RenderedMosquitto:
         (self.dir / "data").mkdir()
         self.ca = make_ca(self.dir / "tls")
         self.port = free_port()
-        self.conf_text = conf
+        m = re.search(r"(?m)^max_connections (\S+)$", conf)
+        self.max_connections = m.group(1) if m else "(not set)"
         for key, value in (("password_file", self.dir / "passwd"), ("acl_file", self.dir / "acl"),
                            ("persistence_location", f"{self.dir}/data/"), ("certfile", self.ca["cert"]),
                            ("keyfile", self.ca["key"]), ("listener", f"{self.port} 127.0.0.1")):
@@ -571,6 +572,46 @@ class ClusterBroker:
 
     def close(self) -> None:
         self.cluster.close()
+
+
+# ------------------------------------------------------------------------------------------ deployed limits
+SYSTEMD_DEFAULT_SOFT_NOFILE = 1024  # systemd 252 (Debian 12): DefaultLimitNOFILE=1024:524288
+
+
+def _unit_nofile(*files: Path) -> tuple[int, str] | None:
+    """The last LimitNOFILE= (its soft value) in systemd unit files read in order, and where it was set."""
+    found = None
+    for f in files:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        for m in re.finditer(r"(?m)^LimitNOFILE=(\d+)(?::\d+)?\s*$", text):
+            found = (int(m.group(1)), str(f.relative_to(ROOT) if f.is_relative_to(ROOT) else f))
+    return found
+
+
+def deployed_limits(n: int, max_connections: str) -> list[str]:
+    """What the brokers iotplat deploys may hold: the file descriptor limit their systemd units get (a broker
+    needs one per device plus a few), Mosquitto's rendered max_connections. Read from the repository's role
+    templates and Debian's unit, so the lines stay true when they change."""
+    out = []
+    mosq = _unit_nofile(Path("/lib/systemd/system/mosquitto.service"),
+                        ROOT / "roles/mosquitto/templates/mosquitto-iotplat.conf.j2")
+    soft, where = mosq or (SYSTEMD_DEFAULT_SOFT_NOFILE,
+                           "no LimitNOFILE in Debian's mosquitto.service nor in "
+                           "roles/mosquitto/templates/mosquitto-iotplat.conf.j2: systemd's default soft limit")
+    verdict = "enough" if soft > n + 50 else f"NOT enough for {n:,} devices (Mosquitto 2.0.11 does not raise it)"
+    out.append(f"mosquitto: RLIMIT_NOFILE {soft} ({where}): {verdict}; rendered max_connections {max_connections}")
+    nats = _unit_nofile(ROOT / "roles/nats/templates/nats-server-iotplat.conf.j2")
+    if nats:
+        per_node = -(-n // 3)
+        verdict = "enough" if nats[0] > per_node + 50 else f"NOT enough for {per_node:,} devices per node"
+        out.append(f"nats-server: LimitNOFILE={nats[0]} ({nats[1]}): {verdict} (max_connections: the spec's "
+                   "broker.limits.max_connections if > 0, else nats-server's default 65,536)")
+    else:
+        out.append("nats-server: no LimitNOFILE in roles/nats/templates/nats-server-iotplat.conf.j2")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ one storm
@@ -714,6 +755,11 @@ def main(argv: list[str] | None = None) -> int:
     kinds = args.only or (["mosquitto", "nats-3"] + (["nats-3-one"] if args.nats_one_node else []))
     print(f"connection storm: {args.devices:,} devices (MQTT 3.1.1, TLS, one credential each) reconnecting after "
           f"a broker restart; {args.clients} client processes; {os.cpu_count()} cores; load average {load()}",
+          flush=True)
+    from iotplat.spec.model import BrokerLimits
+
+    default_max = BrokerLimits().max_connections  # what the rendered mosquitto.conf says without a spec value
+    print("   deployed limits: " + "\n   deployed limits: ".join(deployed_limits(args.devices, str(default_max))),
           flush=True)
     results = {}
     for kind in kinds:
