@@ -564,8 +564,11 @@ class ClusterBroker:
 
     def restart(self) -> tuple[float, list[int]]:
         nodes = self.cluster.nodes[:1] if self.one_node else self.cluster.nodes
+        for node in nodes:  # all at once: stopped one after the other, devices would hop to the nodes still up
+            if node.proc is not None and node.proc.poll() is None:
+                os.killpg(node.proc.pid, signal.SIGTERM)
         for node in nodes:
-            node.stop(signal.SIGTERM, timeout=60)
+            node.stop(signal.SIGTERM, timeout=60)  # waits for the exit (SIGKILL after 60 s)
         t = time.time()
         self._launch(nodes)
         return t, [node.mqtt_port for node in nodes]
