@@ -36,8 +36,9 @@ minimal MQTT 3.1.1 client (CONNECT with clean session, one QoS 1 PUBLISH, wait f
 only these two packets are needed, paho's thread per client does not scale to 5,000 per process, and asyncio's
 TLS layer cost 1.2 ms of client CPU per connection, more than twice Mosquitto's share). Devices publish only,
 so they use clean sessions (Mosquitto restores no session for them). After the broker drops them, each
-device retries with jittered exponential backoff (0.05 s doubling to 1 s), every attempt bounded (10 s) and
-the device bounded (`--timeout`). RLIMIT_NOFILE is raised to its hard limit for clients and brokers
+device retries with jittered exponential backoff (0.05 s doubling to 1 s), every attempt bounded (30 s, Paho
+C's default connect timeout; a timeout is counted by the phase it hit: tcp, tls, connack, puback) and the
+device bounded (`--timeout`). RLIMIT_NOFILE is raised to its hard limit for clients and brokers
 (`--broker-nofile` sets the brokers' soft limit, e.g. 1024 = systemd's default soft limit, what
 Debian's mosquitto.service plus iotplat's drop-in give Mosquitto). Client CPU seconds are printed beside
 the broker's: on 2 cores shared by broker and clients, a client side near a full core would be part of
@@ -81,7 +82,7 @@ sys.path.insert(0, str(ROOT))
 PY = sys.executable
 GOAL_DEVICES, GOAL_SECONDS = 10_000, 10.0
 KEEPALIVE = 300  # the rendered max_keepalive: a longer one is refused
-ATTEMPT_TIMEOUT = 10.0
+ATTEMPT_TIMEOUT = 30.0  # Paho C's default connectTimeout: a device gives an attempt this long
 INITIAL_INFLIGHT = 200  # handshakes in flight per client process before the restart (the paced baseline)
 
 
@@ -117,6 +118,7 @@ def publish_packet(topic: str, payload: bytes, pid: int = 1) -> bytes:
 # the loop touches each device a few times, so a device costs the client side well under the broker's share
 # (an asyncio version of this client spent 1.2 ms of CPU per connection, 2.5x Mosquitto's own cost).
 IDLE, TCP, HANDSHAKE, CONNACK, PUBACK, UP, GAVE_UP = range(7)
+PHASES = ("idle", "tcp", "tls", "connack", "puback", "up", "gave-up")  # a timeout names the phase it hit
 
 
 @dataclass
@@ -138,7 +140,9 @@ class Device:
     attempt_deadline: float = 0.0
 
 
-def _kind(e: BaseException | int) -> str:
+def _kind(e: BaseException | int | str) -> str:
+    if isinstance(e, str):
+        return e
     if isinstance(e, int):
         return {errno.ECONNREFUSED: "refused", errno.ECONNRESET: "reset", errno.ETIMEDOUT: "timeout"}.get(
             e, errno.errorcode.get(e, str(e)))
@@ -208,7 +212,7 @@ class Fleet:
         while self.waiting and (self.limit is None or self.inflight < self.limit):
             self.start(self.waiting.pop(0))
 
-    def fail(self, dev: Device, e: BaseException | int) -> None:
+    def fail(self, dev: Device, e: BaseException | int | str) -> None:
         dev.failures[_kind(e)] += 1
         self._close(dev)
         dev.ports.append(dev.ports.pop(0))  # the next node next time (one port on Mosquitto)
@@ -302,7 +306,7 @@ class Fleet:
             self.next_sweep = now + 0.25
             for dev in self.devs:
                 if dev.phase in (TCP, HANDSHAKE, CONNACK, PUBACK) and now > dev.attempt_deadline:
-                    self.fail(dev, TimeoutError("attempt timed out"))
+                    self.fail(dev, f"timeout-{PHASES[dev.phase]}")
 
 
 def raise_nofile(soft: int | None = None) -> int:
