@@ -690,7 +690,8 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
                 "ready_after_start": ready_after,
                 "attempts": sum(r.get("attempts", 0) for r in results), "failures": dict(fails),
                 "broker_cpu_s": cpu, "broker_rss_mb": rss, "rss_before_mb": rss_before, "nofile": limit,
-                "client_cpu_s": sum(r.get("cpu_s", 0.0) for r in results), "load": f"{load0} -> {load()}"}
+                "client_cpu_s": sum(r.get("cpu_s", 0.0) for r in results), "load": f"{load0} -> {load()}",
+                "server_log": server_events(_log_text(broker))}
     finally:
         for p in procs:
             try:
@@ -710,6 +711,29 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
         if broker is not None:
             broker.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _log_text(broker: RenderedMosquitto | ClusterBroker) -> str:
+    if isinstance(broker, RenderedMosquitto):
+        try:
+            return (broker.dir / "mosquitto.log").read_text(errors="replace")
+        except OSError:
+            return ""
+    return "\n".join(node.log_text() for node in broker.cluster.nodes)
+
+
+SERVER_EVENTS = {"TLS handshake timeout": "TLS handshake timeout", "TLS handshake error": "TLS handshake error",
+                 "Too many open files": "too many open files", "maximum connections exceeded": "max connections"}
+
+
+def server_events(text: str) -> dict[str, int]:
+    """What the broker logged about refused or dropped connections during the run (log lines counted)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        for needle, name in SERVER_EVENTS.items():
+            if needle.lower() in line.lower():
+                out[name] = out.get(name, 0) + 1
+    return out
 
 
 def _log_tail(broker: RenderedMosquitto | ClusterBroker) -> str:
@@ -735,7 +759,9 @@ def report(r: dict) -> str:
             + f"; attempts {r['attempts']:,} (failed: {fails}); broker "
             f"CPU {r['broker_cpu_s']:.1f} s, peak RSS {r['broker_rss_mb']:.0f} MB (before restart "
             f"{r['rss_before_mb']:.0f} MB), soft RLIMIT_NOFILE {r['nofile']}; clients CPU {r['client_cpu_s']:.1f} s; "
-            f"baseline: first connect of all (paced) {r['initial_s']:.1f} s; load {r['load']}")
+            f"baseline: first connect of all (paced) {r['initial_s']:.1f} s; load {r['load']}"
+            + (f"\n      broker log over the run: " + ", ".join(f"{k} {v:,}" for k, v in sorted(r["server_log"].items()))
+               if r.get("server_log") else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
