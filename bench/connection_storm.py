@@ -417,6 +417,19 @@ def nofile_soft(pid: int) -> str:
     return "?"
 
 
+def listen_overflows() -> int:
+    """The kernel's TcpExt ListenOverflows (connections dropped because an accept queue was full), machine-wide."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(row.get("ListenOverflows", 0))
+    return 0
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -683,6 +696,7 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
                     "log": _log_tail(broker)}
         load0 = load()
         cpu0 = {pid: cpu_seconds(pid) for pid in broker.pids()}  # nodes that keep running count from here
+        overflows0 = listen_overflows()
         t_stop = time.time()
         t_start, ports = broker.restart()
         t_listen = wait_accepting(ports, 60)
@@ -712,7 +726,7 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
                 "attempts": sum(r.get("attempts", 0) for r in results), "failures": dict(fails),
                 "broker_cpu_s": cpu, "broker_rss_mb": rss, "rss_before_mb": rss_before, "nofile": limit,
                 "client_cpu_s": sum(r.get("cpu_s", 0.0) for r in results), "load": f"{load0} -> {load()}",
-                "server_log": server_events(_log_text(broker))}
+                "server_log": server_events(_log_text(broker)), "overflows": listen_overflows() - overflows0}
     finally:
         for p in procs:
             try:
@@ -780,7 +794,8 @@ def report(r: dict) -> str:
             + f"; attempts {r['attempts']:,} (failed: {fails}); broker "
             f"CPU {r['broker_cpu_s']:.1f} s, peak RSS {r['broker_rss_mb']:.0f} MB (before restart "
             f"{r['rss_before_mb']:.0f} MB), soft RLIMIT_NOFILE {r['nofile']}; clients CPU {r['client_cpu_s']:.1f} s; "
-            f"baseline: first connect of all (paced) {r['initial_s']:.1f} s; load {r['load']}"
+            f"baseline: first connect of all (paced) {r['initial_s']:.1f} s; load {r['load']}; "
+            f"accept-queue overflows (kernel, machine-wide) {r['overflows']:,}"
             + (f"\n      broker log over the run: " + ", ".join(f"{k} {v:,}" for k, v in sorted(r["server_log"].items()))
                if r.get("server_log") else ""))
 
