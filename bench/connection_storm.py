@@ -705,8 +705,11 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
             p.stdin.flush()  # type: ignore[union-attr]
         ready_after = float("nan")
         if isinstance(broker, ClusterBroker):  # while the devices reconnect: when JetStream has its leaders again
-            broker.cluster.wait_ready(120)
-            ready_after = time.time() - t_start
+            try:
+                broker.cluster.wait_ready(120)
+                ready_after = time.time() - t_start
+            except TimeoutError:  # measured, not required: the devices' figures say what it cost
+                ready_after = float("inf")
         results = [json.loads(p.stdout.readline() or "{}") for p in procs]  # type: ignore[union-attr]
         pids = broker.pids()
         cpu = sum(cpu_seconds(pid) - cpu0.get(pid, 0.0) for pid in pids)  # a restarted one: since its start
@@ -790,6 +793,8 @@ def report(r: dict) -> str:
             f"(p50 {r['p50']:.2f}  p90 {r['p90']:.2f}  p99 {r['p99']:.2f} s per device); listening "
             f"{r['listen_after_start']:.2f} s after start"
             + ("" if r["ready_after_start"] != r["ready_after_start"] else
+               ", JetStream NOT ready (every node healthy with a meta leader) 120 s after start"
+               if r["ready_after_start"] == float("inf") else
                f", JetStream ready (meta leader) {r['ready_after_start']:.2f} s after start")
             + f"; attempts {r['attempts']:,} (failed: {fails}); broker "
             f"CPU {r['broker_cpu_s']:.1f} s, peak RSS {r['broker_rss_mb']:.0f} MB (before restart "
