@@ -668,7 +668,10 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
     tmp = Path(tempfile.mkdtemp(prefix="iotplat-storm-"))
     try:
         t_setup = time.monotonic()
-        broker = RenderedMosquitto(n, nofile) if kind == "mosquitto" else ClusterBroker(n, nofile, kind == "nats-3-one")
+        if kind == "mosquitto":
+            broker = RenderedMosquitto(n, nofile)
+        else:
+            broker = ClusterBroker(n, nofile, one_node=kind == "nats-3-one")
         broker.launch()
         if kind == "mosquitto":
             from support.servers import wait_port
@@ -722,7 +725,8 @@ def storm(kind: str, n: int, clients: int, timeout: float, nofile: int | None) -
         for r in results:
             fails.update(r.get("failures", {}))
         return {"kind": kind, "n": n, "connected_before": connected, "initial_s": initial_s, "setup_s": setup_s,
-                "reconnected": len(ok), "expected": len(done), "kept": sum(r.get("kept", 0) for r in results), "secs": max(per) if per else float("nan"),
+                "reconnected": len(ok), "expected": len(done), "kept": sum(r.get("kept", 0) for r in results),
+                "secs": max(per) if per else float("nan"),
                 "p50": _pct(per, 0.5) if per else float("nan"), "p90": _pct(per, 0.9) if per else float("nan"),
                 "p99": _pct(per, 0.99) if per else float("nan"), "listen_after_start": t_listen - t_start,
                 "ready_after_start": ready_after,
