@@ -48,26 +48,30 @@ The baseline from the same run: the first connect of all devices before the rest
 handshakes in flight per client process, so it is paced rather than a storm), and the ratio between the
 engines. The load average is printed before and after each run.
 
-Measured here (2026-12-06, Debian 12, 2 cores shared by brokers, clients and other jobs; `--nats-one-node`,
-one run, load average 8-11 from other helpers' test runs, so read the CPU seconds more than the times):
+Measured here (2026-12-06, Debian 12, 2 cores shared by brokers, clients and other helpers' test runs; the
+load average is each run's own line; read the CPU seconds more than the times). Run 4, the quietest:
 
-    10,000 devices     time    p50     p99   broker CPU  peak RSS  clients CPU  failed attempts
-    mosquitto          33.2 s  15.9 s  33.2  4.8 s       295 MB    9.0 s        9,405 refused (down), 1,083 timeouts (tcp 671, tls 412)
-    nats-3 (all 3)    187.6 s   138 s 187.6  77.1 s      696 MB    63.2 s       76,470 tls (the nodes' 5 s TLS handshake timeout)
-    nats-3-one         48.3 s  46.4 s  48.3  29.3 s      916 MB    15.4 s       11,129 reset (3,334 devices moved off n1)
-    paced first connect of all: mosquitto 14.9 s, nats-3 35.9 s;  nats-3 / mosquitto: time x5.65, CPU x16.2
+    10,000 devices   load      time    p50     p90     p99    broker CPU  peak RSS  clients CPU  failed attempts
+    mosquitto        3.4       29.5 s  6.0 s   8.3 s   16.2 s  4.3 s      244 MB    8.2 s        9,527 refused (while down)
+    nats-3 (all 3)   7.6-9.5   74.7 s  49.6 s  73.1 s  74.6 s 44.8 s      705 MB    32.0 s       30,808 tls, 6,990 refused
+    paced first connect of all: mosquitto 8.5 s, nats-3 26.2 s; nats-3 / mosquitto: time x2.53, CPU x10.4
+    mosquitto: 42,324 accept-queue overflows (kernel); nats logged 24,670 TLS handshake timeouts
 
-    1,000 devices (load 1.3): mosquitto 1.41 s (p50 0.57), nats-3 16.86 s (JetStream leaders back after 11.7 s)
+    other runs (load 8-11): mosquitto 33.2 s and 37.0 s (p50 15.9 s, 15.8 s); nats-3 187.6 s and 92.3 s (in a
+    third its JetStream had no meta leader 120 s after the restart: routes' TLS handshakes timed out too);
+    nats-3-one (`--nats-one-node`: n1 restarted, its 3,334 devices moved to n2/n3) 48.3 s.
+    1,000 devices (load 1.3): mosquitto 1.41 s (p50 0.57 s), nats-3 16.86 s (JetStream leaders back after 11.7 s).
 
-Neither meets 10,000 in <= 10 s here. Mosquitto spent 0.48 ms of CPU per reconnecting device (4.8 s for 10,000
-on its one thread: the goal is within reach of its CPU on a dedicated core); its listen backlog is 100 (fixed
-in 2.0.11, `ss -ltn`), so most of a 10,000-device storm waits in SYN retransmits (1 s, 3 s, 7 s). The cluster
-restarted whole needs ~12 s before JetStream has leaders and MQTT connects are answered; meanwhile handshakes pile
-up past nats-server's 5 s TLS timeout (iotplat.nats.config renders `timeout: 5` on the MQTT listener), the
-server drops them and the retries cost the CPU again. A deployed Mosquitto is limited first by descriptors:
-Debian's unit and iotplat's drop-in set no LimitNOFILE, so it runs with systemd's soft limit 1,024 and holds
-1,017 devices (`--only mosquitto --broker-nofile 1024 --devices 1100`: "only 1,017 of 1,100 devices could
-connect"); the benchmark prints these deployed limits first.
+Neither engine meets 10,000 in <= 10 s here. Mosquitto spends ~0.45 ms of CPU per reconnecting device (4.3 s for
+10,000 on its one thread, so its CPU is not what limits it); its listen backlog is 100 (fixed in 2.0.11, not a
+mosquitto.conf option: `ss -ltn` shows it), so the storm overflows the accept queue, the kernel drops SYNs and
+devices retransmit them after 1, 3, 7 and 15 s: 90 % are back within 8.3 s, the last after 29.5 s. The cluster
+restarted whole needs ~10-12 s before JetStream has leaders and MQTT connects are answered; meanwhile handshakes
+pile up past nats-server's 5 s TLS timeout (iotplat.nats.config renders `timeout: 5` on every listener), the
+server drops them and the retries pay for the handshake again (4.5 ms of broker CPU per device). A deployed
+Mosquitto is limited first by descriptors: Debian's unit and iotplat's drop-in set no LimitNOFILE, so it runs
+with systemd's soft limit 1,024 and holds 1,017 devices (`--only mosquitto --broker-nofile 1024 --devices 1100`:
+"only 1,017 of 1,100 devices could connect"); the benchmark prints these deployed limits first.
 """
 
 from __future__ import annotations
