@@ -363,6 +363,7 @@ def child(args: argparse.Namespace) -> int:
         fleet.step(0.05)
     up = sum(1 for d in devs if d.initial_ok)
     print(json.dumps({"ready": up, "of": len(devs), "initial_s": time.time() - t0}), flush=True)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)  # the storm's client CPU: from here (retries while it is down)
     fleet.limit = None  # from now on every device retries at once: the storm
     fleet.sel.register(sys.stdin, selectors.EVENT_READ, None)
     line = ""
@@ -374,7 +375,6 @@ def child(args: argparse.Namespace) -> int:
         return 0
     restarted = {int(p) for p in line.split()[1].split(",")}
     expected = [d for d in devs if d.initial_ok and (d.lost or d.ports[0] in restarted)]
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     end = time.monotonic() + args.timeout + 30
     while time.monotonic() < end and not all(d.phase == GAVE_UP or (d.lost and d.phase == UP) for d in expected):
         fleet.step(0.05)
@@ -391,6 +391,7 @@ def child(args: argparse.Namespace) -> int:
     for d in devs:
         fleet._close(d)
     return 0
+
 
 # ------------------------------------------------------------------------------------------ the brokers
 def cpu_seconds(pid: int) -> float:
