@@ -54,6 +54,18 @@ def _save_signal(p: Platform) -> str:
     return "systemctl kill --kill-whom=main -s USR1 mosquitto"
 
 
+OPEN_FILES_FLOOR = 65536
+OPEN_FILES_CEILING = 1 << 20  # the kernel's default nr_open: no process may hold more
+
+
+def open_files(p: Platform) -> int:
+    """The broker's file-descriptor limit (one per device connection, plus its own files): at least 65,536, more
+    when broker.limits.max_connections asks for more. Without it Mosquitto keeps systemd's default soft limit of
+    1,024 and refuses devices past ~1,017 (measured by bench/connection_storm.py; Mosquitto does not raise it)."""
+    wanted = p.spec.broker.limits.max_connections
+    return min(OPEN_FILES_CEILING, max(OPEN_FILES_FLOOR, wanted + 1024)) if wanted > 0 else OPEN_FILES_FLOOR
+
+
 def _nats(p: Platform) -> bool:
     return p.spec.broker.engine == "nats"
 
@@ -143,7 +155,8 @@ class Broker(Service):
     def group_vars(self, p: Platform) -> dict[str, Any]:
         if _nats(p):
             return {"nats_package_versions": p.nats_pins}
-        return {"mosquitto_package_versions": p.mosquitto_pins, **container_vars(p, self.name, self.role)}
+        return {"mosquitto_package_versions": p.mosquitto_pins, "mosquitto_open_files": open_files(p),
+                **container_vars(p, self.name, self.role)}
 
     def scheduled_backup(self, r: Renderer, host: str) -> BackupStep | None:
         if _nats(r.p):  # JetStream's store is replicated on the nodes; not archived (as `iotplat backup`)

@@ -416,7 +416,8 @@ class BrokerLimits(Base):
     )
     queue_bytes: Size | None = Field(None, description="Per-client queued bytes; default: derived from queue_messages.")
     max_keepalive: int = Field(300, ge=10, le=65535, description="Largest keepalive (seconds) a client may ask for.")
-    max_connections: int = Field(-1, ge=-1, description="-1 = unlimited.")
+    max_connections: int = Field(-1, ge=-1, description="-1 = unlimited. The broker's file-descriptor limit "
+                                 "follows it: 65,536, or max_connections + 1,024 when larger (at most 1,048,576).")
 
 
 class Persistence(Base):

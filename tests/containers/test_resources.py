@@ -164,3 +164,18 @@ def test_nats_gets_its_dropin_on_its_own_unit(tmp_path: Path) -> None:
     (f,) = runtime.limits_files(p, "broker")
     assert f.dest == f"/etc/systemd/system/nats-server.service.d/{DROPIN.format('broker')}"
     assert _dropin(f.content.decode())["MemoryMax"] == str(1 << 30)
+
+
+@pytest.mark.parametrize(("max_connections", "expected"), [(-1, 65536), (1000, 65536), (100_000, 101_024),
+                                                           (5_000_000, 1 << 20)])
+def test_the_brokers_open_files_follow_max_connections(tmp_path: Path, max_connections: int, expected: int) -> None:
+    """One descriptor per device connection, at least 65,536 (Debian's unit leaves 1,024: ~1,017 devices), at most
+    the kernel's nr_open; the same figure for the package's LimitNOFILE and the container's --ulimit."""
+    from iotplat.services.broker import Broker, open_files
+
+    data = yaml.safe_load((PLATFORM_DIR / "platform.yaml").read_text())
+    broker = data.setdefault("broker", {})
+    broker.setdefault("limits", {})["max_connections"] = max_connections
+    p = load_platform(_spec(tmp_path, {"broker": broker}))
+    assert open_files(p) == expected
+    assert Broker().group_vars(p)["mosquitto_open_files"] == expected

@@ -113,6 +113,10 @@ def test_first_run_deploys_the_platform(dep: Deployment) -> None:
     # persistence directory verified by the role (SIGUSR1 -> mosquitto.db written by user mosquitto)
     owner = dep.exec("edge", ["stat", "-c", "%U", "/var/lib/mosquitto/mosquitto.db"]).stdout.strip()
     assert owner == "mosquitto"
+    # one descriptor per device connection: Debian's unit alone leaves systemd's soft limit of 1,024 (~1,017 devices)
+    nofile = dep.exec("edge", ["sh", "-c", "grep '^Max open files' /proc/$(systemctl show -p MainPID --value "
+                                           "mosquitto)/limits"]).stdout.split()
+    assert nofile[3:5] == ["65536", "65536"], nofile
     # secrets: root-only on disk, handed to InfluxDB as a systemd credential
     modes = dep.exec("tsdb", ["stat", "-c", "%a %U", "/etc/iotplat/credentials/influxdb/admin-password",
                               "/run/credentials/influxdb.service/server.key"]).stdout.split("\n")
