@@ -52,8 +52,7 @@ INFLUXDB1_UID = 1500  # influxdb:1.x: USER influxdb (uid 1500)
 WORKER_UID = 10001  # iotplat's worker image (worker_image.WORKER_UID)
 
 
-def broker_service(image: str, ports: tuple[int, ...], limits: Limits = DEFAULT_LIMITS["broker"],
-                   open_files: int = 65536) -> ServiceContainer:
+def broker_service(image: str, ports: tuple[int, ...], limits: Limits = DEFAULT_LIMITS["broker"]) -> ServiceContainer:
     conf_dir = PATHS["mosquitto_conf"].rsplit("/", 1)[0]  # /etc/mosquitto
     secret_dir = PATHS["mosquitto_passwd"].rsplit("/", 1)[0]  # /etc/mosquitto/iotplat
     unit = ContainerService(
@@ -64,7 +63,7 @@ def broker_service(image: str, ports: tuple[int, ...], limits: Limits = DEFAULT_
         capabilities=("SETGID", "SETUID", "KILL"),
         mounts=(Mount(conf_dir, conf_dir), Mount(TLS_DIR, TLS_DIR),
                 Mount("/var/lib/mosquitto", "/var/lib/mosquitto", read_only=False)),
-        ports=ports, limits=limits, open_files=open_files, reload_signal="HUP",
+        ports=ports, limits=limits, reload_signal="HUP",
     )
     return ServiceContainer(unit, (
         Ownership(secret_dir, 0, MOSQUITTO_UID, 0o750),

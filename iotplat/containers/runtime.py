@@ -235,10 +235,7 @@ def service_container(p: Platform, service: str) -> ServiceContainer:
     image = container_image(p, service).run
     limits = limits_of(p, service)
     if service == "broker":
-        from iotplat.services.broker import open_files
-
-        return broker_service(image, tuple(sorted({lst.port for lst in p.spec.broker.listeners})), limits,
-                              open_files(p))
+        return broker_service(image, tuple(sorted({lst.port for lst in p.spec.broker.listeners})), limits)
     if service == "influxdb":
         return influxdb1_service(image, p.spec.influxdb.port, limits)
     if service == "worker":

@@ -106,7 +106,6 @@ class ContainerService:
     env: tuple[tuple[str, str], ...] = ()  # never secrets: they are files
     ports: tuple[int, ...] = ()  # what the service listens on (host network; the firewall decides who reaches it)
     limits: Limits = field(default_factory=Limits)
-    open_files: int | None = None  # --ulimit nofile (soft = hard); None: dockerd's default
     reload_signal: str | None = None  # `systemctl reload` sends it to the service (e.g. HUP: Mosquitto re-reads)
     stop_timeout: int = 30  # seconds `docker stop` waits before SIGKILL
     documentation: str = "https://github.com/iotplat/iotplat/blob/main/docs/containers.md"
@@ -139,8 +138,6 @@ def container_unit(svc: ContainerService) -> str:
         run += ["--memory", str(lim.memory_bytes), "--memory-swap", str(lim.memory_bytes)]
     if lim.cpus:
         run += ["--cpus", f"{lim.cpus:g}"]
-    if svc.open_files is not None:
-        run += ["--ulimit", f"nofile={svc.open_files}:{svc.open_files}"]
     for m in svc.mounts:
         run += ["--mount", f"type=bind,source={m.source},target={m.target}" + (",readonly" if m.read_only else "")]
     for key, value in svc.env:
@@ -240,8 +237,6 @@ def _check(svc: ContainerService) -> None:
         if any(h in key.lower() for h in _SECRET_HINTS):
             raise UnitValueError(f"environment variable {key} looks like a secret: secrets are read-only files")
         _word(value)
-    if svc.open_files is not None and not 1024 <= svc.open_files <= 1 << 20:
-        raise UnitValueError(f"open files {svc.open_files} outside 1024..1048576 (the kernel's nr_open default)")
     _check_limits(svc.limits)
     if not 1 <= svc.stop_timeout <= 3600 or any(not 1 <= p <= 65535 for p in svc.ports):
         raise UnitValueError("stop timeout or ports out of range")

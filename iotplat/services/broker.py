@@ -61,7 +61,10 @@ OPEN_FILES_CEILING = 1 << 20  # the kernel's default nr_open: no process may hol
 def open_files(p: Platform) -> int:
     """The broker's file-descriptor limit (one per device connection, plus its own files): at least 65,536, more
     when broker.limits.max_connections asks for more. Without it Mosquitto keeps systemd's default soft limit of
-    1,024 and refuses devices past ~1,017 (measured by bench/connection_storm.py; Mosquitto does not raise it)."""
+    1,024 and refuses devices past ~1,017 (measured by bench/connection_storm.py; Mosquitto does not raise it).
+    The package runtime's unit gets it (LimitNOFILE: systemd grants at most its own hard limit); a container keeps
+    dockerd's default (raising a hard limit needs CAP_SYS_RESOURCE, which hosts such as this machine's test
+    hosts lack, so a fixed --ulimit could keep the container from starting)."""
     wanted = p.spec.broker.limits.max_connections
     return min(OPEN_FILES_CEILING, max(OPEN_FILES_FLOOR, wanted + 1024)) if wanted > 0 else OPEN_FILES_FLOOR
 

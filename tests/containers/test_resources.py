@@ -170,7 +170,7 @@ def test_nats_gets_its_dropin_on_its_own_unit(tmp_path: Path) -> None:
                                                            (5_000_000, 1 << 20)])
 def test_the_brokers_open_files_follow_max_connections(tmp_path: Path, max_connections: int, expected: int) -> None:
     """One descriptor per device connection, at least 65,536 (Debian's unit leaves 1,024: ~1,017 devices), at most
-    the kernel's nr_open; the same figure for the package's LimitNOFILE and the container's --ulimit."""
+    the kernel's nr_open: the package unit's LimitNOFILE (roles/mosquitto's drop-in)."""
     from iotplat.services.broker import Broker, open_files
 
     data = yaml.safe_load((PLATFORM_DIR / "platform.yaml").read_text())

@@ -37,7 +37,9 @@ def test_broker_unit_has_the_hardening_the_runtime_promises():
     assert "no-new-privileges" in words and "--privileged" not in words
     assert "-p" not in words and "--publish" not in words, "no port is published: host network + host firewall"
     assert "OBJECT_SYSTEMD_UNIT=mosquitto.service" in words
-    assert words[words.index("--ulimit") + 1] == "nofile=65536:65536", "one descriptor per device connection"
+    # no --ulimit: raising a hard limit needs CAP_SYS_RESOURCE, which this machine's test hosts lack (their hard
+    # limit is 20,000), so a fixed figure could keep the container from starting; it keeps dockerd's default
+    assert "--ulimit" not in words
     mounts = [words[i + 1] for i, w in enumerate(words) if w == "--mount"]
     assert "type=bind,source=/etc/mosquitto,target=/etc/mosquitto,readonly" in mounts
     assert "type=bind,source=/var/lib/mosquitto,target=/var/lib/mosquitto" in mounts
@@ -149,8 +151,3 @@ def test_remove_container_cgroups_removes_only_empty_ones(tmp_path: Path):
     assert busy.exists() and (root / "memory" / "other").exists()
     assert str(busy) in left
 
-
-def test_open_files_must_be_a_sane_limit():
-    svc = broker_service(IMAGE, (8883,), open_files=512).unit
-    with pytest.raises(UnitValueError, match="open files 512"):
-        container_unit(svc)
