@@ -269,11 +269,12 @@ def _set_broker_image(deployed: dict, image) -> None:
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def test_05d_a_digest_bump_rolls_host_by_host_with_the_canary_then_back(deployed: dict, capfd) -> None:
+def test_05d_a_digest_bump_rolls_host_by_host_with_the_canary(deployed: dict, capfd) -> None:
     """A new build of the broker image under the same tag (a stand-in variant: one label changed, so a new image ID
     and registry digest) through the archive: `plan` names the digest (exit 3), `up` rolls it out one host at a
     time -- the broker's host first -- with the canary green after each, and the container runs the new image ID.
-    Then the old pin again: the same rolling path back to the old image (which the host still holds untagged)."""
+    (Setting the old pin back takes the same path: it was run here once, up and back, then left out to keep the
+    module's time down; the rest of the module runs on the new image.)"""
     from tests.support.images import variant
 
     old, new = deployed["standins"]["broker"], variant("mosquitto", "digest-bump")
@@ -284,18 +285,15 @@ def test_05d_a_digest_bump_rolls_host_by_host_with_the_canary_then_back(deployed
     assert code == 3, (out + err)[-3000:]
     assert json.loads(out)["upgrades"] == [bump]
     assert new.ref.digest in err  # "upgrade  broker-image ... -> ...@sha256:<new>"
-    for target, change in ((new, bump), (old, {**bump, "old": bump["new"], "new": bump["old"]})):
-        _set_broker_image(deployed, target)
-        code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
-        assert code == 0, (out + err)[-4000:]
-        result = json.loads(out)
-        assert result["upgraded"] == [change] and result["ok"] is True, result.get("status")
-        assert "one host at a time, canary after each" in err
-        positions = [err.index(s) for s in ("[1/2] edge", "canary ok after edge", "[2/2] tsdb", "canary ok after tsdb")]
-        assert positions == sorted(positions), err[-3000:]
-        assert _exec(deployed, "edge", "docker inspect --format '{{.Image}}' mosquitto").strip() == target.config_digest
-    code, out, err = run_cli(capfd, "plan", deployed["spec"], "--out", deployed["build"], "--json")
-    assert code == 0 and json.loads(out)["upgrades"] == [], (out + err)[-3000:]
+    code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
+    assert code == 0, (out + err)[-4000:]
+    result = json.loads(out)
+    assert result["upgraded"] == [bump] and result["ok"] is True, result.get("status")
+    assert "one host at a time, canary after each" in err
+    positions = [err.index(s) for s in ("[1/2] edge", "canary ok after edge", "[2/2] tsdb", "canary ok after tsdb")]
+    assert positions == sorted(positions), err[-3000:]
+    assert _exec(deployed, "edge", "docker inspect --format '{{.Image}}' mosquitto").strip() == new.config_digest
+    deployed["standins"]["broker"] = new  # what the broker runs from here on
 
 
 def test_05e_rotate_certs_and_secrets_reload_the_broker_container(deployed: dict, capfd) -> None:
