@@ -13,10 +13,9 @@ gives the rows back; the roles' uninstall path removes containers, units and ima
 images themselves (tests/support/images.py says how the stand-ins differ), hosts other than Debian 12, a registry
 pull (none is reachable here).
 
-Network 10.237.0.0/24 only. One platform for the module (recreated by the restore test). Measured on this 2-core
-machine with other host suites running (load average 6-11), stand-ins cached: test_01, 05c, 05d, 05f and 06 alone
-11 min 26 s; the whole module well over the former ~10 minutes (the rolling upgrade, the two rotations and the
-restore's two deploys onto new hosts each take minutes).
+Network 10.237.0.0/24 only. One platform for the module (recreated by the restore test). The whole module: 11
+tests in 13 min 18 s on this 2-core machine with other host suites running (load average 3-7), stand-ins cached;
+the longest are the rolling upgrade (186 s), backup/restore (176 s) and destroy --data + restore (168 s).
 """
 
 from __future__ import annotations
