@@ -19,6 +19,7 @@ directory: the role copies it from there).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -274,6 +275,7 @@ def container_vars(p: Platform, service: str, role: str) -> dict[str, object]:
             "unit": sc.unit.unit,
             "unit_path": f"{UNIT_DIR}/{sc.unit.unit}",
             "owned": [{"path": o.path, "uid": o.uid, "gid": o.gid, "mode": f"{o.mode:04o}"} for o in sc.owned],
+            "pin": str(image_ref(p.spec, service)),  # the spec's images.<key> (or iotplat's default): a version
         }
     return out
 
@@ -304,3 +306,28 @@ def limits_files(p: Platform, service: str) -> list[ServiceFile]:
     unit = package_unit(p.spec, service)
     return [ServiceFile(f"{UNIT_DIR}/{unit}.d/{LIMITS_DROPIN.format(service=service)}",
                         limits_dropin(unit, limits_of(p, service), service).encode())]
+
+
+# --- versions: the pinned image is one of a container service's versions (iotplat/deploy/upgrade.py) -------------
+
+def image_version_key(service: str) -> str:
+    """The version key (Service.version_keys) of `service`'s pinned image: broker-image, influxdb-image, ..."""
+    return f"{service}-image"
+
+
+def image_version_keys(service: str) -> dict[str, str]:
+    """For a service's `version_keys`: its image key and how to roll it back (the digest to set back)."""
+    key = IMAGE_KEYS[service]
+    return {image_version_key(service): f"set images.{key} back to {{old}} in {{spec}} (and images.archive.{key}, "
+                                        "if you give one, to that image's archive)"}
+
+
+def image_versions(gv: Mapping[str, object], service: str, role: str) -> dict[str, str]:
+    """For a service's `versions`: {<service>-image: the pinned image `name:tag@sha256:<digest>`} read from the
+    rendered group_vars (`<role>_container.pin`), when the service runs in a container; else nothing. A new digest
+    is then an upgrade `up` rolls out host by host with the canary after each, as a new package pin is. The worker's
+    pin is its base image (`images.worker_base`); its own image follows its wheelhouse, the `worker` version."""
+    container = gv.get(f"{role}_container")
+    if not isinstance(container, Mapping) or not container.get("pin"):
+        return {}
+    return {image_version_key(service): str(container["pin"])}

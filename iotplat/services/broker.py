@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.containers.runtime import container_files, container_vars, limits_files, runtime_of
+from iotplat.containers.runtime import (container_files, container_vars, image_version_keys, image_versions,
+                                        limits_files, runtime_of)
 from iotplat.services import nats
 from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from iotplat.deploy.ops import Context
     from iotplat.hosts import Host
     from iotplat.render.engine import Renderer
@@ -80,7 +83,8 @@ class Broker(Service):
     deploy_order: ClassVar[int] = 10
     single_host: ClassVar[bool] = True
     version_keys: ClassVar[Mapping[str, str]] = {"mosquitto": "set broker.version back to {old} in {spec}",
-                                                 "nats-server": "set broker.version back to {old} in {spec}"}
+                                                 "nats-server": "set broker.version back to {old} in {spec}",
+                                                 **image_version_keys("broker")}
 
     def paths(self) -> Mapping[str, str]:
         return {
@@ -173,6 +177,10 @@ class Broker(Service):
         if "nats_package_versions" in gv:
             return {"nats-server": dict(gv["nats_package_versions"])}
         return {"mosquitto": dict(gv["mosquitto_package_versions"])}
+
+    def versions(self, gv: Mapping[str, Any], wheelhouse: Path | None) -> dict[str, str]:
+        """The package pin, and in a container the pinned image (a new digest rolls host by host too)."""
+        return {**super().versions(gv, wheelhouse), **image_versions(gv, self.name, self.role)}
 
     def units(self, p: Platform, host: str) -> list[str]:
         return [nats.UNIT] if _nats(p) else ["mosquitto"]

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.containers.runtime import container_files, container_vars, limits_files, runtime_of
+from iotplat.containers.runtime import (container_files, container_vars, image_version_keys, image_versions,
+                                        limits_files, runtime_of)
 from iotplat.services.base import BackupStep, Ingress, SecretFile, Service, ServiceFile, TlsPort
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from iotplat.deploy.ops import Context
     from iotplat.hosts import Host
     from iotplat.render.engine import Renderer
@@ -62,10 +65,15 @@ class InfluxDB(Service):
     title: ClassVar[str] = "InfluxDB"
     deploy_order: ClassVar[int] = 20
     single_host: ClassVar[bool] = True
-    version_keys: ClassVar[Mapping[str, str]] = {"influxdb": "set influxdb.package.version back to {old} in {spec}"}
+    version_keys: ClassVar[Mapping[str, str]] = {"influxdb": "set influxdb.package.version back to {old} in {spec}",
+                                                 **image_version_keys("influxdb")}
 
     def package_pins(self, gv: Mapping[str, Any]) -> dict[str, dict[str, str]]:
         return {"influxdb": dict(gv["influxdb_package"].get("versions") or {})}
+
+    def versions(self, gv: Mapping[str, Any], wheelhouse: Path | None) -> dict[str, str]:
+        """The package pin, and in a container the pinned image (a new digest rolls host by host too)."""
+        return {**super().versions(gv, wheelhouse), **image_versions(gv, self.name, self.role)}
 
     def paths(self) -> Mapping[str, str]:
         return {

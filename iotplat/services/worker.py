@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from iotplat.containers.runtime import container_files, container_vars, limits_files, runtime_of
+from iotplat.containers.runtime import (container_files, container_vars, image_version_keys, image_versions,
+                                        limits_files, runtime_of)
 from iotplat.services.base import SecretFile, Service, ServiceFile
 
 if TYPE_CHECKING:
@@ -27,7 +28,8 @@ class Worker(Service):
     role: ClassVar[str] = "worker"
     title: ClassVar[str] = "Ingestion worker"
     deploy_order: ClassVar[int] = 30
-    version_keys: ClassVar[Mapping[str, str]] = {"worker": "reinstall the iotplat release that deployed worker {old}"}
+    version_keys: ClassVar[Mapping[str, str]] = {"worker": "reinstall the iotplat release that deployed worker {old}",
+                                                 **image_version_keys("worker")}
 
     def versions(self, gv: Mapping[str, Any], wheelhouse: Path | None) -> dict[str, str]:
         """The iotplat release, plus the digest of the wheelhouse the role installs (the same SHA256SUMS the
@@ -36,9 +38,11 @@ class Worker(Service):
         sums = wheelhouse / "SHA256SUMS" if wheelhouse else None
         if sums and sums.exists():
             version += "+" + hashlib.sha256(sums.read_bytes()).hexdigest()[:12]
-        return {"worker": version}
+        return {"worker": version, **image_versions(gv, self.name, self.role)}  # in a container: its base image
 
     def rollback(self, key: str, old: str, spec_file: str) -> str:
+        if key != "worker":
+            return super().rollback(key, old, spec_file)
         return super().rollback(key, old.split("+")[0], spec_file)  # the release, without the wheelhouse digest
 
     def paths(self) -> Mapping[str, str]:

@@ -114,6 +114,66 @@ def stand_in(which: str) -> StandIn:
     return StandIn(recipe, folder / "image.tar", parse_image_ref(rec["ref"]), rec["config_digest"])
 
 
+def variant(which: str, change: str) -> StandIn:
+    """The stand-in `which` rebuilt with one label changed (`org.iotplat.standin.variant` = `change`): same name,
+    same tag, same layer, a new config and so a new image ID and registry digest -- what a registry serves when an
+    image is rebuilt under the same tag, the case pinning by digest exists for. Written from the cached stand-in's
+    own blobs (no mmdebstrap run: a second or two), cached by the base's folder and `change`."""
+    import tarfile
+
+    base = stand_in(which)
+    key = hashlib.sha256(json.dumps({"format": FORMAT, "base": base.archive.parent.name, "change": change}).encode())
+    folder = CACHE / key.hexdigest()[:20]
+    meta = folder / "standin.json"
+    with file_lock(CACHE / f".{which}.lock", timeout=1800, what=f"stand-in image {which}"):
+        if not meta.exists():
+            staging = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
+            try:
+                with tarfile.open(base.archive) as tar:
+                    def blob(digest: str) -> bytes:
+                        member = tar.extractfile(oci.blob_name(digest))
+                        assert member is not None
+                        return member.read()
+
+                    index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+                    top = json.loads(blob(index["manifests"][0]["digest"]))
+                    manifest = json.loads(blob(top["manifests"][0]["digest"])) if "manifests" in top else top
+                    config = json.loads(blob(manifest["config"]["digest"]))
+                    layers = [oci.Layer(None, d["digest"], diff_id, d["size"], d["mediaType"])
+                              for d, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True)]
+                    image_config = oci.ImageConfig.from_json(config["config"])
+                    image_config = ImageConfig(
+                        user=image_config.user, entrypoint=image_config.entrypoint, cmd=image_config.cmd,
+                        env=image_config.env, working_dir=image_config.working_dir,
+                        labels=tuple(sorted({**dict(image_config.labels), "org.iotplat.standin.variant": change}.items())))
+                    # the same history (one entry per layer: a label adds no layer)
+                    docs = oci.image_documents(layers, image_config, PLATFORM,
+                                               history=[h["created_by"] for h in config.get("history") or []])
+                    layer_blobs = []
+                    for layer in layers:
+                        path = staging / layer.digest.split(":", 1)[1]
+                        with open(path, "wb") as out:
+                            shutil.copyfileobj(tar.extractfile(oci.blob_name(layer.digest)), out)  # type: ignore[misc]
+                        layer_blobs.append(oci.ArchiveBlob(layer.digest, layer.size, path=path))
+                    oci.save_image(staging / "image.tar", docs, layer_blobs, name=base.recipe.name, tag=base.recipe.tag,
+                                   familiar=base.recipe.familiar)
+                    for b in layer_blobs:
+                        assert b.path is not None
+                        b.path.unlink()
+                ref = f"{base.recipe.familiar}:{base.recipe.tag}@{docs.digest}"
+                (staging / "standin.json").write_text(json.dumps({"ref": ref, "config_digest": docs.config_digest,
+                                                                  "recipe": repr(base.recipe), "variant": change},
+                                                                 indent=2))
+                if folder.exists():
+                    shutil.rmtree(folder)
+                staging.rename(folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        rec = json.loads(meta.read_text())
+    os.utime(folder)
+    return StandIn(base.recipe, folder / "image.tar", parse_image_ref(rec["ref"]), rec["config_digest"])
+
+
 def _build(recipe: Recipe, mirror: str, folder: Path) -> None:
     if not shutil.which("mmdebstrap"):
         raise RuntimeError("mmdebstrap is missing: apt-get install mmdebstrap (.ci/run installs it)")
