@@ -222,15 +222,19 @@ def test_03_node_and_worker_killed_lose_no_acknowledged_message(deployed: dict, 
     assert all(d.used[0] == hosts["n2"] for d in devs)
 
 
-def _status_green(deployed: dict, capfd, timeout: float = 120) -> dict:
+def _status_green(deployed: dict, capfd, timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        code, out, _ = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
+        code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
         if code == 0 or time.monotonic() > deadline:
             break
         time.sleep(3)
-    assert code == 0, out[-3000:]
-    return json.loads(out)
+    try:
+        report = json.loads(out)
+    except ValueError:
+        raise AssertionError((out + err)[-3000:]) from None
+    assert code == 0, [(c["host"], c["name"], c["detail"]) for c in report["checks"] if not (c["ok"] or c["skipped"])]
+    return report
 
 
 def test_04_rotate_certs_and_secrets_under_load_lose_nothing(deployed: dict, capfd) -> None:
