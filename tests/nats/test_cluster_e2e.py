@@ -11,7 +11,8 @@ acknowledged message is in InfluxDB (replica 2 takes over through the shared dur
 fixture runs `destroy --yes`. Then day 2 under the same load: `rotate certs` and `rotate secrets` (nodes reloaded one
 at a time, the workers' NATS passwords changed, replicas restarted one by one) with 0 acknowledged lost and the
 devices never refused; last, `device revoke` + `up`: the revoked device is refused by every node, the other one
-keeps publishing through every node. A host cut off the network is not covered here.
+keeps publishing through every node. A host cut off the network (nftables dropping everything inside it) under
+load: 0 acknowledged lost, the devices move, `status` names it, green again once it is back.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Device:
     the broker hosts; when its node goes away it moves to the next host in the list and re-sends what was not
     acknowledged (with DUP). Records the sequence numbers the cluster acknowledged and every host it used."""
 
-    def __init__(self, hosts: list[str], tls_name: str, device: str, password: str, ca_file: str) -> None:
+    def __init__(self, hosts: list[str], tls_name: str, device: str, password: str, ca_file: str,
+                 stall: float | None = None) -> None:
         from support.mqttload import LoadPublisher
 
         self.device, self.hosts = device, list(hosts)
@@ -67,9 +69,25 @@ class Device:
         outer = self
 
         class Rotating(LoadPublisher):
+            progress = time.monotonic()
+
+            def _pump_acks(inner, wait: float) -> None:
+                """With `stall`: a connection that gets no PUBACK for `stall` seconds while messages wait counts
+                as dead (a node cut off the network closes nothing: without this the device would wait for
+                TCP to give up), so the device moves on and re-sends what was not acknowledged."""
+                before = inner.acked
+                super()._pump_acks(wait)
+                now = time.monotonic()
+                if inner.acked != before or not inner.unacked:
+                    inner.progress = now
+                elif stall is not None and now - inner.progress > stall:
+                    inner.progress = now
+                    raise ConnectionError(f"no PUBACK for {stall}s")
+
             def _connect_once(inner) -> None:
                 try:
                     super()._connect_once()
+                    inner.progress = time.monotonic()
                     outer.connects += 1
                 except (OSError, ConnectionError):
                     outer.hosts.append(outer.hosts.pop(0))
@@ -131,7 +149,8 @@ def test_01_up_deploys_the_cluster_and_status_is_green(deployed: dict, capfd) ->
     assert ("n1", "unit iotplat-worker@1") in ok and ("n2", "unit iotplat-worker@2") in ok
 
 
-def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False) -> tuple[list[Device], object]:
+def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False,
+                stall: float | None = None) -> tuple[list[Device], object]:
     """Two devices publish COUNT messages each, connected first to `first`; once a quarter is acknowledged,
     `lose(provider)` breaks something. Returns the devices (joined) after every acknowledged message was found
     in InfluxDB by its sequence number (asserted), and the provider. `until_done`: the devices go on publishing
@@ -149,7 +168,7 @@ def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False) -
     base_ms = int(time.time() * 1000) - 10 * COUNT  # device timestamps in the recent past, one ms apart
     stop = threading.Event() if until_done else None
     limit = MAX_COUNT if until_done else COUNT
-    devs = [Device(order, p.service_name("broker"), d, m.mqtt_users[d][0], ca).start(base_ms, limit, stop)
+    devs = [Device(order, p.service_name("broker"), d, m.mqtt_users[d][0], ca, stall).start(base_ms, limit, stop)
             for d in DEVICES]
     deadline = time.monotonic() + 60
     while min(len(d.acked) for d in devs) < COUNT // 4 and time.monotonic() < deadline:
@@ -162,6 +181,7 @@ def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False) -
         stop.set()
     for d in devs:
         d.join(limit / RATE + 240)
+    _, m, _ = platform_materials(deployed)  # `lose` may have rotated the reader's password or the certificates
     trust = TrustStore(m.ca_cert_pem)
     reader = m.secrets["influxdb_grafana_password"]
 
@@ -279,7 +299,43 @@ def _connack(address: str, ca_file: str, user: str, password: str) -> object:
         client.loop_stop()
 
 
-def test_05_a_revoked_device_is_refused_by_every_node(deployed: dict, capfd) -> None:
+CUT = ("table inet iotplat_cut { chain cut_in { type filter hook input priority -400; policy drop; iifname \"lo\" accept; }; "
+       "chain cut_out { type filter hook output priority -400; policy drop; oifname \"lo\" accept; }; }")
+
+
+def test_05_a_host_cut_off_the_network_loses_no_acknowledged_message(deployed: dict, capfd) -> None:
+    """n1 (a broker node and worker replica 1) cut off the network by an nftables table inside it that drops
+    every packet in and out (its processes keep running, nothing is closed) while the devices publish to it: the
+    devices get no PUBACK, move to n2 within their stall timeout (5 s) and re-send; every acknowledged message is
+    in InfluxDB (replica 2 takes over what replica 1 held), `status` names n1; back on the network, status is green."""
+    _status_green(deployed, capfd)
+    hosts = deployed["hosts"]
+    cut = ["nft", CUT]
+
+    def lose(prov) -> None:
+        r = prov.exec("n1", cut)
+        assert r.returncode == 0, r.stderr
+
+    try:
+        devs, provider = _under_load(deployed, "n1", lose, stall=5.0)
+        for d in devs:
+            assert d.used[0] == hosts["n1"] and len(d.used) >= 2, d.used  # moved to another node
+        code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
+        assert code == 1, (out + err)[-3000:]
+        failed = {(c["host"], c["name"]) for c in json.loads(out)["checks"] if not c["ok"]}
+        assert ("n1", "nats node") in failed, failed
+        assert ("n2", "nats node") not in failed and ("n3", "nats node") not in failed, failed
+    finally:
+        from iotplat.deploy.targets import local_settings
+        from iotplat.hosts import local_provider
+        from iotplat.spec.load import load_platform
+
+        local_provider(local_settings(load_platform(Path(deployed["spec"])))).exec(
+            "n1", ["nft", "delete", "table", "inet", "iotplat_cut"])
+    _status_green(deployed, capfd)
+
+
+def test_06_a_revoked_device_is_refused_by_every_node(deployed: dict, capfd) -> None:
     """`device revoke dev-b` then `up`: every node refuses dev-b's credential (CONNACK not authorized) and the
     nodes reload rather than restart (dev-a, connected through the `up`, keeps its connection); dev-a connects
     and publishes through every node."""
