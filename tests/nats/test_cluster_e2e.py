@@ -13,6 +13,11 @@ at a time, the workers' NATS passwords changed, replicas restarted one by one) w
 devices never refused; last, `device revoke` + `up`: the revoked device is refused by every node, the other one
 keeps publishing through every node. A host cut off the network (nftables dropping everything inside it) under
 load: 0 acknowledged lost, the devices move, `status` names it, green again once it is back.
+
+Known (docs/broker-engines.md, Not done yet): after test_03's kill -9 of n2's nats-server, n2's full /healthz kept
+saying "JetStream consumer '$MQTT_rmsgs_…' is not current" for 9+ minutes in both runs of the whole module, so
+the day-2 tests, which start from a green `status`, failed there; run alone (`-k "not test_02 and not test_03"`)
+they pass.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from tests.helpers import EXAMPLES
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
 NETWORK = "10.238.0.0/24"
-DEVICES = ["dev-a", "dev-b"]
+DEVICES = ["dev-a", "dev-b"]  # publish under load
+REVOKED = "dev-c"  # revoked by test_05 (the later tests still publish as dev-a and dev-b)
 RATE = 40.0  # messages per second per device
 COUNT = 1200  # per device: 30 s at RATE
 MAX_COUNT = 24000  # per device when the load lasts as long as an operation: 10 minutes at RATE at most
@@ -42,7 +48,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory):
         spec["name"], spec["target"]["network"] = "natse2e", NETWORK
 
     yield from local_platform(tmp_path_factory.mktemp("nats-e2e"), EXAMPLES / "cluster" / "platform.yaml", edit,
-                              devices=DEVICES)
+                              devices=[*DEVICES, REVOKED])
 
 
 @pytest.fixture(autouse=True)
@@ -299,44 +305,8 @@ def _connack(address: str, ca_file: str, user: str, password: str) -> object:
         client.loop_stop()
 
 
-CUT = ("table inet iotplat_cut { chain cut_in { type filter hook input priority -400; policy drop; iifname \"lo\" accept; }; "
-       "chain cut_out { type filter hook output priority -400; policy drop; oifname \"lo\" accept; }; }")
-
-
-def test_05_a_host_cut_off_the_network_loses_no_acknowledged_message(deployed: dict, capfd) -> None:
-    """n1 (a broker node and worker replica 1) cut off the network by an nftables table inside it that drops
-    every packet in and out (its processes keep running, nothing is closed) while the devices publish to it: the
-    devices get no PUBACK, move to n2 within their stall timeout (5 s) and re-send; every acknowledged message is
-    in InfluxDB (replica 2 takes over what replica 1 held), `status` names n1; back on the network, status is green."""
-    _status_green(deployed, capfd)
-    hosts = deployed["hosts"]
-    cut = ["nft", CUT]
-
-    def lose(prov) -> None:
-        r = prov.exec("n1", cut)
-        assert r.returncode == 0, r.stderr
-
-    try:
-        devs, provider = _under_load(deployed, "n1", lose, stall=5.0)
-        for d in devs:
-            assert d.used[0] == hosts["n1"] and len(d.used) >= 2, d.used  # moved to another node
-        code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
-        assert code == 1, (out + err)[-3000:]
-        failed = {(c["host"], c["name"]) for c in json.loads(out)["checks"] if not c["ok"]}
-        assert ("n1", "nats node") in failed, failed
-        assert ("n2", "nats node") not in failed and ("n3", "nats node") not in failed, failed
-    finally:
-        from iotplat.deploy.targets import local_settings
-        from iotplat.hosts import local_provider
-        from iotplat.spec.load import load_platform
-
-        local_provider(local_settings(load_platform(Path(deployed["spec"])))).exec(
-            "n1", ["nft", "delete", "table", "inet", "iotplat_cut"])
-    _status_green(deployed, capfd)
-
-
-def test_06_a_revoked_device_is_refused_by_every_node(deployed: dict, capfd) -> None:
-    """`device revoke dev-b` then `up`: every node refuses dev-b's credential (CONNACK not authorized) and the
+def test_05_a_revoked_device_is_refused_by_every_node(deployed: dict, capfd) -> None:
+    """`device revoke dev-c` then `up`: every node refuses dev-c's credential (CONNACK not authorized) and the
     nodes reload rather than restart (dev-a, connected through the `up`, keeps its connection); dev-a connects
     and publishes through every node."""
     import paho.mqtt.client as mqtt
@@ -346,19 +316,19 @@ def test_06_a_revoked_device_is_refused_by_every_node(deployed: dict, capfd) -> 
     hosts = deployed["hosts"]
     _, m, _ = platform_materials(deployed)
     ca = str(Path(deployed["build"]) / "hosts/n1/etc/iotplat/tls/ca.crt")
-    revoked_pw = m.mqtt_users["dev-b"][0]
+    revoked_pw = m.mqtt_users[REVOKED][0]
     for h in ("n1", "n2", "n3"):
-        rc = _connack(hosts[h], ca, "dev-b", revoked_pw)
+        rc = _connack(hosts[h], ca, REVOKED, revoked_pw)
         assert getattr(rc, "value", rc) == 0, (h, rc)
     stays, seen = mqtt_connect(hosts["n2"], ca, "dev-a", m.mqtt_users["dev-a"][0], protocol=mqtt.MQTTv311)
     try:
         assert getattr(seen["rc"], "value", seen["rc"]) == 0
-        assert run_cli(capfd, "device", "revoke", "dev-b", deployed["spec"])[0] == 0
+        assert run_cli(capfd, "device", "revoke", REVOKED, deployed["spec"])[0] == 0
         code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
         assert code == 0, (out + err)[-4000:]
         assert json.loads(out)["ok"] is True
         for h in ("n1", "n2", "n3"):
-            rc = _connack(hosts[h], ca, "dev-b", revoked_pw)
+            rc = _connack(hosts[h], ca, REVOKED, revoked_pw)
             assert getattr(rc, "value", rc) in (5, 0x86, 0x87), (h, rc)  # not authorized (paho 2: v5 codes)
             client, ok = mqtt_connect(hosts[h], ca, None, None, protocol=mqtt.MQTTv311)  # anonymous: refused too
             client.loop_stop()
@@ -387,3 +357,40 @@ def test_06_a_revoked_device_is_refused_by_every_node(deployed: dict, capfd) -> 
         finally:
             client.disconnect()
             client.loop_stop()
+
+
+CUT = ("table inet iotplat_cut { chain cut_in { type filter hook input priority -400; policy drop; iifname \"lo\" accept; }; "
+       "chain cut_out { type filter hook output priority -400; policy drop; oifname \"lo\" accept; }; }")
+
+
+def test_06_a_host_cut_off_the_network_loses_no_acknowledged_message(deployed: dict, capfd) -> None:
+    """n1 (a broker node and worker replica 1) cut off the network by an nftables table inside it that drops
+    every packet in and out (its processes keep running, nothing is closed) while the devices publish to it: the
+    devices get no PUBACK, move to n2 within their stall timeout (5 s) and re-send; every acknowledged message is
+    in InfluxDB (replica 2 takes over what replica 1 held), `status` names n1 (it stops at the unreachable host with
+    one line naming it); back on the network, status is green."""
+    _status_green(deployed, capfd)
+    hosts = deployed["hosts"]
+    cut = ["nft", CUT]
+
+    def lose(prov) -> None:
+        r = prov.exec("n1", cut)
+        assert r.returncode == 0, r.stderr
+
+    try:
+        devs, provider = _under_load(deployed, "n1", lose, stall=5.0)
+        for d in devs:
+            assert d.used[0] == hosts["n1"] and len(d.used) >= 2, d.used  # moved to another node
+        code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
+        assert code == 1, (out + err)[-3000:]
+        # status reaches every host over SSH first: an unreachable one stops it with one line naming the host
+        error = json.loads(out)["error"]
+        assert error.startswith(f"n1 ({hosts['n1']})") and "n2" not in error and "n3" not in error, error
+    finally:
+        from iotplat.deploy.targets import local_settings
+        from iotplat.hosts import local_provider
+        from iotplat.spec.load import load_platform
+
+        local_provider(local_settings(load_platform(Path(deployed["spec"])))).exec(
+            "n1", ["nft", "delete", "table", "inet", "iotplat_cut"])
+    _status_green(deployed, capfd)
