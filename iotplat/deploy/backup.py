@@ -10,7 +10,9 @@ refused before anything is read) holding the state directory and what each servi
                                   database (1.x), or `influx backup` of the whole instance with the operator
                                   token (2.x, restored with `influx restore --full`: its v1 authorizations,
                                   bucket and DBRP mapping come back as they were)
-    mosquitto.db                  the broker's persistence file (queued messages, sessions), saved by SIGUSR1
+    mosquitto.db                  the broker's persistence file (queued messages, sessions), saved by SIGUSR1;
+                                  none on broker.engine nats: the backup first waits until the worker acknowledged
+                                  every message the stream held when it started (so InfluxDB's backup has them)
     grafana.db                    Grafana's database, when Grafana runs
 
 Restore goes onto freshly deployed hosts: the state comes back first (so `up` installs the old credentials
@@ -113,7 +115,9 @@ def create(ctx: Context, hosts: list[Host], dest: Path, progress: Progress = pri
 MAX_ARCHIVE_BYTES = 8 * 1024**3  # read whole into memory (ansible-vault is not a stream): refuse larger files
 MAX_SUMS_BYTES = 4096
 _SHA256_HEX = frozenset("0123456789abcdef")
-RESTORE_MEMBERS = ("state.tar", "influxdb.tar", "mosquitto.db")  # what `restore` needs (grafana.db is optional)
+# what `restore` needs from every archive; the services add theirs for the platform (Service.restore_members, checked
+# by check_fits: Mosquitto's mosquitto.db; nothing on nats). grafana.db is optional.
+RESTORE_MEMBERS = ("state.tar", "influxdb.tar")
 
 
 def _read_regular(path: Path, limit: int, what: str) -> bytes:
@@ -263,6 +267,14 @@ def check_fits(info: dict[str, Any], platform: Platform, move: bool = False) -> 
     if influx["version"] != platform.spec.influxdb.version:
         raise InvalidInput(f"the archive holds an InfluxDB {influx['version']} backup but the spec deploys "
                            f"InfluxDB {platform.spec.influxdb.version}; restore onto a platform of the same version")
+    from iotplat.services import placed
+
+    for svc in placed(platform):
+        missing = [m for m in svc.restore_members(platform) if m not in info["members"]]
+        if missing:
+            raise InvalidInput(f"the archive has no {missing[0]} member, which the {svc.name} service of "
+                               f"{platform.name}/{platform.environment} needs to restore (an archive of a platform "
+                               "with another broker engine?)")
 
 
 def restore_state(info: dict[str, Any], members: dict[str, bytes], state_dir: Path, platform: str, env: str,

@@ -124,6 +124,24 @@ def revoke(ref: SpecRef, device_id: str) -> dict[str, Any]:
                                             "run `iotplat up` to remove it from the broker (it is refused from then on)"]}
 
 
+def _broker_endpoints(platform: Platform, addresses: Mapping[str, str], port: int,
+                      tls_name: str) -> list[dict[str, Any]]:
+    """Where a device reaches the broker: Mosquitto one entry (broker.server_names[0], else its host's address);
+    a NATS cluster every broker host's address (any node serves every device), else broker.server_names[0]
+    alone when the hosts' addresses are not known yet (a DNS round-robin name or a load balancer in front).
+    Every node's certificate carries the same names, so one tls_name verifies them all."""
+    names = list(platform.spec.broker.server_names)
+    hosts = platform.placement["broker"] if platform.spec.broker.engine == "nats" else [platform.host_of("broker")]
+    known = [addresses[h] for h in hosts if addresses.get(h)]
+    if platform.spec.broker.engine == "nats" and len(known) == len(hosts):
+        found = known
+    else:
+        found = names[:1] or known[:1]
+    if not found:
+        raise IotplatError("the broker's address is not known yet: deploy first (`iotplat up`) or set broker.server_names")
+    return [{"address": a, "port": port, "tls_name": tls_name} for a in found]
+
+
 def kit(ref: SpecRef, device_id: str) -> dict[str, Any]:
     """A registry device's onboarding kit (the one place its secret is shown); never one of iotplat's own clients."""
     from iotplat.secrets.materials import ensure_materials
@@ -141,30 +159,40 @@ def kit(ref: SpecRef, device_id: str) -> dict[str, Any]:
         state.save()
     password = materials.mqtt_users[device.id][0]
     deployed = state.read_json("deployed.json") or {}
-    broker_host = platform.host_of("broker")
     names = list(platform.spec.broker.server_names)
-    address = names[0] if names else deployed.get("hosts", {}).get(broker_host, "")
-    if not address:
-        raise IotplatError("the broker's address is not known yet: deploy first (`iotplat up`) or set broker.server_names")
     listener = next((lst for lst in platform.spec.broker.listeners if lst.protocol == "mqtt"), platform.spec.broker.listeners[0])
+    tls_name = names[0] if names else platform.service_name("broker")
+    brokers = _broker_endpoints(platform, deployed.get("hosts", {}), listener.port, tls_name)
+    address = brokers[0]["address"]
+    nats = platform.spec.broker.engine == "nats"
     attrs = {"device": device.id, **dict(device.attributes)}
     topics = [t.format(**{n: attrs.get(n, "") for n in template_names(t)}) for t in platform.spec.devices.topics]
-    tls_name = names[0] if names else platform.service_name("broker")
+    # nats-server's MQTT is 3.1.1 only (README: Broker engines)
     sample = (f"mosquitto_pub -h {tls_name} -p {listener.port} --cafile ca.crt -u {device.id} -P '{password}' "
-              f"-i {device.id} -V mqttv5 -q 1 -t '{topics[0]}' -m '{{\"ts\": $(date +%s%3N)}}'")
+              f"-i {device.id} -V {'mqttv311' if nats else 'mqttv5'} -q 1 -t '{topics[0]}' "
+              f"-m '{{\"ts\": $(date +%s%3N)}}'")
+    protocol = "MQTT over WebSockets" if listener.protocol != "mqtt" else "MQTT 3.1.1" if nats else "MQTT 3.1.1/5"
     lines = [
         f"# onboarding kit for {device.id} ({platform.key}); it contains the device's secret: handle it like a password",
-        f"broker:    {address}:{listener.port} (MQTT {'3.1.1/5' if listener.protocol == 'mqtt' else 'over WebSockets'}, TLS only)",
-        f"tls name:  {tls_name}" + ("" if names else f"  (map it to {address} in /etc/hosts, or set broker.server_names)"),
+        f"broker:    {address}:{listener.port} ({protocol}, TLS only)",
+    ]
+    if len(brokers) > 1:
+        lines.append("brokers:   " + ", ".join(f"{b['address']}:{b['port']}" for b in brokers)
+                     + "  (a cluster: any of them; give your MQTT client library the whole list, it moves to the "
+                       "next one when a node is down)")
+    lines += [
+        f"tls name:  {tls_name}" + ("" if names else f"  (map it to {address if len(brokers) == 1 else 'one of the addresses'} in /etc/hosts, "
+                                          "or set broker.server_names)"),
         f"username:  {device.id}   (also the client id)",
         f"password:  {password}",
         "topics:    " + ", ".join(topics),
         "ca.crt:" + (f"  (two CAs: a CA rotation runs since {materials.ca_rotation_started}; install both)"
                      if materials.ca_rotation_started else ""),
         materials.ca_cert_pem.rstrip(),
-        "example:",
+        "example:" + ("  (mosquitto_pub takes one -h: when that node is down, use the next address of `brokers`)"
+                      if len(brokers) > 1 else ""),
         f"  {sample}",
     ]
-    return {"device": device.id, "broker": {"address": address, "port": listener.port, "tls_name": tls_name},
+    return {"device": device.id, "broker": brokers[0], "brokers": brokers,
             "username": device.id, "password": password, "topics": topics, "ca_cert": materials.ca_cert_pem,
             "example": sample, "lines": lines}

@@ -4,11 +4,14 @@ losing messages.
 Every rotation is: change the state (iotplat/secrets/rotation.py, under the state lock), then deploy it
 "rolling":
 
-1. site.yml with the mosquitto and worker roles skipped: every host gets the new ca.crt and server
+1. site.yml with the mosquitto (or nats) and worker roles skipped: every host gets the new ca.crt and server
    certificate (common role), InfluxDB the new users' passwords, Grafana its new credential;
 2. playbooks/broker-reload.yml: the broker's key and password file, then a reload: Mosquitto re-reads its
    certificate, key and passwords on SIGHUP, so devices stay connected (a restart drops every connection,
    and with two worker replicas it lost ~15 messages in flight, measured with Mosquitto 2.0.11);
+   on broker.engine nats playbooks/nats-reload.yml instead: node by node (serial: 1) the new nats-server.conf
+   and key, `nats-server -t`, a reload (users, permissions, certificate and key; clients whose credentials
+   still hold stay connected, the routes stay up: tests/nats/test_reload.py) and /healthz before the next;
 3. playbooks/rolling-workers.yml: one worker replica at a time gets its new credential files, restarts and
    must answer /healthz with 200 before the next one restarts.
 
@@ -24,7 +27,7 @@ import json
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iotplat.deploy.ansible import PlaybookResult
 from iotplat.deploy.ops import DEPLOYED, Context, Progress, open_context, status_of
@@ -32,6 +35,9 @@ from iotplat.errors import InvalidInput, IotplatError
 from iotplat.secrets import rotation
 from iotplat.secrets.passwords import generate_password
 from iotplat.spec.platform_model import INFLUX_ADMIN_USER
+
+if TYPE_CHECKING:
+    from iotplat.spec.platform_model import Platform
 
 PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
 # Why `rotate secrets` leaves the workers' MQTT passwords alone (measured with Mosquitto 2.0.11, Debian 12):
@@ -41,15 +47,26 @@ PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
 # subscription (UNSUBSCRIBE, then DISCONNECT with session expiry 0) before its password can change.
 MQTT_WORKER_NOTE = ("Mosquitto 2.0.11 drops the messages queued for a session whose password changes; "
                     "see iotplat/deploy/rotate.py")
+# On broker.engine nats the reason does not hold: the replicas read through one durable JetStream consumer whose
+# messages stay in the replicated stream while no replica is connected, and a message a replica had not acked is
+# redelivered. So `rotate secrets` rotates the replicas' NATS passwords too: from the first node's reload until
+# each replica's restart with its new credential a replica is refused (the cluster keeps acknowledging devices
+# and the stream holds their messages, up to ingestion.outage_budget), then it catches up.
+NATS_WORKER_NOTE = ("the worker replicas' NATS passwords: they pause from the first node's reload to their "
+                    "restart, the durable consumer keeps their messages")
+
+
+def _broker_playbook(p: Platform) -> tuple[str, str]:
+    """(playbook, progress line) of step 2: Mosquitto reloads on its host; NATS nodes reload one at a time."""
+    if p.spec.broker.engine == "nats":
+        return ("nats-reload.yml", "[rotate] NATS nodes one at a time: new configuration and key, a reload "
+                                   "(no restart), /healthz before the next")
+    return "broker-reload.yml", "[rotate] broker: new key and password file, then a reload (no restart)"
 
 
 def _deployed_context(spec: str | None, env: str | None, state_dir: str | None, out_dir: str | None,
                       progress: Progress) -> Context:
     ctx = open_context(spec, env, state_dir, out_dir, progress)
-    if ctx.platform.spec.broker.engine != "mosquitto":
-        # the reload path (broker-reload.yml) is Mosquitto's; nats-server's has not been built or tested yet
-        raise InvalidInput(f"{ctx.platform.spec_file}: broker.engine: `iotplat rotate` supports the mosquitto engine "
-                           f"only for now, not {ctx.platform.spec.broker.engine} (README: Broker engines)")
     if ctx.state.read_json(DEPLOYED) is None:
         raise IotplatError(f"{ctx.platform.key} has not been deployed from this state directory; run `iotplat up` "
                            "first (a new platform gets fresh certificates and credentials anyway)")
@@ -79,13 +96,15 @@ def deploy_rolling(spec: str | None, env: str | None, *, state_dir: str | None, 
         if services:
             progress("[rotate] services (the broker and the worker replicas come next)")
             # the roles tag every task with their name; their restart handlers are notified only by their own tasks
-            first = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, skip_tags="mosquitto,worker",
-                                 progress=progress)
+            # (nats: its handler would reload every node at once; nats-reload.yml does it one at a time)
+            first = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None,
+                                 skip_tags="mosquitto,nats,worker", progress=progress)
             _check(first, "deploying the new state to the services")
             out["services_changed"] = first.changed
-        progress("[rotate] broker: new key and password file, then a reload (no restart)")
+        playbook, line = _broker_playbook(p)
+        progress(line)
         broker = run_playbook(ctx.build, hosts, ctx.materials, ctx.state.dir, None, progress=progress,
-                              playbook=str(PLAYBOOKS / "broker-reload.yml"))
+                              playbook=str(PLAYBOOKS / playbook))
         _check(broker, "reloading the broker")
         if workers and p.replicas:
             progress(f"[rotate] worker replicas one at a time: {', '.join(f'{r.number}@{r.host}' for r in p.replicas)}")
@@ -198,6 +217,9 @@ def secrets(spec: str | None, env: str | None, *, state_dir: str | None = None, 
     hosts = ctx.hosts()
     with ctx.state.lock("rotate secrets"):
         rotated, skipped = rotation.rotate_service_secrets(p, ctx.state)
+        if p.spec.broker.engine == "nats" and p.replicas:  # NATS_WORKER_NOTE
+            rotation.rotate_mqtt_passwords(ctx.state, [r.username for r in p.replicas])
+            rotated.append("worker_nats_passwords")
         if getattr(p.spec.secrets, rotation.ADMIN_SECRET, None) is None:
             new_admin = generate_password()
             _influx_set_admin_password(ctx, hosts, ctx.materials.secrets[rotation.ADMIN_SECRET], new_admin)
@@ -211,7 +233,10 @@ def secrets(spec: str | None, env: str | None, *, state_dir: str | None = None, 
     if skipped:
         lines.append(f"not rotated (the spec reads them from a file or environment variable: change them there): "
                      f"{', '.join(skipped)}")
-    lines.append("not rotated: the worker replicas' MQTT passwords (" + MQTT_WORKER_NOTE + ")")
+    if p.spec.broker.engine == "nats":
+        lines.append("rotated " + NATS_WORKER_NOTE)
+    else:
+        lines.append("not rotated: the worker replicas' MQTT passwords (" + MQTT_WORKER_NOTE + ")")
     lines.append(_summary(deployed))
     return {"platform": p.name, "environment": p.environment, "rotated": rotated, "skipped": skipped,
             **deployed, "lines": lines}
@@ -268,7 +293,9 @@ def device(spec: str | None, env: str | None, device_id: str, *, state_dir: str 
         old_password = ctx.materials.mqtt_users[device_id][0]
         rotation.rotate_mqtt_passwords(ctx.state, [device_id])
         ctx.state.save()
-    ended = _end_session(ctx, hosts, device_id, old_password)
+    # nats: the reload itself closes the device's connection (its password no longer holds) and its MQTT session
+    # lives in JetStream, not in a broker process a reconnect could crash (tests/nats/test_reload.py)
+    ended = p.spec.broker.engine != "nats" and _end_session(ctx, hosts, device_id, old_password)
     deployed = deploy_rolling(spec, env, state_dir=state_dir, out_dir=out_dir, progress=progress, services=False,
                               workers=False, verify=False)
     where = f" {spec}" if spec else ""

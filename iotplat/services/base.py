@@ -202,6 +202,11 @@ class Service:
         """Archive members this service contributes, read from its host (name -> bytes)."""
         return {}
 
+    def restore_members(self, p: Platform) -> tuple[str, ...]:
+        """Archive members `restore` cannot do without for this service on `p` (checked, with the platform known,
+        before anything changes); none by default: what `backup` adds beyond them is restored when present."""
+        return ()
+
     def quiesce(self, ctx: Context, host: Host) -> None:
         """Stop writing while a restore replaces data (the worker stops its replicas)."""
 

@@ -76,6 +76,43 @@ def _nats(p: Platform) -> bool:
     return p.spec.broker.engine == "nats"
 
 
+DRAIN_TIMEOUT = 120.0  # seconds `backup` waits for the worker to catch up on nats
+
+
+def _drain_nats(ctx: Context, host: Host, timeout: float = DRAIN_TIMEOUT, poll: float = 1.0) -> None:
+    """`backup` on nats archives no broker member: JetStream's store is replicated on the nodes and holds only
+    what the worker has not written yet. Instead it waits (``timeout`` at most) until the worker's durable
+    consumer acknowledged every message the stream held when the backup started, read from a broker node's
+    /jsz (loopback, over SSH): the worker acks after writing to InfluxDB (or after spooling, when InfluxDB is
+    unreachable), so every message a device got a PUBACK for before the backup started is in InfluxDB's backup,
+    which is taken after it (`backup` goes through the services in the registry's order, the broker first).
+    Raises IotplatError, naming the consumer, when it does not catch up in time (e.g. no worker replica running)."""
+    import time
+
+    from iotplat.errors import IotplatError
+    from iotplat.verify import nats_cluster
+
+    def read() -> dict[str, Any]:
+        try:
+            return nats_cluster.read_monitor(host)[nats_cluster.JSZ_CONSUMERS]
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise IotplatError(f"backup: cannot read JetStream's state on {host.name}: {exc}") from None
+
+    upto = nats_cluster.stream_last_seq(read())
+    if upto is None:
+        raise IotplatError(f"backup: {host.name} does not hold the worker's stream; check `iotplat status`")
+    deadline = time.monotonic() + timeout
+    while True:
+        left = nats_cluster.unacked_through(read(), upto)
+        if not left:
+            return
+        if time.monotonic() >= deadline:
+            raise IotplatError(f"backup: the worker has not acknowledged every message stored before the backup "
+                               f"started (through stream sequence {upto}) after {timeout:.0f}s: {'; '.join(left)}; "
+                               "check the worker replicas (`iotplat status`) and run backup again")
+        time.sleep(poll)
+
+
 class Broker(Service):
     name: ClassVar[str] = "broker"
     role: ClassVar[str] = "mosquitto"
@@ -208,10 +245,11 @@ class Broker(Service):
 
     def backup(self, ctx: Context, host: Host) -> dict[str, bytes]:
         """The persistence file (queued messages, sessions), saved first with SIGUSR1 to the broker's main
-        process; waits (5 s at most) for the file to change."""
+        process; waits (5 s at most) for the file to change. On nats: no member (``_drain_nats``)."""
         from iotplat.deploy.backup import run_on
 
-        if _nats(ctx.platform):  # JetStream's store is replicated on the nodes; not archived (README says so)
+        if _nats(ctx.platform):
+            _drain_nats(ctx, host)
             return {}
         save = _save_signal(ctx.platform)
         return {"mosquitto.db": run_on(host, (
@@ -219,6 +257,9 @@ class Broker(Service):
             f"{save}; i=0; "
             "while [ $i -lt 50 ] && [ \"$(stat -c %Y $f 2>/dev/null || echo 0)\" = \"$old\" ]; do sleep 0.1; i=$((i+1)); done; "
             "cat $f"))}
+
+    def restore_members(self, p: Platform) -> tuple[str, ...]:
+        return () if _nats(p) else ("mosquitto.db",)
 
     def restore(self, ctx: Context, host: Host, members: Mapping[str, bytes], info: Mapping[str, Any]) -> None:
         from iotplat.deploy.backup import run_on

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from iotplat.worker.nats_subjects import MQTT_STREAM
 
 if TYPE_CHECKING:
+    from iotplat.hosts import Host
     from iotplat.verify.status import Check, Probe
 
 MONITOR_PATHS = ("/routez", "/jsz?streams=true&accounts=true", "/varz")
@@ -97,6 +98,58 @@ def cluster_checks(nodes: list[str], answers: Mapping[str, Mapping[str, Any] | s
                          (f"leader {leader}, replicas on {', '.join(members)}" if leader else "no leader")
                          + (f"; not current: {', '.join(behind)}" if behind else "")))
     return out
+
+
+# ------------------------------------------------------------------------------ backup: the consumers' backlog
+JSZ_CONSUMERS = "/jsz?accounts=true&streams=true&consumers=true"
+
+
+def stream_last_seq(jsz: Mapping[str, Any], stream: str = MQTT_STREAM) -> int | None:
+    """The stream's last sequence number as this node knows it (None: the node does not hold the stream)."""
+    detail = _stream(jsz, stream)
+    return None if detail is None else int((detail.get("state") or {}).get("last_seq", 0))
+
+
+def unacked_through(jsz: Mapping[str, Any], upto: int, durable_prefix: str = "iotplat",
+                    stream: str = MQTT_STREAM) -> list[str]:
+    """The worker's durable consumers (``<durable_prefix>_<digest>``, iotplat/worker/nats_subjects.py) that may
+    still hold a message with a stream sequence <= ``upto`` not acknowledged by a replica (the worker acks after
+    the write to InfluxDB, or after it spooled the message), each as "name: why"; [] once every one is done.
+
+    A consumer is done when its ack floor reached ``upto`` (everything up to it acknowledged), or when it has
+    nothing unacknowledged and nothing left to deliver up to ``upto`` (a filtered consumer's floor stays at its
+    last matching message). No worker consumer at all is reported too (the worker creates it on start)."""
+    detail = _stream(jsz, stream)
+    if detail is None:
+        return [f"{stream}: this node does not hold the stream"]
+    consumers = [c for c in detail.get("consumer_detail") or []
+                 if str(c.get("name", "")).startswith(durable_prefix + "_")]
+    if not consumers:
+        return [f"{stream}: no worker consumer ({durable_prefix}_*) yet"]
+    left = []
+    for c in consumers:
+        floor = int((c.get("ack_floor") or {}).get("stream_seq", 0))
+        delivered = int((c.get("delivered") or {}).get("stream_seq", 0))
+        ack_pending, pending = int(c.get("num_ack_pending", 0)), int(c.get("num_pending", 0))
+        if floor >= upto or (ack_pending == 0 and (pending == 0 or delivered >= upto)):
+            continue
+        left.append(f"{c.get('name')}: acknowledged through {floor} of {upto}, {ack_pending} unacknowledged, "
+                    f"{pending} not delivered yet")
+    return left
+
+
+def read_monitor(host: Host, paths: tuple[str, ...] = (JSZ_CONSUMERS,)) -> dict[str, Any]:
+    """{path: JSON} from a broker host's loopback monitoring port (over SSH); raises RuntimeError if the node
+    does not answer."""
+    import json
+
+    from iotplat.services.nats import MONITOR_PORT
+    from iotplat.verify.status import _ssh_json
+
+    got = _ssh_json(host, _SCRIPT % (json.dumps(list(paths)), MONITOR_PORT))
+    if "error" in got:
+        raise RuntimeError(f"nats-server on {host.name} does not answer: {got['error']}")
+    return got
 
 
 def checks(probe: Probe) -> list[Check]:

@@ -373,6 +373,65 @@ def test_worker_container_ingests_into_influxdb_in_a_container(lab: Lab, images:
     assert journal.strip(), "the worker's log lines are in its unit's journal"
 
 
+
+def test_worker_container_loses_nothing_when_killed_or_when_influxdb_is_away(lab: Lab, platform: dict,
+                                                                              tmp_path: Path):
+    """The worker's own promises inside its container (after the test above started it on c12): a device publishes
+    QoS 1 while the worker's process is killed with SIGKILL (`docker kill`: no goodbye, its unit starts a new
+    container) and while InfluxDB's container is stopped; every message the broker acknowledged is in InfluxDB,
+    once. The broker keeps the worker's persistent session meanwhile; the worker spools what InfluxDB refuses."""
+    host, addr, m, p = "c12", lab.addresses["c12"], platform["materials"], platform["platform"]
+    ca = tmp_path / "ca.crt"
+    ca.write_text(m.ca_cert_pem)
+    admin, apw = "iotplat-admin", m.secrets["influxdb_admin_password"]
+    device = sorted(u for u in m.mqtt_users if u.startswith("sensor-"))[1]  # not the test above's device
+    health = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:9464/healthz', timeout=2).status)\""
+
+    def worker_pid() -> str:
+        return lab.sh(host, "docker inspect -f '{{.State.Pid}}' iotplat-worker-1", check=False).stdout.strip()
+
+    def stored() -> int:
+        try:
+            body = _influx(addr, str(ca), f'SELECT count("temperature") FROM "telemetry" WHERE "device" = '
+                           f"'{device}'", admin, apw, p.influx_database)
+        except OSError:
+            return -1  # InfluxDB is away
+        series = body["results"][0].get("series") or []
+        return series[0]["values"][0][1] if series else 0
+
+    dev, _ = _client(addr, str(ca), device, m.mqtt_users[device][0])
+    base, sent = int(time.time() * 1000) - 10_000, 0
+
+    def publish(count: int) -> None:
+        nonlocal sent
+        for _ in range(count):
+            payload = json.dumps({"ts": base + sent, "temperature": float(sent), "humidity": 40.0,
+                                  "power": {"battery": 3.3}}).encode()
+            dev.publish(f"devices/{device}/telemetry", payload, qos=1).wait_for_publish(5)
+            sent += 1
+
+    try:
+        publish(50)
+        killed = worker_pid()
+        assert killed not in ("", "0"), "the worker's container runs"
+        lab.sh(host, "docker kill --signal KILL iotplat-worker-1")
+        publish(50)  # while no worker runs: the broker queues them in the worker's session
+        wait_for(lambda: worker_pid() not in ("", "0", killed)
+                 and lab.sh(host, health, check=False).stdout.strip() == "200", 90, "a new worker container")
+        publish(50)
+        lab.sh(host, "systemctl stop influxdb.service")
+        wait_for(lambda: stored() == -1, 30, "InfluxDB away")
+        publish(100)  # the worker cannot write these: it spools them
+        lab.sh(host, "systemctl start influxdb.service")
+        publish(50)
+    finally:
+        dev.loop_stop()
+        dev.disconnect()
+    wait_for(lambda: stored() >= sent, 180, f"{sent} rows of {device} in InfluxDB")
+    assert stored() == sent, "each acknowledged message once"
+    assert worker_pid() not in ("", "0", killed)
+
+
 # --- secrets, escaping, cleanup --------------------------------------------------------------------------------
 
 

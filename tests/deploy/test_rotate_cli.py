@@ -38,11 +38,40 @@ def test_refused_before_a_deploy(cli, spec: Path, tmp_path: Path, what: tuple[st
     assert secrets.read_bytes() == before  # nothing rotated
 
 
-@pytest.mark.parametrize("what", [("certs",), ("secrets",), ("device", "sensor-1")])
-def test_refused_on_the_nats_engine(cli, tmp_path: Path, what: tuple[str, ...], isolated_state: Path) -> None:
-    """rotate's reload path is Mosquitto's: on broker.engine nats it says so in one line, exit 2."""
+@pytest.mark.parametrize("what", [("certs",), ("certs", "--ca"), ("secrets",), ("device", "sensor-1")])
+def test_nats_engine_is_rotated_like_mosquitto(cli, tmp_path: Path, what: tuple[str, ...], isolated_state: Path) -> None:
+    """broker.engine nats is no longer refused (it was until the nats reload path existed): before a deploy it gets
+    the same answer as Mosquitto, nothing rotated. The rotation itself runs on hosts in
+    tests/nats/test_cluster_e2e.py; the reload it relies on is tests/nats/test_reload.py."""
     for f in (PLATFORM_DIR / "examples" / "cluster").iterdir():
         shutil.copy(f, tmp_path / f.name)
     r = cli("rotate", *what, str(tmp_path / "platform.yaml"), "--out", str(tmp_path / "build"))
-    assert r.code == 2 and "broker.engine" in r.err and "mosquitto engine only" in r.err, r.err
+    assert r.code == 1 and "has not been deployed" in r.err and "broker.engine" not in r.err, r.err
     assert len(r.err.strip().splitlines()) == 1
+
+
+def test_nats_rotation_reloads_node_by_node(tmp_path: Path) -> None:
+    """Step 2 on nats is playbooks/nats-reload.yml: one broker node at a time (serial: 1) through the nats role's
+    reload task file, which installs the node's files, checks them with `nats-server -t` and applies them with
+    tasks/apply.yml (reload, restart only if not applied, /healthz); broker-reload.yml stays Mosquitto's."""
+    import yaml
+
+    from iotplat.deploy import rotate
+    from iotplat.spec.load import load_platform
+    from tests.helpers import REPO
+
+    for f in (PLATFORM_DIR / "examples" / "cluster").iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    p = load_platform(tmp_path / "platform.yaml")
+    assert rotate._broker_playbook(p)[0] == "nats-reload.yml"
+    assert rotate._broker_playbook(load_platform(PLATFORM_DIR / "platform.yaml"))[0] == "broker-reload.yml"
+    play = yaml.safe_load((rotate.PLAYBOOKS / "nats-reload.yml").read_text())[0]
+    assert play["hosts"] == "broker" and play["serial"] == 1
+    assert play["tasks"][0]["ansible.builtin.include_role"] == {"name": "nats", "tasks_from": "reload"}
+    tasks = yaml.safe_load((REPO / "roles" / "nats" / "tasks" / "reload.yml").read_text())
+    assert [next(k for k in t if k.startswith("ansible.")) for t in tasks] == [
+        "ansible.builtin.include_role", "ansible.builtin.command", "ansible.builtin.include_tasks"]
+    assert tasks[1]["ansible.builtin.command"]["argv"][:3] == ["/usr/sbin/nats-server", "-t", "-c"]
+    apply = yaml.safe_load((REPO / "roles" / "nats" / "tasks" / "apply.yml").read_text())
+    states = [t["ansible.builtin.systemd_service"]["state"] for t in apply if "ansible.builtin.systemd_service" in t]
+    assert states == ["reloaded", "restarted"]

@@ -8,7 +8,15 @@ the cluster acknowledged is in InfluxDB (counted per sequence number), the devic
 `status` names the stopped node (and the canary uses another node); then, with the cluster green again, kill -9
 of the node the devices use (systemd restarts it) together with kill -9 of worker replica 1: again every
 acknowledged message is in InfluxDB (replica 2 takes over through the shared durable consumer). At the end the
-fixture runs `destroy --yes`. A host cut off the network is not covered here.
+fixture runs `destroy --yes`. Then day 2 under the same load: `rotate certs` and `rotate secrets` (nodes reloaded one
+at a time, the workers' NATS passwords changed, replicas restarted one by one) with 0 acknowledged lost and the
+devices never refused; last, `device revoke` + `up`: the revoked device is refused by every node, the other one
+keeps publishing through every node. A host cut off the network (nftables dropping everything inside it) under
+load: 0 acknowledged lost, the devices move, `status` names it, green again once it is back.
+
+Known (docs/broker-engines.md): after a kill -9 of n2's nats-server, n2's full /healthz kept saying "JetStream
+consumer '$MQTT_rmsgs_…' is not current" for 9+ minutes (nats-server 2.9.10), so `status` stays red meanwhile: the
+kill -9 test runs last, after the tests that start from a green `status`.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ from tests.helpers import EXAMPLES
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
 NETWORK = "10.238.0.0/24"
-DEVICES = ["dev-a", "dev-b"]
+DEVICES = ["dev-a", "dev-b"]  # publish under load
+REVOKED = "dev-c"  # revoked by test_05 (the later tests still publish as dev-a and dev-b)
 RATE = 40.0  # messages per second per device
 COUNT = 1200  # per device: 30 s at RATE
+MAX_COUNT = 24000  # per device when the load lasts as long as an operation: 10 minutes at RATE at most
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +47,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory):
         spec["name"], spec["target"]["network"] = "natse2e", NETWORK
 
     yield from local_platform(tmp_path_factory.mktemp("nats-e2e"), EXAMPLES / "cluster" / "platform.yaml", edit,
-                              devices=DEVICES)
+                              devices=[*DEVICES, REVOKED])
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +60,8 @@ class Device:
     the broker hosts; when its node goes away it moves to the next host in the list and re-sends what was not
     acknowledged (with DUP). Records the sequence numbers the cluster acknowledged and every host it used."""
 
-    def __init__(self, hosts: list[str], tls_name: str, device: str, password: str, ca_file: str) -> None:
+    def __init__(self, hosts: list[str], tls_name: str, device: str, password: str, ca_file: str,
+                 stall: float | None = None) -> None:
         from support.mqttload import LoadPublisher
 
         self.device, self.hosts = device, list(hosts)
@@ -59,12 +70,30 @@ class Device:
         self.sent_at: dict[int, int] = {}
         self.error: BaseException | None = None
         self.done = False
+        self.connects = 0  # accepted connections (1: never dropped)
         outer = self
 
         class Rotating(LoadPublisher):
+            progress = time.monotonic()
+
+            def _pump_acks(inner, wait: float) -> None:
+                """With `stall`: a connection that gets no PUBACK for `stall` seconds while messages wait counts
+                as dead (a node cut off the network closes nothing: without this the device would wait for
+                TCP to give up), so the device moves on and re-sends what was not acknowledged."""
+                before = inner.acked
+                super()._pump_acks(wait)
+                now = time.monotonic()
+                if inner.acked != before or not inner.unacked:
+                    inner.progress = now
+                elif stall is not None and now - inner.progress > stall:
+                    inner.progress = now
+                    raise ConnectionError(f"no PUBACK for {stall}s")
+
             def _connect_once(inner) -> None:
                 try:
                     super()._connect_once()
+                    inner.progress = time.monotonic()
+                    outer.connects += 1
                 except (OSError, ConnectionError):
                     outer.hosts.append(outer.hosts.pop(0))
                     inner.host = outer.hosts[0]
@@ -75,10 +104,14 @@ class Device:
                             host=self.hosts[0], tls_name=tls_name)
         self.pub.on_ack = lambda pid, t: self.acked.add(self.sent_at[pid]) if pid in self.sent_at else None
         self._thread: threading.Thread | None = None
+        self.count = 0  # messages generated (COUNT, or fewer when `stop` ends the run early)
 
-    def start(self, base_ms: int) -> Device:
+    def start(self, base_ms: int, limit: int = COUNT, stop: threading.Event | None = None) -> Device:
         def messages():
-            for seq in range(COUNT):
+            for seq in range(limit):
+                if stop is not None and stop.is_set():
+                    return
+                self.count = seq + 1
                 yield (f"devices/{self.device}/telemetry",
                        b'{"ts":%d,"seq":%d,"temperature":%.2f}' % (base_ms + seq, seq, 20 + (seq % 100) / 10))
 
@@ -87,7 +120,7 @@ class Device:
 
         def run() -> None:
             try:
-                self.pub.publish_all(messages(), rate=RATE, timeout=240, on_sent=on_sent)
+                self.pub.publish_all(messages(), rate=RATE, timeout=limit / RATE + 240, on_sent=on_sent)
                 self.done = True
             except BaseException as e:  # reported by join()
                 self.error = e
@@ -121,10 +154,12 @@ def test_01_up_deploys_the_cluster_and_status_is_green(deployed: dict, capfd) ->
     assert ("n1", "unit iotplat-worker@1") in ok and ("n2", "unit iotplat-worker@2") in ok
 
 
-def _under_load(deployed: dict, first: str, lose) -> tuple[list[Device], object]:
+def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False,
+                stall: float | None = None) -> tuple[list[Device], object]:
     """Two devices publish COUNT messages each, connected first to `first`; once a quarter is acknowledged,
     `lose(provider)` breaks something. Returns the devices (joined) after every acknowledged message was found
-    in InfluxDB by its sequence number (asserted), and the provider."""
+    in InfluxDB by its sequence number (asserted), and the provider. `until_done`: the devices go on publishing
+    (at most MAX_COUNT each) until `lose` returns plus 10 s, so all of a long operation runs under load."""
     from iotplat.deploy.targets import local_settings
     from iotplat.hosts import local_provider
     from iotplat.spec.load import load_platform
@@ -136,15 +171,22 @@ def _under_load(deployed: dict, first: str, lose) -> tuple[list[Device], object]
     names = ["n1", "n2", "n3"]
     order = [hosts[h] for h in names[names.index(first):] + names[:names.index(first)]]
     base_ms = int(time.time() * 1000) - 10 * COUNT  # device timestamps in the recent past, one ms apart
-    devs = [Device(order, p.service_name("broker"), d, m.mqtt_users[d][0], ca).start(base_ms) for d in DEVICES]
+    stop = threading.Event() if until_done else None
+    limit = MAX_COUNT if until_done else COUNT
+    devs = [Device(order, p.service_name("broker"), d, m.mqtt_users[d][0], ca, stall).start(base_ms, limit, stop)
+            for d in DEVICES]
     deadline = time.monotonic() + 60
     while min(len(d.acked) for d in devs) < COUNT // 4 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert min(len(d.acked) for d in devs) >= COUNT // 4, "devices are not being acknowledged"
     provider = local_provider(local_settings(load_platform(Path(deployed["spec"]))))
     lose(provider)
+    if stop is not None:
+        time.sleep(10)  # (a bounded tail of load after the operation; the publishers stop at MAX_COUNT anyway)
+        stop.set()
     for d in devs:
-        d.join(240)
+        d.join(limit / RATE + 240)
+    _, m, _ = platform_materials(deployed)  # `lose` may have rotated the reader's password or the certificates
     trust = TrustStore(m.ca_cert_pem)
     reader = m.secrets["influxdb_grafana_password"]
 
@@ -163,7 +205,8 @@ def _under_load(deployed: dict, first: str, lose) -> tuple[list[Device], object]
             time.sleep(2)
     finally:
         trust.close()
-    assert all(len(d.acked) == COUNT for d in devs), {d.device: len(d.acked) for d in devs}
+    assert all(len(d.acked) == d.count for d in devs), {d.device: (len(d.acked), d.count) for d in devs}
+    assert all(d.count >= COUNT // 4 for d in devs)
     assert not any(missing.values()), {k: (len(v), v[:10]) for k, v in missing.items()}
     print(f"{first}: {sum(len(d.acked) for d in devs)} acknowledged, all in InfluxDB; hosts used: "  # figures
           + "; ".join(f"{d.device} {d.used}" for d in devs), file=sys.stderr)  # (stdout is the CLI's JSON)
@@ -184,11 +227,160 @@ def test_02_a_stopped_node_loses_no_acknowledged_message(deployed: dict, capfd) 
     provider.exec("n1", ["systemctl", "start", "nats-server"])  # type: ignore[attr-defined]
 
 
-def test_03_node_and_worker_killed_lose_no_acknowledged_message(deployed: dict, capfd) -> None:
+def _status_green(deployed: dict, capfd, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
+        if code == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    try:
+        report = json.loads(out)
+    except ValueError:
+        raise AssertionError((out + err)[-3000:]) from None
+    assert code == 0, [(c["host"], c["name"], c["detail"]) for c in report["checks"] if not (c["ok"] or c["skipped"])]
+    return report
+
+
+def test_04_rotate_certs_and_secrets_under_load_lose_nothing(deployed: dict, capfd) -> None:
+    """`rotate certs` then `rotate secrets` while the devices publish: each node reloads in turn (no restart: the
+    devices keep their connection), the worker replicas restart one at a time with new NATS passwords; every
+    acknowledged message is in InfluxDB and status is green after."""
+    _status_green(deployed, capfd)
+    hosts = deployed["hosts"]
+    p, before, _ = platform_materials(deployed)
+    old_workers = {r.username: before.mqtt_users[r.username][0] for r in p.replicas}
+    results: dict[str, dict] = {}
+
+    def rotate(prov) -> None:
+        for what in ("certs", "secrets"):
+            code, out, err = run_cli(capfd, "rotate", what, deployed["spec"], "--out", deployed["build"], "--json")
+            assert code == 0, (out + err)[-4000:]
+            results[what] = json.loads(out)
+
+    started = time.monotonic()
+    devs, _ = _under_load(deployed, "n3", rotate, until_done=True)
+    assert all(d.used == [hosts["n3"]] for d in devs), [d.used for d in devs]  # never refused, never moved
+    assert all(d.connects == 1 for d in devs), [d.connects for d in devs]  # the reloads dropped nobody
+    assert results["certs"]["ok"] is True and results["secrets"]["ok"] is True
+    assert "worker_nats_passwords" in results["secrets"]["rotated"]
+    _, after, _ = platform_materials(deployed)
+    assert all(after.mqtt_users[u][0] != pw for u, pw in old_workers.items())
+    _status_green(deployed, capfd)
+    print(f"rotate certs {results['certs']['seconds']}s + secrets {results['secrets']['seconds']}s under load, "
+          f"{sum(d.count for d in devs)} messages in {time.monotonic() - started:.0f}s", file=sys.stderr)
+
+
+def _connack(address: str, ca_file: str, user: str, password: str) -> object:
+    import paho.mqtt.client as mqtt
+
+    from tests.deploy.conftest import mqtt_connect
+
+    client, seen = mqtt_connect(address, ca_file, user, password, protocol=mqtt.MQTTv311)
+    try:
+        return seen["rc"]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_05_a_revoked_device_is_refused_by_every_node(deployed: dict, capfd) -> None:
+    """`device revoke dev-c` then `up`: every node refuses dev-c's credential (CONNACK not authorized) and the
+    nodes reload rather than restart (dev-a, connected through the `up`, keeps its connection); dev-a connects
+    and publishes through every node."""
+    import paho.mqtt.client as mqtt
+
+    from tests.deploy.conftest import mqtt_connect
+
+    hosts = deployed["hosts"]
+    _, m, _ = platform_materials(deployed)
+    ca = str(Path(deployed["build"]) / "hosts/n1/etc/iotplat/tls/ca.crt")
+    revoked_pw = m.mqtt_users[REVOKED][0]
+    for h in ("n1", "n2", "n3"):
+        rc = _connack(hosts[h], ca, REVOKED, revoked_pw)
+        assert getattr(rc, "value", rc) == 0, (h, rc)
+    stays, seen = mqtt_connect(hosts["n2"], ca, "dev-a", m.mqtt_users["dev-a"][0], protocol=mqtt.MQTTv311)
+    try:
+        assert getattr(seen["rc"], "value", seen["rc"]) == 0
+        assert run_cli(capfd, "device", "revoke", REVOKED, deployed["spec"])[0] == 0
+        code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
+        assert code == 0, (out + err)[-4000:]
+        assert json.loads(out)["ok"] is True
+        for h in ("n1", "n2", "n3"):
+            rc = _connack(hosts[h], ca, REVOKED, revoked_pw)
+            assert getattr(rc, "value", rc) in (5, 0x86, 0x87), (h, rc)  # not authorized (paho 2: v5 codes)
+            client, ok = mqtt_connect(hosts[h], ca, None, None, protocol=mqtt.MQTTv311)  # anonymous: refused too
+            client.loop_stop()
+            assert getattr(ok["rc"], "value", ok["rc"]) != 0, h
+        assert seen["disconnects"] == 0, "a node restarted instead of reloading"
+        info = stays.publish("devices/dev-a/telemetry", b'{"ts":%d,"seq":-1,"temperature":1.0}' % int(time.time() * 1000),
+                             qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+    finally:
+        stays.disconnect()
+        stays.loop_stop()
+    for h in ("n1", "n3"):  # a fresh dev-a connection through the other nodes publishes too
+        for _ in range(5):  # (nats-server may hold a client id for a few seconds after its last connection)
+            client, ok = mqtt_connect(hosts[h], ca, "dev-a", m.mqtt_users["dev-a"][0], protocol=mqtt.MQTTv311)
+            if getattr(ok["rc"], "value", ok["rc"]) == 0:
+                break
+            client.loop_stop()
+            time.sleep(2)
+        try:
+            assert getattr(ok["rc"], "value", ok["rc"]) == 0, h
+            info = client.publish("devices/dev-a/telemetry", b'{"ts":%d,"seq":-2,"temperature":1.0}'
+                                  % int(time.time() * 1000), qos=1)
+            info.wait_for_publish(10)
+            assert info.is_published(), h
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+
+CUT = ("table inet iotplat_cut { chain cut_in { type filter hook input priority -400; policy drop; iifname \"lo\" accept; }; "
+       "chain cut_out { type filter hook output priority -400; policy drop; oifname \"lo\" accept; }; }")
+
+
+def test_06_a_host_cut_off_the_network_loses_no_acknowledged_message(deployed: dict, capfd) -> None:
+    """n1 (a broker node and worker replica 1) cut off the network by an nftables table inside it that drops
+    every packet in and out (its processes keep running, nothing is closed) while the devices publish to it: the
+    devices get no PUBACK, move to n2 within their stall timeout (5 s) and re-send; every acknowledged message is
+    in InfluxDB (replica 2 takes over what replica 1 held), `status` names n1 (it stops at the unreachable host with
+    one line naming it); back on the network, status is green."""
+    _status_green(deployed, capfd)
+    hosts = deployed["hosts"]
+    cut = ["nft", CUT]
+
+    def lose(prov) -> None:
+        r = prov.exec("n1", cut)
+        assert r.returncode == 0, r.stderr
+
+    try:
+        devs, provider = _under_load(deployed, "n1", lose, stall=5.0)
+        for d in devs:
+            assert d.used[0] == hosts["n1"] and len(d.used) >= 2, d.used  # moved to another node
+        code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
+        assert code == 1, (out + err)[-3000:]
+        # status reaches every host over SSH first: an unreachable one stops it with one line naming the host
+        error = json.loads(out)["error"]
+        assert f"n1 ({hosts['n1']})" in error and "n2" not in error and "n3" not in error, error
+    finally:
+        from iotplat.deploy.targets import local_settings
+        from iotplat.hosts import local_provider
+        from iotplat.spec.load import load_platform
+
+        local_provider(local_settings(load_platform(Path(deployed["spec"])))).exec(
+            "n1", ["nft", "delete", "table", "inet", "iotplat_cut"])
+    _status_green(deployed, capfd)
+
+
+def test_07_node_and_worker_killed_lose_no_acknowledged_message(deployed: dict, capfd) -> None:
     """kill -9 of the node the devices use (systemd restarts it: Restart=on-failure) and of worker replica 1
-    at the same moment: the devices move on, replica 2 takes over replica 1's messages, nothing acknowledged lost."""
+    at the same moment: the devices move on, replica 2 takes over replica 1's messages, nothing acknowledged lost.
+    Last in the module: after it, n2's full /healthz may stay red for minutes (docstring above)."""
     deadline = time.monotonic() + 120
-    while True:  # n1, started again by the last test, back in the cluster
+    while True:  # n1, reconnected by the last test, back in the cluster
         code, out, _ = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
         if code == 0 or time.monotonic() > deadline:
             break
