@@ -54,8 +54,8 @@ def _influxd(p: Platform, folder: str) -> str:
 
     image = container_image(p, "influxdb").run  # a closed value: sha256:<id> or name@sha256:<digest>
     uid = f"{INFLUXDB1_UID}:{INFLUXDB1_UID}"
-    return (f"chown {uid} {folder}; docker run --rm --network host --user {uid} --cap-drop ALL --security-opt "
-            f"no-new-privileges --log-driver none --mount type=bind,source={folder},target={folder} "
+    return (f"mkdir -p {folder}; chown {uid} {folder}; docker run --rm --network host --user {uid} --cap-drop ALL "
+            f"--security-opt no-new-privileges --log-driver none --mount type=bind,source={folder},target={folder} "
             f"--entrypoint influxd {image}")
 
 
@@ -117,8 +117,13 @@ class InfluxDB(Service):
         """InfluxDB's portable backup (1.x: the database through the RPC port on loopback; 2.x: the instance)."""
         from iotplat.render.layout import PATHS
 
+        from iotplat.render.engine import Escaped
+
         ix = r.p.spec.influxdb
+        # the step's folder is a shell expression of the backup script ($work: backup.dir, a closed path, and a
+        # timestamp); _influxd writes closed values only around it (the image reference, numeric ids)
         script = r.template("influxdb/backup-step.sh.j2", version=ix.version, database=r.p.influx_database,
+                            influxd=Escaped(_influxd(r.p, '"$work/influxdb"')),
                             url=f"https://{host}.{r.p.spec.network.domain}:{ix.port}",
                             token_file=f"{CREDENTIALS}/admin-token", ca_cert=PATHS["ca_cert"])
         return BackupStep("InfluxDB", "influxdb.service", script)

@@ -644,11 +644,6 @@ def check_runtime(p: Platform, doc: Document) -> list[Problem]:
             out.append(doc.problem(where(svc), "only the Mosquitto broker runs in a container",
                                    "run the broker as a package: runtime: {default: container, broker: package}"))
             continue
-        if svc == "influxdb" and p.spec.backup.schedule:
-            out.append(doc.problem(("backup", "schedule"), "scheduled backups of InfluxDB in a container are not "
-                                   "supported yet (the host has no influxd to run them)",
-                                   "take backups with `iotplat backup` from the controller (it runs influxd in a "
-                                   "container of the image), or run influxdb as a package"))
         if not getattr(p.spec.images, IMAGE_KEYS[svc]):
             try:
                 image_ref(p.spec, svc)

@@ -46,6 +46,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory):
         spec["name"], spec["target"]["network"] = "ctr", NETWORK
         spec["images"] = {"broker": str(broker.ref), "influxdb": str(influx.ref),
                           "archive": {"broker": str(broker.archive), "influxdb": str(influx.archive)}}
+        spec["backup"] = {"schedule": "daily", "keep": 2}  # the scheduled steps run the images' own tools
 
     for ctx in local_platform(work, EXAMPLES / "containers" / "platform.yaml", edit, devices=["dev-a", "dev-b"],
                               env={"IOTPLAT_IMAGE_CACHE": str(work / "image-cache")}, destroy_data=True):
@@ -116,6 +117,17 @@ def test_04_logs_show_the_containers_journal(deployed: dict, capfd) -> None:
     assert lines and all(" edge/broker: " in line for line in lines)
     # Mosquitto's own start-up lines, written by the container through Docker's journald driver
     assert any("mosquitto version" in line and "running" in line for line in lines), out[-2000:]
+
+
+def test_04b_scheduled_backups_run_inside_the_images(deployed: dict) -> None:
+    """The spec's backup schedule on container hosts: the step of InfluxDB runs influxd in a throw-away container
+    of InfluxDB's image (the host has none), the broker's signals its container to save; each host's backup
+    folder verifies against its SHA256SUMS and no container is left behind."""
+    for host, member in (("tsdb", "influxdb/*.manifest"), ("edge", "mosquitto.db")):
+        _exec(deployed, host, "systemctl start iotplat-backup.service")
+        newest = _exec(deployed, host, "ls -1d /var/backups/iotplat/2*Z | tail -n 1").strip()
+        _exec(deployed, host, f"cd {newest} && ls {member} && sha256sum --quiet -c SHA256SUMS")
+    assert _exec(deployed, "tsdb", "docker ps -a --format '{{.Names}}'").split() == ["influxdb"]  # --rm: gone
 
 
 def test_05_a_changed_digest_is_drift(deployed: dict, capfd) -> None:

@@ -247,3 +247,20 @@ def test_scheduled_backup_signals_a_containerized_broker_through_docker(tmp_path
     text = "".join(s.read_text() for s in scripts)
     assert "docker kill --signal USR1 mosquitto" in text and "systemctl kill" not in text
     assert "influxd backup -portable" in text  # InfluxDB as a package: the host's influxd
+
+
+def test_scheduled_backup_runs_influxd_in_a_container_of_influxdbs_image(tmp_path: Path) -> None:
+    """InfluxDB in a container: the host has no influxd, so the step runs the image's own influxd (the command
+    `iotplat backup` runs) with the step's folder mounted; the script is valid sh. On hosts:
+    tests/containers/test_runtime_e2e.py starts the scheduled backup and reads the backup it wrote."""
+    import subprocess
+
+    case = Path(__file__).parents[1] / "spec/cases/valid_container_influxdb_scheduled_backup/platform.yaml"
+    render(str(case), None, out_dir=str(tmp_path / "b"))
+    script = next((tmp_path / "b/hosts").glob("*/usr/local/sbin/iotplat-backup")).read_text()
+    step = next(line for line in script.splitlines() if "backup -portable" in line)
+    assert step.startswith('mkdir -p "$work/influxdb"; chown 1500:1500 "$work/influxdb"; docker run --rm '), step
+    assert '--mount type=bind,source="$work/influxdb",target="$work/influxdb" --entrypoint influxd ' in step
+    assert "--entrypoint influxd influxdb@sha256:9d1a551e" in step  # pulled by the pinned digest (no archive)
+    assert "--user 1500:1500" in step and "--cap-drop ALL" in step
+    assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
