@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from support.natscluster import NatsCluster, nats_worker_config  # noqa: E402
+from support.procstat import cpu_seconds, load  # noqa: E402
 from support.servers import Influx1, Mosquitto, kill_group  # noqa: E402
 from support.workerproc import WorkerProc, worker_config  # noqa: E402
 
@@ -53,18 +54,6 @@ from support.workerproc import WorkerProc, worker_config  # noqa: E402
 PY = sys.executable
 PUBLISHERS = 3
 PASSWORD = "device-{:03d}-secret-pw-0123456789"  # tests/support/natscluster.py gives devices these
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def child_publish(args: argparse.Namespace) -> None:

@@ -104,6 +104,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / "tests"))  # appended: tests/secrets must not shadow the stdlib
 sys.path.insert(0, str(ROOT))
 
+from support.procstat import cpu_seconds, load  # noqa: E402
+
 PY = sys.executable
 GOAL_DEVICES, GOAL_SECONDS = 10_000, 10.0
 KEEPALIVE = 300  # the rendered max_keepalive: a longer one is refused
@@ -394,14 +396,6 @@ def child(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ the brokers
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def peak_rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -433,10 +427,6 @@ def listen_overflows() -> int:
             row = dict(zip(names.split()[1:], values.split()[1:]))
             return int(row.get("ListenOverflows", 0))
     return 0
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def wait_accepting(ports: list[int], timeout: float, any_: bool = True) -> float:
