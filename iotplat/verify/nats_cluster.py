@@ -73,34 +73,48 @@ def _stream(jsz: Mapping[str, Any], name: str) -> dict[str, Any] | None:
 NODE_CHECK = "nats-server /healthz"
 
 
+def _leader_answer(views: Mapping[str, Mapping[str, Any] | None]) -> tuple[str, Mapping[str, Any]] | None:
+    """(node, detail): a replicated stream's or consumer's detail as its raft leader answers it ({node: that
+    node's detail}): the leader tracks its followers (current: caught up with its applied index and heard from
+    within nats-server's lost-quorum interval), a follower does not track the others. Without an answering
+    leader: any node's."""
+    return next(((n, d) for n, d in views.items() if d and (d.get("cluster") or {}).get("leader") == n), None) \
+        or next(((n, d) for n, d in views.items() if d), None)
+
+
 def _leader_view(views: Mapping[str, Mapping[str, Any] | None]) -> Mapping[str, Any] | None:
-    """A replicated stream's or consumer's detail as its raft leader answers it ({node: that node's detail}): the
-    leader tracks its followers (current: caught up with its applied index and heard from within nats-server's
-    lost-quorum interval), a follower does not track the others. Without an answering leader: any node's."""
-    return next((d for n, d in views.items() if d and (d.get("cluster") or {}).get("leader") == n), None) \
-        or next((d for d in views.values() if d), None)
+    got = _leader_answer(views)
+    return got[1] if got else None
 
 
-def _not_current(node: str, view: Mapping[str, Any]) -> str | None:
-    """Why ``node`` is not current on the asset ``view`` describes (``_leader_view``); None when it is its leader,
-    a current replica, or holds no replica of it."""
-    cluster = view.get("cluster") or {}
+def _not_current(node: str, view: Mapping[str, Any], by: str) -> str | None:
+    """Why ``node`` is not current on the asset ``view`` describes, as node ``by`` answered it (``_leader_view``);
+    None when it is its leader, a current replica as its leader says, or holds no replica of it."""
+    cluster = view.get("cluster")
+    if not cluster:  # JetStream not clustered (one node): nothing to be behind
+        return None
     leader = str(cluster.get("leader") or "")
-    if node == leader:
+    if node == leader and by == node:
         return None
     replica = next((r for r in cluster.get("replicas") or [] if r.get("name") == node), None)
-    if not leader:
-        return "it has no leader" if replica is not None or not cluster.get("replicas") else None
-    if replica is None:
+    member = replica is not None or node in (leader, by)
+    if not member:
         return None
+    if not leader:
+        return "it has no leader"
+    if by != leader:  # only the leader tracks its followers; it does not answer (yet): nothing says it is current
+        return f"its leader {leader} does not answer"
     if replica.get("current"):
         return None
     return f"behind its leader {leader} (lag {replica.get('lag', 0)}, " \
            f"{'offline' if replica.get('offline') else 'seen %.1fs ago' % (int(replica.get('active', 0)) / 1e9)})"
 
 
-def node_serves(node: str, answer: Mapping[str, Any] | str, stream: str, stream_view: Mapping[str, Any] | None,
-                consumer_views: Mapping[str, Mapping[str, Any] | None]) -> Check:
+AssetView = tuple[str, Mapping[str, Any]]  # (the node that answered, its detail of a stream or consumer)
+
+
+def node_serves(node: str, answer: Mapping[str, Any] | str, stream: str, stream_view: AssetView | None,
+                consumer_views: Mapping[str, AssetView | None]) -> Check:
     """One node's ``nats-server /healthz`` check (module docstring): its ``/healthz?js-server-only=true`` is ok and
     it is current on the worker's stream and each of the worker's consumers it holds a replica of. The stream not
     created yet is said, not failed here (``nats stream`` fails it: the worker creates it on start)."""
@@ -115,11 +129,11 @@ def node_serves(node: str, answer: Mapping[str, Any] | str, stream: str, stream_
     leader = ((answer.get(MONITOR_PATHS[1]) or {}).get("meta_cluster") or {}).get("leader") or "this node"
     behind = []
     if stream_view is not None:
-        why = _not_current(node, stream_view)
+        why = _not_current(node, stream_view[1], stream_view[0])
         if why:
             behind.append(f"{stream}: {why}")
     for name, view in consumer_views.items():
-        why = _not_current(node, view) if view is not None else None
+        why = _not_current(node, view[1], view[0]) if view is not None else None
         if why:
             behind.append(f"consumer {name}: {why}")
     if behind:
@@ -159,15 +173,16 @@ def cluster_checks(nodes: list[str], answers: Mapping[str, Mapping[str, Any] | s
         out.append(Check("nats JetStream meta leader", ok,
                          f"{named[0]} (as every answering node says)" if ok else f"no agreed leader: {said}"))
     seen = {n: _stream(a.get(MONITOR_PATHS[1]) or {}, stream) for n, a in up.items()}
-    detail = _leader_view(seen)
+    stream_view = _leader_answer(seen)
+    detail = stream_view[1] if stream_view else None
     consumers: dict[str, dict[str, Mapping[str, Any]]] = {}  # the worker's durables: name -> {node: its answer}
     for n, d in seen.items():
         for c in (d or {}).get("consumer_detail") or []:
             if str(c.get("name", "")).startswith(WORKER_DURABLE_PREFIX + "_"):
                 consumers.setdefault(str(c["name"]), {})[n] = c
-    consumer_views = {name: _leader_view(v) for name, v in sorted(consumers.items())}
+    consumer_views = {name: _leader_answer(v) for name, v in sorted(consumers.items())}
     for n in nodes:
-        out.append(node_serves(n, answers.get(n, "no answer"), stream, detail, consumer_views))
+        out.append(node_serves(n, answers.get(n, "no answer"), stream, stream_view, consumer_views))
     if detail is None:
         out.append(Check(f"nats stream {stream}", False, "no answering node knows the stream (the worker creates it "
                                                            "on start)"))

@@ -148,3 +148,60 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
     for p in pubs:
         p.join(240)
     assert all(len(p.acked) == len(p.seqs) for p in pubs)
+
+
+def _jsz(meta: str, stream_leader: str, replicas: dict[str, bool], consumer_leader: str = "",
+         consumer_replicas: dict[str, bool] | None = None) -> dict:
+    """The fields of nats-server 2.9.10's /jsz?accounts=true&streams=true&consumers=true read here."""
+    def cluster(leader: str, reps: dict[str, bool]) -> dict:
+        return {"leader": leader, "replicas": [{"name": n, "current": ok, "lag": 0 if ok else 7, "active": 2_000_000_000}
+                                               for n, ok in reps.items()]}
+    consumers = [] if consumer_replicas is None else [
+        {"name": "iotplat_0123456789ab", "cluster": cluster(consumer_leader, consumer_replicas)},
+        {"name": "$MQTT_rmsgs_x", "cluster": cluster(consumer_leader, {n: False for n in consumer_replicas})}]
+    return {"meta_cluster": {"leader": meta}, "account_details": [{"stream_detail": [
+        {"name": "$MQTT_msgs", "cluster": cluster(stream_leader, replicas), "consumer_detail": consumers}]}]}
+
+
+def _one(node: str, answers: dict, nodes: tuple[str, ...] = ("n1", "n2", "n3")):
+    full = {n: a if isinstance(a, str) else {MONITOR_PATHS[1]: a[0], HEALTHZ: a[1]} for n, a in answers.items()}
+    return _node_check(cluster_checks(list(nodes), full), node)
+
+
+OK = {"status": "ok"}
+
+
+@pytest.mark.parametrize("answers, node, ok, says", [
+    # the stream's leader (n1) sees n3 behind; n3's own /healthz?js-server-only=true is ok
+    ({"n1": (_jsz("n1", "n1", {"n2": True, "n3": False}), OK), "n3": (_jsz("n1", "n1", {}), OK)},
+     "n3", False, "$MQTT_msgs: behind its leader n1 (lag 7, seen 2.0s ago)"),
+    # the worker's consumer: its leader (n2) sees n1 behind; a lagging $MQTT_rmsgs_ consumer is not looked at
+    ({"n1": (_jsz("n1", "n1", {"n2": True, "n3": True}), OK),
+      "n2": (_jsz("n1", "n1", {}, "n2", {"n1": False, "n3": True}), OK)},
+     "n1", False, "consumer iotplat_0123456789ab: behind its leader n2"),
+    ({"n1": (_jsz("n1", "n1", {"n2": True, "n3": True}), OK),
+      "n2": (_jsz("n1", "n1", {}, "n2", {"n1": True, "n3": True}), OK), "n3": (_jsz("n1", "n1", {}), OK)},
+     "n3", True, "current on $MQTT_msgs, iotplat_0123456789ab"),
+    # JetStream without a meta leader: what nats-server says
+    ({"n2": ({}, {"status": "unavailable", "error": "JetStream has not established contact with a meta leader"})},
+     "n2", False, "unavailable: JetStream has not established contact with a meta leader"),
+    ({"n2": "URLError: refused"}, "n2", False, "not serving: URLError: refused"),
+    # the stream's leader does not answer: nothing says n2 is current
+    ({"n2": (_jsz("n1", "n1", {"n2": True, "n3": True}), OK)}, "n2", False, "its leader n1 does not answer"),
+    ({"n2": (_jsz("n1", "", {"n2": False, "n3": False}), OK)}, "n2", False, "$MQTT_msgs: it has no leader"),
+    # R3 on 5 nodes: n5 holds no replica of the stream
+    ({"n1": (_jsz("n1", "n1", {"n2": True, "n3": True}), OK), "n5": (_jsz("n1", "n1", {}), OK)},
+     "n5", True, "current on $MQTT_msgs"),
+])
+def test_node_serves(answers: dict, node: str, ok: bool, says: str) -> None:
+    """node_serves on the shapes real 2.9.10 nodes answer (the loopback test above reads real ones)."""
+    nodes = ("n1", "n2", "n3", "n5") if "n5" in answers else ("n1", "n2", "n3")
+    check = _one(node, answers, nodes)
+    assert check.ok is ok and says in check.detail, check
+
+
+def test_node_serves_on_one_node() -> None:
+    """One node (JetStream not clustered: no cluster in /jsz): its /healthz?js-server-only=true decides."""
+    jsz = {"meta_cluster": {}, "account_details": [{"stream_detail": [{"name": "$MQTT_msgs", "state": {}}]}]}
+    assert _one("n1", {"n1": (jsz, OK)}, ("n1",)).ok
+    assert not _one("n1", {"n1": (jsz, {"status": "unavailable", "error": "x"})}, ("n1",)).ok
