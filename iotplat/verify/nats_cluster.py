@@ -283,27 +283,44 @@ def read_monitor(host: Host, paths: tuple[str, ...] = (JSZ_CONSUMERS,)) -> dict[
     return got
 
 
+SETTLE = 10.0  # seconds `status` re-reads answering nodes whose JetStream state is not ok yet (an election)
+
+
 def checks(probe: Probe) -> list[Check]:
-    """Read each broker host's monitoring endpoints over SSH and judge the cluster (``cluster_checks``)."""
+    """Read each broker host's monitoring endpoints over SSH and judge the cluster (``cluster_checks``). While a
+    check is red although every node answers (a raft election after a restart takes seconds), the nodes are read
+    again every 2 s for ``SETTLE`` seconds at most, as `status` gives a worker replica's /healthz time to settle."""
     import json
     import subprocess
+    import time
 
     from iotplat.services.nats import MONITOR_PORT
     from iotplat.verify.status import _ssh_json
 
     p = probe.platform
     nodes = list(p.placement["broker"])
-    answers: dict[str, Mapping[str, Any] | str] = {}
     script = _SCRIPT % (json.dumps(list(MONITOR_PATHS)), MONITOR_PORT)
-    for n in nodes:
-        host = probe.hosts.get(n)
-        if host is None:
-            answers[n] = "no address"
-            continue
-        try:
-            got = _ssh_json(host, script)
-        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
-            answers[n] = f"cannot reach the host: {exc}"
-            continue
-        answers[n] = got["error"] if "error" in got else got
-    return cluster_checks(nodes, answers)
+
+    def read() -> dict[str, Mapping[str, Any] | str]:
+        answers: dict[str, Mapping[str, Any] | str] = {}
+        for n in nodes:
+            host = probe.hosts.get(n)
+            if host is None:
+                answers[n] = "no address"
+                continue
+            try:
+                got = _ssh_json(host, script)
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                answers[n] = f"cannot reach the host: {exc}"
+                continue
+            answers[n] = got["error"] if "error" in got else got
+        return answers
+
+    deadline = time.monotonic() + SETTLE
+    while True:
+        answers = read()
+        out = cluster_checks(nodes, answers)
+        if all(c.ok for c in out) or any(isinstance(a, str) for a in answers.values()) \
+                or time.monotonic() >= deadline:
+            return out
+        time.sleep(2)

@@ -113,7 +113,8 @@ def test_the_leaders_views_are_used() -> None:
     consumer's (n1) leaders; leaders_jsz takes the stream from n2 and the consumer from n1."""
     follower = _detail("n2", 90, _consumer("n1", 80))
     assert nats_cluster.leaders_needed({"n3": follower}) == {"n1", "n2"}
-    views = {"n3": follower, "n2": _detail("n2", 100, _consumer("n1", 85)), "n1": _detail("n2", 95, _consumer("n1", 97))}
+    views = {"n3": follower, "n2": _detail("n2", 100, _consumer("n1", 85)),
+             "n1": _detail("n2", 95, _consumer("n1", 97))}
     assert nats_cluster.leaders_needed(views) == set()
     merged = nats_cluster.leaders_jsz(views)
     assert nats_cluster.stream_last_seq(merged) == 100

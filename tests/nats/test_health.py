@@ -17,11 +17,14 @@ the network (needs hosts).
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from iotplat.verify import nats_cluster
 from iotplat.verify.nats_cluster import HEALTHZ, MONITOR_PATHS, NODE_CHECK, cluster_checks
 from support.natscluster import FailoverPublisher, NatsCluster, nats_worker_config
 from support.workerproc import WorkerProc
@@ -41,6 +44,19 @@ RECOVERY_BOUND = 60.0
 def _answers(cluster: NatsCluster) -> dict:
     return {n.name: (monitor_answers(n.http_port, MONITOR_PATHS) if n.alive() else "killed")
             for n in cluster.nodes}
+
+
+def _probe(cluster: NatsCluster) -> SimpleNamespace:
+    """A Probe for ``nats_cluster.checks``: its hosts run the real monitoring script (``_SCRIPT``) here instead of
+    over SSH (without sudo), each on its node's loopback port instead of 8222."""
+    from iotplat.services.nats import MONITOR_PORT
+
+    def host(n) -> SimpleNamespace:
+        return SimpleNamespace(name=n.name, remote_argv=lambda argv: [
+            sys.executable, "-c", argv[-1].replace(f"127.0.0.1:{MONITOR_PORT}", f"127.0.0.1:{n.http_port}")])
+
+    return SimpleNamespace(platform=SimpleNamespace(placement={"broker": [n.name for n in cluster.nodes]}),
+                           hosts={n.name: host(n) for n in cluster.nodes})
 
 
 def _node_check(checks: list, node: str):
@@ -109,6 +125,10 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
 
     _wait(victim_red_others_green, 60, "the killed node red, the others green", lambda: seen)
     assert "not serving" in _node_check(seen, victim.name).detail
+    # the same through `status`'s own reader (the script it runs over SSH): the killed node cannot be read
+    via_script = nats_cluster.checks(_probe(cluster))  # type: ignore[arg-type]
+    down = _node_check(via_script, victim.name)
+    assert not down.ok and "Connection refused" in down.detail, down
 
     # a node that answers /healthz?js-server-only=true but that the stream's leader sees behind is red too: the
     # victim's last real answer from before the kill, beside what the live nodes say of it now (offline, behind)
@@ -129,6 +149,8 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
     _wait(lambda: all(c.ok for c in checks()), RECOVERY_BOUND, "every cluster check green",
           lambda: [c for c in seen if not c.ok])
     recovered = time.monotonic() - t0
+    via_script = nats_cluster.checks(_probe(cluster))  # type: ignore[arg-type]
+    assert all(c.ok for c in via_script) and len([c for c in via_script if c.name == NODE_CHECK]) == 3, via_script
     # the pre-change check, the node's full /healthz, watched until it is ok or the bound is over: it may stay red
     # (measured here once: still "$MQTT_rmsgs_… not current" 300 s after the restart; other runs: ok within
     # seconds), and whenever it is red after ours is green it names the MQTT layer's assets, not iotplat's
@@ -154,8 +176,8 @@ def _jsz(meta: str, stream_leader: str, replicas: dict[str, bool], consumer_lead
          consumer_replicas: dict[str, bool] | None = None) -> dict:
     """The fields of nats-server 2.9.10's /jsz?accounts=true&streams=true&consumers=true read here."""
     def cluster(leader: str, reps: dict[str, bool]) -> dict:
-        return {"leader": leader, "replicas": [{"name": n, "current": ok, "lag": 0 if ok else 7, "active": 2_000_000_000}
-                                               for n, ok in reps.items()]}
+        return {"leader": leader, "replicas": [
+            {"name": n, "current": ok, "lag": 0 if ok else 7, "active": 2_000_000_000} for n, ok in reps.items()]}
     consumers = [] if consumer_replicas is None else [
         {"name": "iotplat_0123456789ab", "cluster": cluster(consumer_leader, consumer_replicas)},
         {"name": "$MQTT_rmsgs_x", "cluster": cluster(consumer_leader, {n: False for n in consumer_replicas})}]
