@@ -82,28 +82,26 @@ DRAIN_TIMEOUT = 120.0  # seconds `backup` waits for the worker to catch up on na
 def _drain_nats(ctx: Context, host: Host, timeout: float = DRAIN_TIMEOUT, poll: float = 1.0) -> None:
     """`backup` on nats archives no broker member: JetStream's store is replicated on the nodes and holds only
     what the worker has not written yet. Instead it waits (``timeout`` at most) until the worker's durable
-    consumer acknowledged every message the stream held when the backup started, read from a broker node's
-    /jsz (loopback, over SSH): the worker acks after writing to InfluxDB (or after spooling, when InfluxDB is
-    unreachable), so every message a device got a PUBACK for before the backup started is in InfluxDB's backup,
-    which is taken after it (`backup` goes through the services in the registry's order, the broker first).
-    Raises IotplatError, naming the consumer, when it does not catch up in time (e.g. no worker replica running)."""
+    consumer acknowledged every message the stream held when the backup started, read from the broker nodes'
+    /jsz (loopback, over SSH; ``_read_jsz``: any node that answers, and the stream's and consumers' leaders when
+    they answer): the worker acks after writing to InfluxDB (or after spooling, when InfluxDB is unreachable), so
+    every message a device got a PUBACK for before the backup started is in InfluxDB's backup, which is taken
+    after it (`backup` goes through the services in the registry's order, the broker first). Raises
+    IotplatError, naming the consumer, when it does not catch up in time (e.g. no worker replica running), or
+    naming every node when none answers."""
     import time
 
     from iotplat.errors import IotplatError
     from iotplat.verify import nats_cluster
 
-    def read() -> dict[str, Any]:
-        try:
-            return nats_cluster.read_monitor(host)[nats_cluster.JSZ_CONSUMERS]
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise IotplatError(f"backup: cannot read JetStream's state on {host.name}: {exc}") from None
-
-    upto = nats_cluster.stream_last_seq(read())
+    nodes = _BrokerNodes(ctx, host)
+    jsz = _read_jsz(nodes)
+    upto = nats_cluster.stream_last_seq(jsz)
     if upto is None:
-        raise IotplatError(f"backup: {host.name} does not hold the worker's stream; check `iotplat status`")
+        raise IotplatError("backup: no answering broker node holds the worker's stream; check `iotplat status`")
     deadline = time.monotonic() + timeout
     while True:
-        left = nats_cluster.unacked_through(read(), upto)
+        left = nats_cluster.unacked_through(_read_jsz(nodes), upto)
         if not left:
             return
         if time.monotonic() >= deadline:
@@ -111,6 +109,63 @@ def _drain_nats(ctx: Context, host: Host, timeout: float = DRAIN_TIMEOUT, poll: 
                                f"started (through stream sequence {upto}) after {timeout:.0f}s: {'; '.join(left)}; "
                                "check the worker replicas (`iotplat status`) and run backup again")
         time.sleep(poll)
+
+
+class _BrokerNodes:
+    """The broker hosts `backup` may read, ``first`` (the host the backup hook got: the first broker host)
+    first; the others are looked up (``ctx.hosts()``) only when one is needed, and the last that answered is
+    tried first on the next read."""
+
+    def __init__(self, ctx: Context, first: Host) -> None:
+        self.ctx, self.first = ctx, first
+        self._all: dict[str, Host] | None = None
+        self.preferred = first.name
+
+    def names(self) -> list[str]:
+        names = list(self.ctx.platform.placement["broker"]) or [self.first.name]
+        return sorted(names, key=lambda n: n != self.preferred)
+
+    def get(self, name: str) -> Host | None:
+        if name == self.first.name:
+            return self.first
+        if self._all is None:
+            self._all = {h.name: h for h in self.ctx.hosts()}
+        return self._all.get(name)
+
+
+def _read_jsz(nodes: _BrokerNodes) -> dict[str, Any]:
+    """The worker stream's /jsz (``nats_cluster.leaders_jsz``) from the first broker node that answers, plus the
+    stream's and its consumers' leaders when that node names others (a follower's counts trail its leader's);
+    IotplatError naming each node and why when none answers."""
+    from iotplat.errors import IotplatError
+    from iotplat.verify import nats_cluster
+
+    def one(name: str) -> dict[str, Any]:
+        h = nodes.get(name)
+        if h is None:
+            raise RuntimeError("no address")
+        return nats_cluster.read_monitor(h)[nats_cluster.JSZ_CONSUMERS]
+
+    views: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    for name in nodes.names():
+        try:
+            views[name] = one(name)
+        except (RuntimeError, OSError, ValueError) as exc:
+            errors.append(f"{name}: {exc}")
+            continue
+        nodes.preferred = name
+        break
+    if not views:
+        raise IotplatError(f"backup: cannot read JetStream's state on any broker node ({'; '.join(errors)}); "
+                           "check `iotplat status`")
+    for name in sorted(nats_cluster.leaders_needed(views) & set(nodes.names())):
+        try:
+            views[name] = one(name)
+        except (RuntimeError, OSError, ValueError):
+            pass  # a leader that does not answer: the answering node's view until one is elected among those
+            # that answer (seconds), which the next poll reads
+    return nats_cluster.leaders_jsz(views)
 
 
 class Broker(Service):
@@ -223,8 +278,11 @@ class Broker(Service):
         return [nats.UNIT] if _nats(p) else ["mosquitto"]
 
     def health(self, p: Platform, host: str) -> dict[str, int]:
-        """nats-server's /healthz on the host's loopback (monitoring port): ok once JetStream is up."""
-        return {"nats-server": nats.MONITOR_PORT} if _nats(p) else {}
+        """None read by the generic /healthz probe: on nats each node's ``nats-server /healthz`` check comes from
+        ``checks`` (iotplat/verify/nats_cluster.py), which reads ``/healthz?js-server-only=true`` and judges the
+        node's replicas of the worker's stream and consumers, not the full /healthz (which also waits for the MQTT
+        layer's retained-message consumer: red for minutes after a kill -9 while the node serves)."""
+        return {}
 
     def cert_names(self, p: Platform) -> list[str]:
         return [p.service_name("broker"), *p.spec.broker.server_names]

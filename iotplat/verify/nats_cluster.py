@@ -9,7 +9,14 @@ SSH, never opened to the network). From what the nodes say:
 - ``nats JetStream meta leader``: the answering nodes agree on one meta leader (none: JetStream cannot create
   or change streams, e.g. with a majority of the nodes down);
 - ``nats stream <name>``: the worker's stream has a leader and every replica is current (a replica that is
-  behind or missing is named: acknowledged messages are then on fewer nodes than the stream's replica count).
+  behind or missing is named: acknowledged messages are then on fewer nodes than the stream's replica count);
+- ``nats-server /healthz`` (one per node): the node serves. ``/healthz?js-server-only=true`` says ok (nats-server
+  2.9.10: ready for connections, JetStream enabled, a meta leader known and this node current with it) and the
+  node is current on what iotplat uses: the worker's stream and its durable consumers (``iotplat_*``), as their
+  raft leaders see it. Not the full ``/healthz``: in 2.9.10 that also demands every stream and consumer the node
+  holds a replica of be current, the MQTT layer's own included, and after a ``kill -9`` of a node its
+  ``$MQTT_rmsgs_<server>`` consumer (retained messages, which iotplat does not use) was seen "not current" for
+  more than 9 minutes on the local hosts while the node served devices and workers (docs/broker-engines.md).
 
 `cluster_checks` is pure (the monitoring JSON in, checks out), so tests feed it what real nodes answered.
 """
@@ -25,14 +32,29 @@ if TYPE_CHECKING:
     from iotplat.hosts import Host
     from iotplat.verify.status import Check, Probe
 
-MONITOR_PATHS = ("/routez", "/jsz?streams=true&accounts=true", "/varz")
+JSZ_CONSUMERS = "/jsz?accounts=true&streams=true&consumers=true"
+# nats-server 2.9.10's /healthz options (server/monitor.go): js-enabled-only (JetStream on: what the role waits for
+# after a restart), js-server-only (also a meta leader, and this node current with it; no stream or consumer)
+HEALTHZ = "/healthz?js-server-only=true"
+MONITOR_PATHS = ("/routez", JSZ_CONSUMERS, "/varz", HEALTHZ)
+WORKER_DURABLE_PREFIX = "iotplat"  # the worker's durable consumers: iotplat_<digest> (iotplat/worker/nats_subjects.py)
 
+# /healthz answers 503 with {"status": "unavailable", "error": ...} when not healthy: that is an answer, not a
+# node that cannot be read
 _SCRIPT = r"""
-import json, urllib.request
+import json, urllib.error, urllib.request
 out = {}
 for path in %s:
     try:
         out[path] = json.loads(urllib.request.urlopen("http://127.0.0.1:%d" + path, timeout=5).read())
+    except urllib.error.HTTPError as e:
+        if not path.startswith("/healthz"):
+            out = {"error": "HTTP " + str(e.code) + " on " + path}
+            break
+        try:
+            out[path] = json.loads(e.read() or b"{}")
+        except ValueError:
+            out[path] = {"status": "HTTP " + str(e.code)}
     except Exception as e:
         out = {"error": type(e).__name__ + ": " + str(e)[:200]}
         break
@@ -46,6 +68,79 @@ def _stream(jsz: Mapping[str, Any], name: str) -> dict[str, Any] | None:
             if s.get("name") == name:
                 return s
     return None
+
+
+NODE_CHECK = "nats-server /healthz"
+
+
+def _leader_answer(views: Mapping[str, Mapping[str, Any] | None]) -> tuple[str, Mapping[str, Any]] | None:
+    """(node, detail): a replicated stream's or consumer's detail as its raft leader answers it ({node: that
+    node's detail}): the leader tracks its followers (current: caught up with its applied index and heard from
+    within nats-server's lost-quorum interval), a follower does not track the others. Without an answering
+    leader: any node's."""
+    return next(((n, d) for n, d in views.items() if d and (d.get("cluster") or {}).get("leader") == n), None) \
+        or next(((n, d) for n, d in views.items() if d), None)
+
+
+def _leader_view(views: Mapping[str, Mapping[str, Any] | None]) -> Mapping[str, Any] | None:
+    got = _leader_answer(views)
+    return got[1] if got else None
+
+
+def _not_current(node: str, view: Mapping[str, Any], by: str) -> str | None:
+    """Why ``node`` is not current on the asset ``view`` describes, as node ``by`` answered it (``_leader_view``);
+    None when it is its leader, a current replica as its leader says, or holds no replica of it."""
+    cluster = view.get("cluster")
+    if not cluster:  # JetStream not clustered (one node): nothing to be behind
+        return None
+    leader = str(cluster.get("leader") or "")
+    if node == leader and by == node:
+        return None
+    replica = next((r for r in cluster.get("replicas") or [] if r.get("name") == node), None)
+    member = replica is not None or node in (leader, by)
+    if not member:
+        return None
+    if not leader:
+        return "it has no leader"
+    if by != leader:  # only the leader tracks its followers; it does not answer (yet): nothing says it is current
+        return f"its leader {leader} does not answer"
+    if replica.get("current"):
+        return None
+    return f"behind its leader {leader} (lag {replica.get('lag', 0)}, " \
+           f"{'offline' if replica.get('offline') else 'seen %.1fs ago' % (int(replica.get('active', 0)) / 1e9)})"
+
+
+AssetView = tuple[str, Mapping[str, Any]]  # (the node that answered, its detail of a stream or consumer)
+
+
+def node_serves(node: str, answer: Mapping[str, Any] | str, stream: str, stream_view: AssetView | None,
+                consumer_views: Mapping[str, AssetView | None]) -> Check:
+    """One node's ``nats-server /healthz`` check (module docstring): its ``/healthz?js-server-only=true`` is ok and
+    it is current on the worker's stream and each of the worker's consumers it holds a replica of. The stream not
+    created yet is said, not failed here (``nats stream`` fails it: the worker creates it on start)."""
+    from iotplat.verify.status import Check
+
+    if isinstance(answer, str):
+        return Check(NODE_CHECK, False, f"not serving: {answer}", host=node)
+    hz = answer.get(HEALTHZ) or {}
+    if hz.get("status") != "ok":
+        return Check(NODE_CHECK, False, f"{hz.get('status', 'no answer')}: {hz.get('error', '')} "
+                                        f"(/healthz?js-server-only=true)".replace(":  (", " ("), host=node)
+    leader = ((answer.get(MONITOR_PATHS[1]) or {}).get("meta_cluster") or {}).get("leader") or "this node"
+    behind = []
+    if stream_view is not None:
+        why = _not_current(node, stream_view[1], stream_view[0])
+        if why:
+            behind.append(f"{stream}: {why}")
+    for name, view in consumer_views.items():
+        why = _not_current(node, view[1], view[0]) if view is not None else None
+        if why:
+            behind.append(f"consumer {name}: {why}")
+    if behind:
+        return Check(NODE_CHECK, False, "not current: " + "; ".join(behind), host=node)
+    assets = [stream, *consumer_views] if stream_view is not None else []
+    return Check(NODE_CHECK, True, f"ok: JetStream with meta leader {leader}; "
+                 + (f"current on {', '.join(assets)}" if assets else f"{stream} not created yet"), host=node)
 
 
 def cluster_checks(nodes: list[str], answers: Mapping[str, Mapping[str, Any] | str],
@@ -77,10 +172,17 @@ def cluster_checks(nodes: list[str], answers: Mapping[str, Mapping[str, Any] | s
         said = ", ".join(f"{n}: {v or 'none'}" for n, v in sorted(leaders.items()))
         out.append(Check("nats JetStream meta leader", ok,
                          f"{named[0]} (as every answering node says)" if ok else f"no agreed leader: {said}"))
-    # the stream's leader tracks its followers (a follower reports the others as not current): its answer first
     seen = {n: _stream(a.get(MONITOR_PATHS[1]) or {}, stream) for n, a in up.items()}
-    detail = next((d for n, d in seen.items() if d and (d.get("cluster") or {}).get("leader") == n), None) \
-        or next((d for d in seen.values() if d), None)
+    stream_view = _leader_answer(seen)
+    detail = stream_view[1] if stream_view else None
+    consumers: dict[str, dict[str, Mapping[str, Any]]] = {}  # the worker's durables: name -> {node: its answer}
+    for n, d in seen.items():
+        for c in (d or {}).get("consumer_detail") or []:
+            if str(c.get("name", "")).startswith(WORKER_DURABLE_PREFIX + "_"):
+                consumers.setdefault(str(c["name"]), {})[n] = c
+    consumer_views = {name: _leader_answer(v) for name, v in sorted(consumers.items())}
+    for n in nodes:
+        out.append(node_serves(n, answers.get(n, "no answer"), stream, stream_view, consumer_views))
     if detail is None:
         out.append(Check(f"nats stream {stream}", False, "no answering node knows the stream (the worker creates it "
                                                            "on start)"))
@@ -101,7 +203,6 @@ def cluster_checks(nodes: list[str], answers: Mapping[str, Mapping[str, Any] | s
 
 
 # ------------------------------------------------------------------------------ backup: the consumers' backlog
-JSZ_CONSUMERS = "/jsz?accounts=true&streams=true&consumers=true"
 
 
 def stream_last_seq(jsz: Mapping[str, Any], stream: str = MQTT_STREAM) -> int | None:
@@ -110,7 +211,7 @@ def stream_last_seq(jsz: Mapping[str, Any], stream: str = MQTT_STREAM) -> int | 
     return None if detail is None else int((detail.get("state") or {}).get("last_seq", 0))
 
 
-def unacked_through(jsz: Mapping[str, Any], upto: int, durable_prefix: str = "iotplat",
+def unacked_through(jsz: Mapping[str, Any], upto: int, durable_prefix: str = WORKER_DURABLE_PREFIX,
                     stream: str = MQTT_STREAM) -> list[str]:
     """The worker's durable consumers (``<durable_prefix>_<digest>``, iotplat/worker/nats_subjects.py) that may
     still hold a message with a stream sequence <= ``upto`` not acknowledged by a replica (the worker acks after
@@ -138,6 +239,36 @@ def unacked_through(jsz: Mapping[str, Any], upto: int, durable_prefix: str = "io
     return left
 
 
+def leaders_needed(views: Mapping[str, Mapping[str, Any]], stream: str = MQTT_STREAM,
+                   durable_prefix: str = WORKER_DURABLE_PREFIX) -> set[str]:
+    """The nodes whose /jsz (``JSZ_CONSUMERS``) ``leaders_jsz`` still needs: the stream's leader and its worker
+    consumers' leaders as the nodes in ``views`` ({node: its /jsz}) name them, minus those already read."""
+    details = [d for d in (_stream(v, stream) for v in views.values()) if d]
+    names = {str((d.get("cluster") or {}).get("leader") or "") for d in details}
+    names |= {str((c.get("cluster") or {}).get("leader") or "") for d in details
+              for c in d.get("consumer_detail") or [] if str(c.get("name", "")).startswith(durable_prefix + "_")}
+    return names - {""} - set(views)
+
+
+def leaders_jsz(views: Mapping[str, Mapping[str, Any]], stream: str = MQTT_STREAM,
+                durable_prefix: str = WORKER_DURABLE_PREFIX) -> dict[str, Any]:
+    """One /jsz of the worker's stream from several nodes' ({node: its /jsz}): the stream's state as its leader
+    answers it (a follower may not have applied the newest messages yet: its last_seq would be too low) and each
+    worker consumer as its own leader answers it (a follower's ack floor, pending and delivered counts trail the
+    leader's), each falling back to any node's answer when its leader was not read."""
+    seen = {n: _stream(v, stream) for n, v in views.items()}
+    detail = _leader_view(seen)
+    if detail is None:
+        return {"account_details": []}
+    by_name: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for n, d in seen.items():
+        for c in (d or {}).get("consumer_detail") or []:
+            if str(c.get("name", "")).startswith(durable_prefix + "_"):
+                by_name.setdefault(str(c["name"]), {})[n] = c
+    merged = {**detail, "consumer_detail": [_leader_view(v) for _, v in sorted(by_name.items())]}
+    return {"account_details": [{"stream_detail": [merged]}]}
+
+
 def read_monitor(host: Host, paths: tuple[str, ...] = (JSZ_CONSUMERS,)) -> dict[str, Any]:
     """{path: JSON} from a broker host's loopback monitoring port (over SSH); raises RuntimeError if the node
     does not answer."""
@@ -152,27 +283,44 @@ def read_monitor(host: Host, paths: tuple[str, ...] = (JSZ_CONSUMERS,)) -> dict[
     return got
 
 
+SETTLE = 10.0  # seconds `status` re-reads answering nodes whose JetStream state is not ok yet (an election)
+
+
 def checks(probe: Probe) -> list[Check]:
-    """Read each broker host's monitoring endpoints over SSH and judge the cluster (``cluster_checks``)."""
+    """Read each broker host's monitoring endpoints over SSH and judge the cluster (``cluster_checks``). While a
+    check is red although every node answers (a raft election after a restart takes seconds), the nodes are read
+    again every 2 s for ``SETTLE`` seconds at most, as `status` gives a worker replica's /healthz time to settle."""
     import json
     import subprocess
+    import time
 
     from iotplat.services.nats import MONITOR_PORT
     from iotplat.verify.status import _ssh_json
 
     p = probe.platform
     nodes = list(p.placement["broker"])
-    answers: dict[str, Mapping[str, Any] | str] = {}
     script = _SCRIPT % (json.dumps(list(MONITOR_PATHS)), MONITOR_PORT)
-    for n in nodes:
-        host = probe.hosts.get(n)
-        if host is None:
-            answers[n] = "no address"
-            continue
-        try:
-            got = _ssh_json(host, script)
-        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
-            answers[n] = f"cannot reach the host: {exc}"
-            continue
-        answers[n] = got["error"] if "error" in got else got
-    return cluster_checks(nodes, answers)
+
+    def read() -> dict[str, Mapping[str, Any] | str]:
+        answers: dict[str, Mapping[str, Any] | str] = {}
+        for n in nodes:
+            host = probe.hosts.get(n)
+            if host is None:
+                answers[n] = "no address"
+                continue
+            try:
+                got = _ssh_json(host, script)
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                answers[n] = f"cannot reach the host: {exc}"
+                continue
+            answers[n] = got["error"] if "error" in got else got
+        return answers
+
+    deadline = time.monotonic() + SETTLE
+    while True:
+        answers = read()
+        out = cluster_checks(nodes, answers)
+        if all(c.ok for c in out) or any(isinstance(a, str) for a in answers.values()) \
+                or time.monotonic() >= deadline:
+            return out
+        time.sleep(2)

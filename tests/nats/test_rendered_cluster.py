@@ -311,13 +311,9 @@ def test_no_bcrypt_hash_or_node_config_in_the_build(rendered: Rendered) -> None:
 def _answers(nodes: list[Node]) -> dict[str, object]:
     from iotplat.verify.nats_cluster import MONITOR_PATHS
 
-    out: dict[str, object] = {}
-    for n in nodes:
-        try:
-            out[n.host] = {path: n.monitor(path) for path in MONITOR_PATHS}
-        except OSError as exc:
-            out[n.host] = f"URLError: {exc}"
-    return out
+    from tests.nats.natsmonitor import monitor_answers
+
+    return {n.host: monitor_answers(n.http, MONITOR_PATHS) for n in nodes}
 
 
 def test_status_cluster_checks_report_a_stopped_node(rendered: Rendered) -> None:
@@ -354,7 +350,8 @@ def test_status_cluster_checks_report_a_stopped_node(rendered: Rendered) -> None
           "a healthy cluster", nodes)
     healthy = cluster_checks(list(HOSTS), _answers(nodes))  # type: ignore[arg-type]
     assert {c.name for c in healthy} == {"nats node", "nats routes", "nats JetStream meta leader",
-                                         "nats stream $MQTT_msgs"}
+                                         "nats stream $MQTT_msgs", "nats-server /healthz"}
+    assert sorted(c.host for c in healthy if c.name == "nats-server /healthz") == sorted(HOSTS)
     stopped = nodes[2]
     assert stopped.proc is not None
     stopped.proc.terminate()
@@ -375,5 +372,7 @@ def test_status_cluster_checks_report_a_stopped_node(rendered: Rendered) -> None
     bad = {(c.name, c.host) for c in checks if not c.ok}
     assert ("nats node", "n3") in bad
     assert ("nats routes", "n1") in bad and ("nats routes", "n2") in bad
+    assert ("nats-server /healthz", "n3") in bad  # down: not serving
+    assert ("nats-server /healthz", "n1") not in bad and ("nats-server /healthz", "n2") not in bad, checks
     stream = next(c for c in checks if c.name == "nats stream $MQTT_msgs")
     assert not stream.ok and "not current: n3" in stream.detail, stream
