@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from iotplat.cli import main
+
+if TYPE_CHECKING:
+    from xdist.remote import Producer
+    from xdist.scheduler import Scheduling
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -17,21 +22,39 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("ANSIBLE_TASK_TIMEOUT", "300")
 
 
-# Folders whose modules share one test network (their conftest's) or one machine-wide engine: under pytest-xdist
-# their modules run one after the other in one worker.
+# Folders whose modules share one test network (their conftest's) or one machine-wide engine, and modules that share
+# a folder's: under pytest-xdist each such set runs one module after the other in one worker. The emulated clouds
+# of tests/cloudsim and tests/deploy/test_clouds.py share the public network (100.80.0.0/16) of the cloud double.
 SHARED_FOLDERS = ("cloudsim", "containers", "hosts")
+SHARED_MODULES = {"tests/deploy/test_clouds.py": "cloudsim"}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def xdist_group(nodeid: str) -> str:
+    """The group a test runs in under `--dist loadgroup`: its module, or the shared set its module belongs to."""
+    path = nodeid.split("::", 1)[0]
+    parts = path.split("/")
+    if path in SHARED_MODULES:
+        return SHARED_MODULES[path]
+    if len(parts) > 2 and parts[0] == "tests" and parts[1] in SHARED_FOLDERS:
+        return parts[1]
+    return path
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> Scheduling | None:
     """`.ci/run` runs the suite in two pytest-xdist workers (`--dist loadgroup`): most of its time is spent waiting on
-    hosts, not computing. Every test gets a group, so a module's tests (and its module-scoped platform) stay in one
-    worker: the module is the group, or its folder when the folder's modules share a network (SHARED_FOLDERS); each
-    host module has its own network and platform name otherwise."""
-    root = Path(__file__).resolve().parent
-    for item in items:
-        rel = Path(str(item.path)).resolve().relative_to(root)
-        group = rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in SHARED_FOLDERS else rel.as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
+    hosts, not computing. A module's tests (and its module-scoped platform) stay in one worker, and so do the modules
+    of a shared set (``xdist_group``); each other host module has a network and a platform name of its own.
+    xdist's own loadgroup reads `xdist_group` marks by renaming the test ids, which pytest 9.2 no longer lets it do,
+    so the groups come from the test ids here, through xdist's scope scheduler (its documented extension hook)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return ByGroup(config, log)
 
 
 @pytest.fixture(autouse=True)
