@@ -52,12 +52,12 @@ if TYPE_CHECKING:
 # A pull request lingers this long on the server before it answers 408 for what it could not fill.
 PULL_EXPIRES = 5.0
 # A connection whose server stopped answering (its host cut off the network: nothing is closed, TCP would take
-# minutes) is given up after PING_INTERVAL x (MAX_OUTSTANDING_PINGS + 1) seconds at most, then nats-py reconnects
-# to another node. Until then this replica pulls nothing: every pull request goes down the dead connection. Seen
-# on the local hosts (tests/nats/test_cluster_e2e.py test_06): with n1 cut off, replica 2 connected through n1
-# and the consumer's new leader held ~1,800 undelivered messages with no pull request waiting 24 s after the cut
-# (nats-py's defaults here were 10 s x 4: up to 40 s of stall). 3 s x 3 = 9 s at most; a live server answers a
-# PING in milliseconds, even on a loaded host.
+# minutes) is declared stale by nats-py after PING_INTERVAL x (MAX_OUTSTANDING_PINGS + 1) = 9 s at most (its
+# defaults here were 10 s x 4 = 40 s). Until then this replica pulls nothing: every pull request goes down the
+# dead connection. nats-py then closes the old TLS connection and waits for that before it reconnects, which on a
+# dead path lasts asyncio's SSL shutdown timeout (30 s), so the stall is up to ~40 s (measured on the local hosts,
+# tests/nats/test_cluster_e2e.py test_06: 36 s from the cut to "connection lost", 41 s to connected again through
+# another node). A live server answers a PING in milliseconds, even on a loaded host.
 PING_INTERVAL = 3.0
 MAX_OUTSTANDING_PINGS = 2
 
