@@ -51,6 +51,15 @@ if TYPE_CHECKING:
 
 # A pull request lingers this long on the server before it answers 408 for what it could not fill.
 PULL_EXPIRES = 5.0
+# A connection whose server stopped answering (its host cut off the network: nothing is closed, TCP would take
+# minutes) is declared stale by nats-py after PING_INTERVAL x (MAX_OUTSTANDING_PINGS + 1) = 9 s at most (its
+# defaults here were 10 s x 4 = 40 s). Until then this replica pulls nothing: every pull request goes down the
+# dead connection. nats-py then closes the old TLS connection and waits for that before it reconnects, which on a
+# dead path lasts asyncio's SSL shutdown timeout (30 s), so the stall is up to ~40 s (measured on the local hosts,
+# tests/nats/test_cluster_e2e.py test_06: 36 s from the cut to "connection lost", 41 s to connected again through
+# another node). A live server answers a PING in milliseconds, even on a loaded host.
+PING_INTERVAL = 3.0
+MAX_OUTSTANDING_PINGS = 2
 
 
 class _Consumer:
@@ -204,7 +213,7 @@ class NatsTransport:
             name=c.client_id, inbox_prefix=c.inbox_prefix,
             allow_reconnect=True, max_reconnect_attempts=-1,
             reconnect_time_wait=max(0.1, c.reconnect_min),  # type: ignore[arg-type]
-            connect_timeout=5, ping_interval=10, max_outstanding_pings=3,
+            connect_timeout=5, ping_interval=PING_INTERVAL, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             error_cb=self._error_cb, disconnected_cb=self._disconnected_cb,
             reconnected_cb=self._reconnected_cb, closed_cb=self._closed_cb,
         )
