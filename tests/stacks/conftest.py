@@ -17,3 +17,12 @@ def _an_event_loop():
     yield loop
     asyncio.set_event_loop(None)
     loop.close()
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _the_loop_is_current(_an_event_loop: asyncio.AbstractEventLoop) -> None:
+    """The stacks' loop is current for every stack module, before its own fixtures: a module run between two of them
+    (pytest-xdist runs the modules of different folders in one worker in any order) may have left none
+    (`asyncio.run()`); a module's tests run one after the other."""
+    asyncio.set_event_loop(_an_event_loop)
