@@ -291,7 +291,8 @@ def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False,
             missing = {d.device: sorted(d.acked - stored(d.device)) for d in devs}
             if not first_missing:
                 first_missing = {k: len(v) for k, v in missing.items()}
-                evidence = _diagnose(provider, f"{first}-start")
+                if any(missing.values()):  # the evidence at the start of a wait, taken only when there is one
+                    evidence = _diagnose(provider, f"{first}-start")
             if not any(missing.values()):
                 DIAG_DIR.mkdir(exist_ok=True)
                 with open(DIAG_DIR / "figures.txt", "a") as f:

@@ -27,6 +27,7 @@ import pytest
 from iotplat.verify import nats_cluster
 from iotplat.verify.nats_cluster import HEALTHZ, MONITOR_PATHS, NODE_CHECK, cluster_checks
 from support.natscluster import FailoverPublisher, NatsCluster, nats_worker_config
+from support.waits import wait_until
 from support.workerproc import WorkerProc
 from tests.nats.natsmonitor import monitor_answers
 
@@ -68,16 +69,6 @@ def _full_healthz(cluster: NatsCluster, node: str) -> dict | str:
     return got if isinstance(got, str) else got["/healthz"]
 
 
-def _wait(cond, timeout: float, what: str, last=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout}s; last: {last()}")
-
-
 def _devices(cluster: NatsCluster, per_device: int, rate: float) -> list[FailoverPublisher]:
     ports = [n.mqtt_port for n in cluster.nodes]
     pubs = []
@@ -105,7 +96,8 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
         seen[:] = cluster_checks(nodes, _answers(cluster))
         return seen
 
-    _wait(lambda: all(c.ok for c in checks()), 60, "a healthy cluster", lambda: [c for c in seen if not c.ok])
+    wait_until(lambda: all(c.ok for c in checks()), 60, "a healthy cluster",
+               lambda: [c for c in seen if not c.ok])
     healthy = [c for c in seen if c.name == NODE_CHECK]
     assert len(healthy) == 3 and all("iotplat_" in c.detail and "$MQTT_msgs" in c.detail for c in healthy), healthy
 
@@ -113,7 +105,7 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
     # its full /healthz stayed red for more than 9 minutes)
     meta, leader = cluster.meta_leader(cluster.nodes[0]), cluster.stream_leader("$MQTT_msgs")
     victim = next(n for n in cluster.nodes if n.name not in (meta, leader))
-    _wait(lambda: sum(len(p.acked) for p in pubs) >= 200, 60, "devices acknowledged")
+    wait_until(lambda: sum(len(p.acked) for p in pubs) >= 200, 60, "devices acknowledged")
     stale = _answers(cluster)[victim.name]  # what the victim said while it served: used below
     victim.stop(signal.SIGKILL)
     assert not victim.alive()
@@ -123,7 +115,7 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
         others = [_node_check(cs, n) for n in nodes if n != victim.name]
         return not _node_check(cs, victim.name).ok and all(c.ok for c in others)
 
-    _wait(victim_red_others_green, 60, "the killed node red, the others green", lambda: seen)
+    wait_until(victim_red_others_green, 60, "the killed node red, the others green", lambda: seen)
     assert "not serving" in _node_check(seen, victim.name).detail
     # the same through `status`'s own reader (the script it runs over SSH): the killed node cannot be read
     via_script = nats_cluster.checks(_probe(cluster))  # type: ignore[arg-type]
@@ -141,12 +133,13 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
         lagging[:] = [_node_check(cluster_checks(nodes, {**_answers(cluster), victim.name: stale}), victim.name)]
         return not lagging[0].ok
 
-    _wait(victim_seen_behind, 30, "the killed node behind, as the stream's leader sees it", lambda: lagging)
+    wait_until(victim_seen_behind, 30, "the killed node behind, as the stream's leader sees it",
+               lambda: lagging)
     assert "not current" in lagging[0].detail and "behind its leader" in lagging[0].detail, lagging
 
     victim.launch()
     t0 = time.monotonic()
-    _wait(lambda: all(c.ok for c in checks()), RECOVERY_BOUND, "every cluster check green",
+    wait_until(lambda: all(c.ok for c in checks()), RECOVERY_BOUND, "every cluster check green",
           lambda: [c for c in seen if not c.ok])
     recovered = time.monotonic() - t0
     via_script = nats_cluster.checks(_probe(cluster))  # type: ignore[arg-type]

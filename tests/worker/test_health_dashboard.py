@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.mqttload import LoadPublisher
+from support.waits import wait_until
 from support.workerproc import WorkerProc, telemetry, worker_config
 
 from iotplat.render.dashboards import LATEST_FIELDS, health_queries
@@ -70,17 +71,6 @@ def _latest(influx, measurement: str) -> dict[str, dict]:
     return out
 
 
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"{what} not reached in {timeout}s (last: {last!r})")
-
-
 def _integral(series: dict) -> float:
     """Sum of rate x bucket width over one series of non_negative_derivative(max(x), 1s) rows: the increase of
     the counter between its first and last bucket."""
@@ -103,13 +93,13 @@ def test_every_health_query_returns_the_workers_numbers(tmp_path, broker, influx
     w1, w2 = WorkerProc(cfg, replica=1).start(), WorkerProc(cfg, replica=2).start()
     workers += [w1, w2]
     # a few all-zero points first, so the rate panels see every message as an increase
-    _wait(lambda: len(influx.rows(f'SELECT count("received") FROM "{health.measurement}" GROUP BY "replica"')) == 2
+    wait_until(lambda: len(influx.rows(f'SELECT count("received") FROM "{health.measurement}" GROUP BY "replica"')) == 2
           and all(r[1] >= 3 for r in influx.rows(f'SELECT count("received") FROM "{health.measurement}" '
                                                  'GROUP BY "replica"')), 20, "3 health points per replica")
     bad = [(f"devices/bad{i}/telemetry", b"{bad json") for i in range(BAD)]
     assert _publish(broker, list(telemetry(20, GOOD // 20)) + bad) == GOOD + BAD
     total = GOOD + BAD  # received: every message; written: the good points plus the kept dead letters
-    _wait(lambda: sum(p["written"] for p in _latest(influx, health.measurement).values()) == total, 60,
+    wait_until(lambda: sum(p["written"] for p in _latest(influx, health.measurement).values()) == total, 60,
           f"health points adding up to {total} written")
     time.sleep(BUCKET + 0.5)  # one more bucket after the last change
     assert influx.count("telemetry", "seq") == GOOD
@@ -210,6 +200,6 @@ def test_final_health_point_on_sigterm_and_v2_write_path_against_victoriametrics
         # every series complete: VictoriaMetrics makes new samples searchable per series, not per request
         return got if all(len(got.get(n, [])) == 2 for n in ("received", "written", "dead_letters", "spool_bytes")) else None
 
-    got = _wait(exported, 30, "two health points in VictoriaMetrics")
+    got = wait_until(exported, 30, "two health points in VictoriaMetrics")
     assert got["received"] == [0, 200] and got["written"] == [0, 200]
     assert got["dead_letters"] == [0, 0] and got["spool_bytes"] == [0, 0]
