@@ -219,7 +219,9 @@ class Machine:
 
         def booted() -> bool:
             if self.runner_pid() is None:
-                raise HostProviderError(f"host {self.spec.name} stopped while booting: see {log}")
+                last = console_tail(log)
+                raise HostProviderError(f"host {self.spec.name} stopped while booting"
+                                        + (f" (its console ends: {last})" if last else "") + f": see {log}")
             if self.guest_pid() is None:
                 return False
             try:
@@ -243,6 +245,18 @@ class Machine:
             if len(words) >= 2:
                 keys.append(f"{words[0]} {words[1]}")
         return tuple(keys)
+
+
+def console_tail(log: Path, lines: int = 3, width: int = 400) -> str:
+    """The last non-empty lines of a host's console, joined on one line (for a one-line error)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    tail = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return " | ".join(tail)[-width:]
 
 
 # --- container engines in a guest (opt-in: MachineSpec.container_engine) -----------------------------

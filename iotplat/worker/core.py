@@ -591,6 +591,9 @@ class Worker:
         }
         if self.influx_error:
             state["influxdb_error"] = self.influx_error[:200]
+        diagnostics = getattr(self.transport, "diagnostics", None)  # the NATS transport's pull state
+        if diagnostics is not None:
+            state["transport"] = diagnostics()
         ok = self.connected and self.subscribed.is_set() and not self.spool_full and self.fatal is None
         state["status"] = "ok" if ok and self.influx_ok else ("degraded" if ok else "failing")
         return ok, state

@@ -63,7 +63,8 @@ MAX_OUTSTANDING_PINGS = 2
 
 
 class _Consumer:
-    __slots__ = ("durable", "filter_subject", "next_subject", "inbox", "outstanding", "requested_at", "sub")
+    __slots__ = ("durable", "filter_subject", "next_subject", "inbox", "outstanding", "requested_at", "sub",
+                 "pulls", "received", "received_at")
 
     def __init__(self, stream: str, durable: str, filter_subject: str) -> None:
         self.durable = durable
@@ -73,6 +74,9 @@ class _Consumer:
         self.outstanding = 0  # messages asked for and not arrived yet (one request at a time)
         self.requested_at = 0.0
         self.sub: Any = None
+        self.pulls = 0  # pull requests sent (diagnostics)
+        self.received = 0  # messages received (diagnostics)
+        self.received_at = 0.0
 
 
 class NatsTransport:
@@ -106,6 +110,8 @@ class NatsTransport:
         self._pending_acks: set[asyncio.Task[None]] = set()
         self._generation = 0
         self._perm_error = ""
+        self._pull_error = ""
+        self._puller: asyncio.Task[None] | None = None
         self.connected = False
 
     # ------------------------------------------------------------------ the Transport interface
@@ -152,6 +158,30 @@ class NatsTransport:
         if self._thread is not None:
             self._thread.join(timeout + 2)
 
+    def diagnostics(self) -> dict[str, Any]:
+        """What the worker's /healthz shows of this transport: enough to tell a replica that stopped pulling
+        (its requests outstanding for long, no message for long, the pull loop gone) from an idle one."""
+        loop, nc = self._loop, self._nc
+        now = loop.time() if loop is not None else 0.0
+
+        def ago(t: float) -> float | None:
+            return round(now - t, 1) if t else None
+
+        puller = self._puller
+        return {
+            "connected": self.connected,
+            "client": ("closed" if nc.is_closed else "connected" if nc.is_connected else
+                       "reconnecting" if nc.is_reconnecting else "connecting") if nc is not None else "none",
+            "server": nc.connected_url.netloc if nc is not None and nc.connected_url is not None else "",
+            "pulling": self._pulling,
+            "pull_loop": ("not started" if puller is None else "running" if not puller.done() else
+                          f"ended: {self._pull_error or 'cancelled'}"),
+            "unacked": len(self._replies),
+            "consumers": {c.durable: {"outstanding": c.outstanding, "pulls": c.pulls, "received": c.received,
+                                      "last_pull_s": ago(c.requested_at), "last_message_s": ago(c.received_at)}
+                          for c in list(self._consumers.values())},
+        }
+
     # ------------------------------------------------------------------ the loop thread
     def _call(self, coro: Any) -> None:
         loop = self._loop
@@ -192,9 +222,9 @@ class NatsTransport:
                 delay = min(self.cfg.reconnect_max, delay * 2)
         if self._nc is not None:
             await self._on_connect()
-            puller = loop.create_task(self._pull_loop())
+            self._puller = loop.create_task(self._pull_forever())
             await self._stop_event.wait()
-            puller.cancel()
+            self._puller.cancel()
             await self._shutdown()
 
     async def _connect(self) -> None:
@@ -387,6 +417,23 @@ class NatsTransport:
             self._wake_event.set()
 
     # ------------------------------------------------------------------ pulling and delivering
+    async def _pull_forever(self) -> None:
+        """The pull loop, started again if it ever fails: a replica that stopped pulling would hold nothing and
+        take nothing, and look healthy (connected, subscribed) while its share waits for ``ack_wait``."""
+        assert self._stop_event is not None
+        while not self._stopping.is_set():
+            try:
+                await self._pull_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a defect: reported, and pulling goes on
+                self._pull_error = _reason(e)
+                self.handler.on_connect_failed(f"pull loop failed: {self._pull_error} (restarting it)")
+                try:
+                    await asyncio.wait_for(self._stop_event.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+
     async def _pull_loop(self) -> None:
         assert self._wake_event is not None and self._loop is not None
         loop = self._loop
@@ -412,6 +459,7 @@ class NatsTransport:
                         break
                     con.outstanding = n
                     con.requested_at = now
+                    con.pulls += 1
                     free -= n
             try:
                 await asyncio.wait_for(self._wake_event.wait(), 1.0)
@@ -426,6 +474,8 @@ class NatsTransport:
                 if self._wake_event is not None:
                     self._wake_event.set()
                 return
+            con.received += 1
+            con.received_at = self._loop.time() if self._loop is not None else 0.0
             if con.outstanding > 0:
                 con.outstanding -= 1
                 if con.outstanding == 0 and self._wake_event is not None:

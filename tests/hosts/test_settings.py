@@ -113,3 +113,19 @@ def test_guests_use_http_sources_and_the_proxy_remaps_them():
     assert "Remap-debrep: m.example/debian deb.debian.org/debian" in text
     assert text.count("; http://m.example/debian/") == 1
     assert "PassThroughPattern: ^(pypi\\.org|files\\.pythonhosted\\.org):443$" in text
+
+
+def test_a_host_that_stops_while_booting_names_its_console_tail(tmp_path: Path):
+    """The error of a host whose runner died while booting carries the console's last lines (CI keeps no files)."""
+    from iotplat.hosts.machine import Machine, MachineSpec
+
+    log = tmp_path / "console.log"
+    log.write_text("noise\n" * 5000 + "[iotplat-runner 10:00:00] starting: systemd-nspawn\n\n"
+                   "Failed to mount overlay\n[iotplat-runner 10:00:01] systemd-nspawn exited with 1\n")
+    machine = Machine(MachineSpec(name="core", dir=tmp_path, base=tmp_path / "base", netns="nope"))
+    with pytest.raises(HostProviderError) as err:
+        machine.wait_booted(deadline=0)
+    message = str(err.value)
+    assert "host core stopped while booting (its console ends: [iotplat-runner 10:00:00] starting: systemd-nspawn" \
+           " | Failed to mount overlay | [iotplat-runner 10:00:01] systemd-nspawn exited with 1)" in message
+    assert "\n" not in message and str(log) in message

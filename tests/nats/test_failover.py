@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from support.natscluster import FailoverPublisher, NatsCluster, nats_worker_config
+from support.waits import wait_until
 from support.workerproc import WorkerProc
 
 pytestmark = pytest.mark.integration
@@ -38,14 +39,14 @@ def _wait_rows(influx, n: int, timeout: float) -> int:
     return got
 
 
-def _devices(cluster: NatsCluster, n: int, per_device: int, rate: float) -> list[FailoverPublisher]:
+def _devices(cluster: NatsCluster, n: int, per_device: int, rate: float, seq0: int = 0) -> list[FailoverPublisher]:
     pubs = []
     ports = [node.mqtt_port for node in cluster.nodes]
     for d in range(n):
         order = ports[d % len(ports):] + ports[:d % len(ports)]  # device d starts on node d % 3
         name = f"dev{d:03d}"
         pubs.append(FailoverPublisher(order, name, cluster.passwords[name], cluster.ca_file,
-                                      range(d * per_device, (d + 1) * per_device), rate))
+                                      range(seq0 + d * per_device, seq0 + (d + 1) * per_device), rate))
     return pubs
 
 
@@ -166,3 +167,106 @@ def test_worker_killed_the_other_takes_over(clusters: list, influx, workers: lis
           f"redeliveries after ack_wait; {got}/{total} rows")
     assert _stored_seqs(influx) == set(range(total)) and got == total
     assert redeliveries > 0
+
+
+def test_a_worker_connection_gone_silent_loses_nothing_and_the_replica_pulls_again(
+        clusters: list, influx, workers: list, tmp_path: Path) -> None:
+    """Replica 2 reaches the cluster only through three proxies (tests/support/blackhole.py), one per node; mid-load
+    the proxy carrying its connection goes silent as a cut-off host does (nothing forwarded, nothing closed), with
+    its pull requests and acknowledgements in flight. Replica 1 keeps working and takes over what replica 2 held
+    after ack_wait; replica 2 finds the connection dead (its PINGs go unanswered), reconnects through another
+    proxy, and shares a second wave of messages again; every acknowledged message is in InfluxDB. This is the
+    worker's side of tests/nats/test_cluster_e2e.py test_06 (a whole host cut off) on loopback, each step visible
+    in the replica's /healthz; what it cannot show is the broker node's side (its routes and raft groups losing a
+    member), which only the hosts test has."""
+    from support.blackhole import BlackholeProxy
+
+    cluster = NatsCluster.start(3, devices=6, workers=2)
+    clusters.append(cluster)
+    proxies = [BlackholeProxy(n.client_port) for n in cluster.nodes]
+    try:
+        direct = nats_worker_config(tmp_path / "r1", cluster, influx, inflight=500, replicas=2, ack_wait=5.0)
+        proxied = nats_worker_config(tmp_path / "r2", cluster, influx, inflight=500, replicas=2, ack_wait=5.0,
+                                     nats_extra={"servers": [f"127.0.0.1:{p.port}" for p in proxies]})
+        r1 = WorkerProc(direct, replica=1).start(timeout=60)
+        r2 = WorkerProc(proxied, replica=2).start(timeout=60)
+        workers += [r1, r2]
+        per_device, rate = 400, 40.0  # a wave lasts 10 s
+        waves = [_devices(cluster, 6, per_device, rate)]
+        base = int(time.time() * 1000) - 600_000
+        for p in waves[0]:
+            p.start(base, timeout=240)
+        r2.wait_metric("iotplat_worker_messages_received_total", 300, timeout=30)
+        carrying = [p for p in proxies if p.open_connections()]
+        assert len(carrying) == 1, [p.open_connections() for p in proxies]
+        silent = f"127.0.0.1:{carrying[0].port}"
+        carrying[0].cut()
+        cut = time.monotonic()
+        held = r2.metrics().get("iotplat_worker_messages_received_total", 0)
+        seen: list = []
+
+        def reconnected() -> bool:
+            seen[:] = [r2.health()[1].get("transport", {})]
+            return bool(seen[0].get("connected")) and seen[0].get("server") not in ("", silent)
+
+        # nats-py: 3 PINGs unanswered (9 s), then asyncio's TLS shutdown timeout on the dead path (30 s)
+        wait_until(reconnected, 90, "replica 2 connected through another node", lambda: seen)
+        stalled = time.monotonic() - cut
+        for p in waves[0]:
+            p.join(240)
+        waves.append(_devices(cluster, 6, per_device, rate, seq0=6 * per_device))
+        for p in waves[1]:
+            p.start(base, timeout=240)
+        try:
+            back = r2.wait_metric("iotplat_worker_messages_received_total", held + 200, timeout=60)
+        except TimeoutError as e:
+            raise AssertionError(f"replica 2 does not pull again: {e}; /healthz {r2.health()[1]}; the consumer: "
+                                 f"{_consumer_views(cluster)}; log:\n{r2.log_tail(30)}") from None
+        for p in waves[1]:
+            p.join(240)
+        total = 12 * per_device
+        got = _wait_rows(influx, total, 120)
+        stored = _stored_seqs(influx)
+        pubs = waves[0] + waves[1]
+        acked = set().union(*(p.acked for p in pubs))
+        _, state = r2.health()
+        print(f"\nsilent connection: replica 2 connected again {stalled:.1f} s after the cut and received "
+              f"{back - held:.0f} more; transport {state.get('transport')}; {len(acked)} acknowledged, {got} rows; "
+              f"replica 1 redeliveries {r1.metrics().get('iotplat_worker_redeliveries_total', 0):.0f}")
+        assert len(acked) == total
+        assert not acked - stored, f"acknowledged but lost: {sorted(acked - stored)[:20]}"
+        assert stored == set(range(total)) and got == total
+        transport = state["transport"]
+        assert transport["connected"] and transport["pull_loop"] == "running" and transport["server"] != silent
+        assert r1.alive() and r2.alive()
+    finally:
+        for p in proxies:
+            p.close()
+
+
+def _consumer_views(cluster: NatsCluster) -> list[str]:
+    """Each live node's view of the worker's consumer and of the connections subscribed to the pull inboxes."""
+    views = []
+    for n in cluster.nodes:
+        if not n.alive():
+            continue
+        try:
+            jsz = n.monitor("/jsz?consumers=true")
+            for acc in jsz.get("account_details", []):
+                for st in acc.get("stream_detail", []):
+                    for c in st.get("consumer_detail") or []:
+                        if c["name"].startswith("iotplat_"):
+                            views.append(f"{n.name}: {c['name']} leader={c.get('cluster', {}).get('leader')} "
+                                         f"delivered={c.get('delivered')} ack_floor={c.get('ack_floor')} "
+                                         f"ack_pending={c.get('num_ack_pending')} pending={c.get('num_pending')} "
+                                         f"waiting={c.get('num_waiting')} redelivered={c.get('num_redelivered')}")
+            connz = n.monitor("/connz?subs=detail&limit=100")
+            for conn in connz.get("connections", []):
+                if str(conn.get("name", "")).startswith("iotplat-worker"):
+                    subs = [d.get("subject") for d in conn.get("subscriptions_list_detail") or []]
+                    views.append(f"{n.name}: conn {conn.get('cid')} {conn.get('name')} port {conn.get('port')} "
+                                 f"rtt {conn.get('rtt')} pending_bytes {conn.get('pending_bytes')} "
+                                 f"idle {conn.get('idle')} out_msgs {conn.get('out_msgs')} subs {subs}")
+        except (OSError, ValueError) as e:
+            views.append(f"{n.name}: {e}")
+    return views
