@@ -54,12 +54,16 @@ PULL_EXPIRES = 5.0
 # A connection whose server stopped answering (its host cut off the network: nothing is closed, TCP would take
 # minutes) is declared stale by nats-py after PING_INTERVAL x (MAX_OUTSTANDING_PINGS + 1) = 9 s at most (its
 # defaults here were 10 s x 4 = 40 s). Until then this replica pulls nothing: every pull request goes down the
-# dead connection. nats-py then closes the old TLS connection and waits for that before it reconnects, which on a
-# dead path lasts asyncio's SSL shutdown timeout (30 s), so the stall is up to ~40 s (measured on the local hosts,
-# tests/nats/test_cluster_e2e.py test_06: 36 s from the cut to "connection lost", 41 s to connected again through
-# another node). A live server answers a PING in milliseconds, even on a loaded host.
+# dead connection. A live server answers a PING in milliseconds, even on a loaded host.
 PING_INTERVAL = 3.0
 MAX_OUTSTANDING_PINGS = 2
+# nats-py then closes the old TLS connection and waits for that before it reconnects. On a dead path the close
+# lasts asyncio's TLS shutdown timeout (30 s by default: the peer's close_notify never comes), so a replica stayed
+# idle ~40 s after its server's host was cut off (tests/nats/test_failover.py, the silent-connection test:
+# 39.0 s to connected again through another node). nats-py has no option for it and asyncio reads it from
+# asyncio.constants when the TLS transport is made, so this process (the worker's only asyncio TLS user) sets
+# it: a live server answers close_notify in milliseconds.
+TLS_SHUTDOWN_TIMEOUT = 2.0
 
 
 class _Consumer:
@@ -197,6 +201,9 @@ class NatsTransport:
         loop.call_soon_threadsafe(schedule)
 
     def _run(self) -> None:
+        import asyncio.constants
+
+        asyncio.constants.SSL_SHUTDOWN_TIMEOUT = TLS_SHUTDOWN_TIMEOUT  # see TLS_SHUTDOWN_TIMEOUT
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(self._main(loop))

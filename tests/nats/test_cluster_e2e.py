@@ -217,7 +217,7 @@ def _diagnose(provider, tag: str) -> str:
         r = provider.exec(host, ["python3", "-c", get, f"http://127.0.0.1:{port}/healthz"], timeout=20)
         m = provider.exec(host, ["python3", "-c", get, f"http://127.0.0.1:{port}/metrics"], timeout=20)
         (DIAG_DIR / f"{tag}-{host}-worker.txt").write_text(r.stdout + "\n" + m.stdout)
-        lines.append(f"{host} worker /healthz: {r.stdout.strip()[:600]}")
+        lines.append(f"{host} worker /healthz: {r.stdout.strip()[:1500]}")
     text = "\n".join(lines)
     (DIAG_DIR / f"{tag}-summary.txt").write_text(text)
     return text
@@ -278,7 +278,7 @@ def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False,
     try:
         # The bound: when a node is lost, a replica connected through it pulls nothing until nats-py declares the
         # connection stale (nats_transport.PING_INTERVAL x (MAX_OUTSTANDING_PINGS + 1) = 9 s), closes it (over a
-        # dead path: asyncio's 30 s SSL shutdown timeout) and reconnects (connect_timeout 5 s per dead node
+        # dead path: nats_transport.TLS_SHUTDOWN_TIMEOUT, 2 s) and reconnects (connect_timeout 5 s per dead node
         # tried); the consumer's new leader is elected (a few seconds) and what the lost side had delivered but
         # not acknowledged comes back after ack_wait (30 s); the backlog (~2,000 messages) is then written in
         # seconds. About 80 s after the loss in the worst case, and the devices finish ~20 s after it, so 120 s
