@@ -64,11 +64,26 @@ MAX_OUTSTANDING_PINGS = 2
 # asyncio.constants when the TLS transport is made, so this process (the worker's only asyncio TLS user) sets
 # it: a live server answers close_notify in milliseconds.
 TLS_SHUTDOWN_TIMEOUT = 2.0
+# Pull requests that never reach the consumer. nats-server before 2.9.17 (Debian 12 ships 2.9.10) can lose the
+# cluster-wide interest in a subject when clients subscribe and unsubscribe it while the server reloads its
+# configuration (upstream 95e4f2d, "Fixed accounts configuration reload ... subscription interest not properly
+# propagated"). A worker replica refused by one reload and accepted by the next (`rotate`, a credential fixed by
+# hand) reconnects during the reloads; if the interest in its pull inbox is lost, the consumer's leader drops its
+# pull requests (a request whose reply subject nobody hears is discarded), so the replica looks connected and
+# subscribed and never receives a message. Reproduced on loopback (tests/nats/test_failover.py) in about one round
+# in three, and it outlived new connections that reused the same inbox subject. So each connection pulls into a
+# reply subject of its own (a new interest, announced afresh), and a watchdog replaces a connection whose pull
+# requests do not arrive: when a consumer has had no message for WATCH_IDLE s, it asks the consumer's leader, while
+# one of our pull requests should be waiting there, how many wait; none, twice in a row, and the replica connects
+# again with a new client.
+WATCH_IDLE = 10.0
+WATCH_POLL = 1.0
+WATCH_STRIKES = 2
 
 
 class _Consumer:
     __slots__ = ("durable", "filter_subject", "next_subject", "inbox", "outstanding", "requested_at", "sub",
-                 "pulls", "received", "received_at")
+                 "pulls", "received", "received_at", "since", "checked", "strikes")
 
     def __init__(self, stream: str, durable: str, filter_subject: str) -> None:
         self.durable = durable
@@ -81,6 +96,9 @@ class _Consumer:
         self.pulls = 0  # pull requests sent (diagnostics)
         self.received = 0  # messages received (diagnostics)
         self.received_at = 0.0
+        self.since = 0.0  # when this connection subscribed (the watchdog counts idle time from it)
+        self.checked = 0.0  # the pull request (its requested_at) the watchdog last asked about
+        self.strikes = 0  # checks in a row that found none of our pull requests waiting
 
 
 class NatsTransport:
@@ -98,6 +116,7 @@ class NatsTransport:
         self._jsm: JetStreamManager | None = None
         self._stopping = threading.Event()
         self._stop_event: asyncio.Event | None = None
+        self._closed_event: asyncio.Event | None = None  # nats-py closed the client for good (see _main)
         self._wake_event: asyncio.Event | None = None
         self._lock = threading.Lock()
         self._replies: dict[int, str] = {}
@@ -116,6 +135,8 @@ class NatsTransport:
         self._perm_error = ""
         self._pull_error = ""
         self._puller: asyncio.Task[None] | None = None
+        self._renew_reason = ""  # why the watchdog closed the connection (see WATCH_IDLE)
+        self.renewals = 0  # connections the watchdog replaced
         self.connected = False
 
     # ------------------------------------------------------------------ the Transport interface
@@ -177,10 +198,12 @@ class NatsTransport:
             "client": ("closed" if nc.is_closed else "connected" if nc.is_connected else
                        "reconnecting" if nc.is_reconnecting else "connecting") if nc is not None else "none",
             "server": nc.connected_url.netloc if nc is not None and nc.connected_url is not None else "",
+            "client_stats": dict(nc.stats) if nc is not None else {},  # nats-py's counters: messages, bytes, reconnects
             "pulling": self._pulling,
             "pull_loop": ("not started" if puller is None else "running" if not puller.done() else
                           f"ended: {self._pull_error or 'cancelled'}"),
             "unacked": len(self._replies),
+            "renewed_connections": self.renewals,
             "consumers": {c.durable: {"outstanding": c.outstanding, "pulls": c.pulls, "received": c.received,
                                       "last_pull_s": ago(c.requested_at), "last_message_s": ago(c.received_at)}
                           for c in list(self._consumers.values())},
@@ -213,12 +236,50 @@ class NatsTransport:
     async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
         self._stop_event = asyncio.Event()
         self._wake_event = asyncio.Event()
+        self._closed_event = asyncio.Event()
         self._loop = loop
+        self._puller = loop.create_task(self._pull_forever())
+        watchdog = loop.create_task(self._watch_pulls())
+        while not self._stopping.is_set():
+            await self._connect_retrying()
+            if self._nc is None:
+                break  # stopping
+            await self._on_connect()
+            stop = loop.create_task(self._stop_event.wait())
+            closed = loop.create_task(self._closed_event.wait())
+            await asyncio.wait((stop, closed), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            closed.cancel()
+            if self._stopping.is_set():
+                break
+            # nats-py gave the connection up for good: it does so on any -ERR from the server but a stale
+            # connection or a permissions violation (an "Authorization Violation" when a reload no longer
+            # accepts our password, a server's limits). It never reconnects after that; a new client does.
+            if self._renew_reason:
+                self.handler.on_connect_failed(self._renew_reason)
+                self._renew_reason = ""
+            else:
+                why = _reason(self._nc.last_error) if self._nc.last_error is not None else "closed"
+                self.handler.on_connect_failed(f"the NATS server closed the connection ({why}); connecting again")
+            self._closed_event.clear()
+            self._pulling = False
+            self._consumers.clear()  # their inbox subscriptions were the old client's: subscribe() makes new ones
+            try:
+                await asyncio.wait_for(self._stop_event.wait(), self.cfg.reconnect_min)
+            except asyncio.TimeoutError:
+                pass
+        self._puller.cancel()
+        watchdog.cancel()
+        await self._shutdown()
+
+    async def _connect_retrying(self) -> None:
+        """Connect (a new client) until connected, with jittered backoff; self._nc is None if stopping."""
+        assert self._stop_event is not None
         delay = self.cfg.reconnect_min
         while not self._stopping.is_set():
             try:
                 await self._connect()
-                break
+                return
             except Exception as e:  # nats-py raises several kinds (no servers, auth, TLS, timeouts)
                 self._nc = None
                 self.handler.on_connect_failed(_reason(e))
@@ -227,12 +288,7 @@ class NatsTransport:
                 except asyncio.TimeoutError:
                     pass
                 delay = min(self.cfg.reconnect_max, delay * 2)
-        if self._nc is not None:
-            await self._on_connect()
-            self._puller = loop.create_task(self._pull_forever())
-            await self._stop_event.wait()
-            self._puller.cancel()
-            await self._shutdown()
+        self._nc = None
 
     async def _connect(self) -> None:
         import nats
@@ -337,6 +393,9 @@ class NatsTransport:
 
     async def _closed_cb(self) -> None:
         self.connected = False
+        if not self._stopping.is_set() and self._closed_event is not None:
+            self._generation += 1  # what was being retried on this client stops (_retrying)
+            self._closed_event.set()
 
     # ------------------------------------------------------------------ JetStream objects
     def _names(self, filter_: str) -> tuple[str, str]:
@@ -414,7 +473,9 @@ class NatsTransport:
             con = self._consumers.get(durable)
             if con is None:
                 con = self._consumers[durable] = _Consumer(c.stream, durable, subject)
-                con.inbox = f"{c.inbox_prefix}.pull.{durable}"
+                con.since = asyncio.get_running_loop().time()
+                # a new reply subject per connection (nats-py: <inbox_prefix>.<nuid>): see WATCH_IDLE
+                con.inbox = self._nc.new_inbox()
                 con.sub = await self._nc.subscribe(con.inbox, cb=self._make_cb(con),
                                                    pending_msgs_limit=-1, pending_bytes_limit=-1)
             granted.append(1)
@@ -440,6 +501,49 @@ class NatsTransport:
                     await asyncio.wait_for(self._stop_event.wait(), 1.0)
                 except asyncio.TimeoutError:
                     pass
+
+    async def _watch_pulls(self) -> None:
+        """Replace a connection whose pull requests do not reach the consumer (see WATCH_IDLE)."""
+        assert self._stop_event is not None and self._loop is not None
+        loop = self._loop
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stop_event.wait(), WATCH_POLL)
+            except asyncio.TimeoutError:
+                pass
+            nc, jsm = self._nc, self._jsm
+            if not (self._pulling and nc is not None and nc.is_connected and self.connected and jsm is not None):
+                continue
+            for con in list(self._consumers.values()):
+                now = loop.time()
+                age = now - con.requested_at
+                # one of our requests should be waiting at the leader now: asked (and not answered) long enough ago
+                # to have arrived, long enough before its expiry, and nothing received for a while
+                if (not con.outstanding or con.received_at >= con.requested_at
+                        or now - max(con.received_at, con.since) < WATCH_IDLE
+                        or not 0.5 <= age <= PULL_EXPIRES - 1.5 or con.checked == con.requested_at):
+                    continue
+                con.checked = con.requested_at
+                try:
+                    info = await jsm.consumer_info(self.cfg.stream, con.durable, timeout=2)
+                except Exception:  # no answer (an election, a lost node): no verdict
+                    continue
+                if con.checked != con.requested_at or con.received_at >= con.requested_at:
+                    continue  # answered or asked again meanwhile
+                if (info.num_waiting or 0) > 0:
+                    con.strikes = 0
+                    continue
+                con.strikes += 1
+                if con.strikes >= WATCH_STRIKES and nc is self._nc:
+                    self.renewals += 1
+                    self._renew_reason = (f"pull requests for {con.durable} through {_server(nc)} do not reach the "
+                                          f"consumer ({con.strikes} checks found none waiting while "
+                                          f"{info.num_pending} messages are pending): connecting again")
+                    try:
+                        await nc.close()  # _closed_cb: _main makes a new client
+                    except Exception:
+                        pass
+                    break
 
     async def _pull_loop(self) -> None:
         assert self._wake_event is not None and self._loop is not None
@@ -550,6 +654,11 @@ def _delivery_count(reply: str) -> int:
     except ValueError:
         pass
     return 1
+
+
+def _server(nc: Client) -> str:
+    url = nc.connected_url
+    return url.netloc if url is not None else "?"
 
 
 def _reason(e: BaseException) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from support.natscluster import FailoverPublisher, NatsCluster, nats_worker_config
+from iotplat.secrets.passwords import bcrypt_many
+from support.natscluster import FailoverPublisher, NatsCluster, nats_worker_config, reload_node, set_user
 from support.waits import wait_until
 from support.workerproc import WorkerProc
 
@@ -246,6 +247,63 @@ def test_a_worker_connection_gone_silent_loses_nothing_and_the_replica_pulls_aga
             p.close()
 
 
+def test_a_worker_the_server_disconnected_for_good_connects_again(clusters: list, influx, workers: list,
+                                                                  tmp_path: Path) -> None:
+    """A reload that no longer accepts the replica's password (an operator's mistake, or `rotate` between the
+    nodes' reload and the replica's restart) makes nats-server send "-ERR 'Authorization Violation'" and close
+    the connection; nats-py then closes its client for good (it reconnects after a lost connection, never after
+    an -ERR). The replica reports it, keeps trying with a new client, and once a reload accepts its password
+    again it is connected and subscribed without a restart, and what the devices sent meanwhile is written.
+
+    Three rounds, because the reconnect races the reloads: nats-server 2.9.10 can bind a client that connects
+    while it reloads to an account the routes carry no interest for, so its pull requests are dropped
+    (nats_transport.WATCH_IDLE). That happened in about one round out of three here: the watchdog must then
+    replace the connection, or the messages never arrive."""
+    cluster = NatsCluster.start(3, devices=3, workers=1)
+    clusters.append(cluster)
+    w = WorkerProc(nats_worker_config(tmp_path, cluster, influx, replicas=1), replica=1).start(timeout=60)
+    workers.append(w)
+    user = "iotplat-worker-1"
+    other = bcrypt_many([(user, "not-the-worker-password-0123456789")], 4)[user]
+    original = {n.name: n.conf.read_text() for n in cluster.nodes}
+    seen: list = []
+
+    def state() -> dict:
+        seen[:] = [w.health()[1]]
+        return seen[0]
+
+    per_round, base = 100, int(time.time() * 1000) - 600_000
+    for round_ in range(3):
+        for n in cluster.nodes:
+            set_user(n.conf, user, other)
+            reload_node(n)
+        wait_until(lambda: not state()["mqtt_connected"], 20, "the replica disconnected by the reload", lambda: seen)
+        pubs = _devices(cluster, 3, per_round, 50.0, seq0=round_ * 3 * per_round)  # 2 s while it is refused
+        for p in pubs:
+            p.start(base, timeout=60)
+        for p in pubs:
+            p.join(60)
+        assert sum(len(p.acked) for p in pubs) == 3 * per_round  # the stream keeps them
+        for n in cluster.nodes:
+            n.conf.write_text(original[n.name])
+            reload_node(n)
+        wait_until(lambda: state()["mqtt_connected"] and state()["transport"]["pull_loop"] == "running", 30,
+                   "the replica connected again without a restart", lambda: seen)
+        want = (round_ + 1) * 3 * per_round
+        got = _wait_rows(influx, want, 60)
+        if got != want:
+            log = w.log_tail(60) + f"\n/healthz {w.health()[1]}\nthe consumer: {_consumer_views(cluster)}"
+            raise AssertionError(f"round {round_ + 1}: {got}/{want} rows\n{log}")
+    transport = state()["transport"]
+    log = w.log_tail(200)
+    print(f"\nrefused by a reload 3 times: {w.metrics().get('iotplat_worker_mqtt_connect_failures_total', 0):.0f} "
+          f"failed connects; connections the watchdog replaced: {transport['renewed_connections']}\n"
+          + "\n".join(ln for ln in log.splitlines() if "do not reach" in ln or "mqtt_connected" in ln))
+    assert _stored_seqs(influx) == set(range(3 * 3 * per_round))
+    assert "the NATS server closed the connection" in log and "authorization failed" in log, log
+    assert w.alive()
+
+
 def _consumer_views(cluster: NatsCluster) -> list[str]:
     """Each live node's view of the worker's consumer and of the connections subscribed to the pull inboxes."""
     views = []
@@ -267,7 +325,7 @@ def _consumer_views(cluster: NatsCluster) -> list[str]:
                 if str(conn.get("name", "")).startswith("iotplat-worker"):
                     subs = [d.get("subject") for d in conn.get("subscriptions_list_detail") or []]
                     views.append(f"{n.name}: conn {conn.get('cid')} {conn.get('name')} port {conn.get('port')} "
-                                 f"rtt {conn.get('rtt')} pending_bytes {conn.get('pending_bytes')} "
+                                 f"rtt {conn.get('rtt')} pending_bytes {conn.get('pending_bytes')} in_msgs {conn.get('in_msgs')} "
                                  f"idle {conn.get('idle')} out_msgs {conn.get('out_msgs')} subs {subs}")
         except (OSError, ValueError) as e:
             views.append(f"{n.name}: {e}")

@@ -18,7 +18,6 @@ What it cannot show: systemd's ExecReload (Debian's unit sends SIGHUP to the mai
 
 from __future__ import annotations
 
-import re
 import signal
 import ssl
 import socket
@@ -28,21 +27,10 @@ from pathlib import Path
 import pytest
 
 from support import servers
-from support.natscluster import MqttProbe, NatsCluster, NatsNode
+from support.natscluster import MqttProbe, NatsCluster, NatsNode, reload_node, set_user
 from iotplat.secrets.passwords import bcrypt_many
 
 pytestmark = pytest.mark.integration
-
-
-def _reload(node: NatsNode, timeout: float = 15.0) -> None:
-    """SIGHUP, then wait until /varz shows the new config_load_time (the reload was applied)."""
-    before = node.monitor("/varz")["config_load_time"]
-    assert node.proc is not None
-    node.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while node.monitor("/varz")["config_load_time"] == before:
-        assert time.monotonic() < deadline, f"{node.name}: reload not applied\n{node.log_text()[-2000:]}"
-        time.sleep(0.05)
 
 
 def _routes(node: NatsNode) -> int:
@@ -63,18 +51,6 @@ def _served_cert(port: int, ca_file: str) -> bytes:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return der
-
-
-def _set_user(conf: Path, user: str, new_hash: str | None) -> None:
-    """Replace a user's bcrypt hash in a rendered nats-server.conf, or remove the user (None)."""
-    text = conf.read_text()
-    line = re.compile(r'^      \{user: "' + re.escape(user) + r'", password: "([^"]+)".*\n', re.M)
-    assert line.search(text), user
-    if new_hash is None:
-        text = line.sub("", text)
-    else:
-        text = line.sub(lambda m: m.group(0).replace(m.group(1), new_hash), text)
-    conf.write_text(text)
 
 
 def _connack(port: int, user: str, password: str, ca_file: str, retry: float = 0.0) -> int | None:
@@ -110,9 +86,9 @@ def test_reload_applies_users_and_keeps_other_clients(clusters: list[NatsCluster
         new_pw = "dev000-the-new-password-0123456789"
         new_hash = bcrypt_many([("dev000", new_pw)], 4)["dev000"]
         for n in c.nodes:  # node by node, as roles/nats/tasks/reload.yml
-            _set_user(n.conf, "dev000", new_hash)
-            _set_user(n.conf, "dev001", None)
-            _reload(n)
+            set_user(n.conf, "dev000", new_hash)
+            set_user(n.conf, "dev001", None)
+            reload_node(n)
         assert revoked.disconnected.wait(10), "a removed user stays connected after the reload"
         assert changed.disconnected.wait(10), "a client with a changed password stays connected"
         assert not stays.disconnected.is_set()
@@ -140,7 +116,7 @@ def test_reload_serves_new_certificates_and_survives_a_ca_rotation(clusters: lis
         # a renewed certificate and key (same CA), written in place as the common role does
         servers.make_ca(c.ca["ca"].parent, ("localhost", "broker.iotplat.internal"), "serverAuth,clientAuth")
         for n in c.nodes:
-            _reload(n)
+            reload_node(n)
         _wait_routes(c, 2)
         assert _served_cert(n1.mqtt_port, c.ca_file) != before
         assert not device.disconnected.is_set()
@@ -149,7 +125,7 @@ def test_reload_serves_new_certificates_and_survives_a_ca_rotation(clusters: lis
         new = servers.make_ca(tmp_path / "new-ca", ("localhost", "broker.iotplat.internal"), "serverAuth,clientAuth")
         c.ca["ca"].write_bytes(old_ca + new["ca"].read_bytes())
         for n in c.nodes:
-            _reload(n)
+            reload_node(n)
         _wait_routes(c, 2)
         # finish: node by node onto a certificate of the new CA (each node has its own files here)
         for i, n in enumerate(c.nodes):
@@ -163,12 +139,12 @@ def test_reload_serves_new_certificates_and_survives_a_ca_rotation(clusters: lis
                 target = own / ("ca.crt" if key == "ca" else new[key].name)
                 text = text.replace(f'"{path}"', f'"{target}"')
             n.conf.write_text(text)
-            _reload(n)
+            reload_node(n)
             _wait_routes(c, 2)  # mixed: nodes on the old CA's certificate and on the new one
             assert c.meta_leader(n), n.name  # JetStream's meta group still has a leader
         for n in c.nodes:  # the old CA dropped everywhere
             (n.dir / "tls" / "ca.crt").write_bytes(new["ca"].read_bytes())
-            _reload(n)
+            reload_node(n)
         _wait_routes(c, 2)
         assert _served_cert(n1.mqtt_port, str(new["ca"]))  # verifies against the new CA alone
         (tmp_path / "old-ca.crt").write_bytes(old_ca)

@@ -8,6 +8,7 @@ Nothing here touches the system's nats-server service.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -213,6 +214,29 @@ class NatsCluster:
         for n in self.nodes:
             n.stop(signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def reload_node(node: NatsNode, timeout: float = 15.0) -> None:
+    """SIGHUP, then wait until /varz shows the new config_load_time (the reload was applied)."""
+    before = node.monitor("/varz")["config_load_time"]
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while node.monitor("/varz")["config_load_time"] == before:
+        assert time.monotonic() < deadline, f"{node.name}: reload not applied\n{node.log_text()[-2000:]}"
+        time.sleep(0.05)
+
+
+def set_user(conf: Path, user: str, new_hash: str | None) -> None:
+    """Replace a user's bcrypt hash in a rendered nats-server.conf, or remove the user (None)."""
+    text = conf.read_text()
+    line = re.compile(r'^      \{user: "' + re.escape(user) + r'", password: "([^"]+)".*\n', re.M)
+    assert line.search(text), user
+    if new_hash is None:
+        text = line.sub("", text)
+    else:
+        text = line.sub(lambda m: m.group(0).replace(m.group(1), new_hash), text)
+    conf.write_text(text)
 
 
 def nats_worker_config(tmp: Path, cluster: NatsCluster, influx, *, inflight: int = 1000, replicas: int = 2,
