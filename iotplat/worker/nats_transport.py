@@ -10,8 +10,10 @@ for that replica.
 
 How it maps the interface:
 - ``start()`` runs an asyncio loop on a thread of its own; nats-py connects (TLS, user/password) to any of
-  ``servers`` and reconnects by itself; the first connect is retried here with jittered backoff and each
-  failure reported through ``on_connect_failed``.
+  ``servers`` and reconnects by itself after a lost connection; the first connect is retried here with jittered
+  backoff and each failure reported through ``on_connect_failed``. nats-py closes its client for good on an
+  -ERR from the server (an "Authorization Violation" after a reload that refused our password): then a new
+  client is made the same way. So is one whose pull requests do not reach the consumer (``WATCH_IDLE``).
 - On every (re)connect the stream is ensured (created with its limits if missing, its limits brought back
   to the config's if someone changed them) and ``on_connected(session_present)`` is called, where "session
   present" means every durable consumer existed already (a missing one means its backlog is gone: the
@@ -19,9 +21,9 @@ How it maps the interface:
 - ``subscribe(filters)`` creates the missing consumers (explicit acks, ``ack_wait``, ``max_ack_pending``
   shared by all replicas) and starts pulling; ``on_subscribed`` gets QoS 1 per filter, or 0x80 for a filter
   the server refused (the core stops with an error).
-- Pulling: at most one pull request per consumer is outstanding, for at most what the handler's ``room()``
-  leaves (the in-flight window) minus what is already requested: the server never sends more than the
-  window, so backpressure needs no blocking. Messages are handed to ``on_publishes`` in arrival order, each
+- Pulling, into a reply subject of the connection's own: at most one pull request per consumer is outstanding,
+  for at most what the handler's ``room()`` leaves (the in-flight window) minus what is already requested: the
+  server never sends more than the window, so backpressure needs no blocking. Messages are handed to ``on_publishes`` in arrival order, each
   with an integer token; a redelivery (the server's delivery count > 1) counts as a DUP.
 - ``ack(tokens)`` sends ``+ACK`` to each message's reply subject. Acknowledgements stay valid across
   reconnects (the consumer's state lives in the cluster), so unlike MQTT they are sent after a reconnect

@@ -31,7 +31,9 @@ written to DIAG_DIR.
 Known (docs/broker-engines.md): after a kill -9 of n2's nats-server, n2's full /healthz kept saying "JetStream
 consumer '$MQTT_rmsgs_…' is not current" for 9+ minutes (nats-server 2.9.10). `status` no longer reads the full
 /healthz (iotplat/verify/nats_cluster.py), but this module has not proven that on the hosts yet: the kill -9 test
-still runs last. Test 06 is skipped: it stalled once in the merged main (its skip reason says how).
+still runs last. Test 06 stalled once (replica 2 connected and subscribed, no pull request of it reaching the
+consumer): most likely the pull inbox interest nats-server 2.9.10 loses when clients reconnect during reloads
+(the earlier tests reload every node), which the worker now survives (iotplat/worker/nats_transport.py, WATCH_IDLE).
 """
 
 from __future__ import annotations
@@ -513,13 +515,6 @@ CUT = ("table inet iotplat_cut { chain cut_in { type filter hook input priority 
        "chain cut_out { type filter hook output priority -400; policy drop; oifname \"lo\" accept; }; }")
 
 
-@pytest.mark.skip(reason=(
-    "intermittent stall, not diagnosed (issue 13): passed in the helper's whole-module runs; in the run of the merged "
-    "main (13:43 UTC, 2026-12-06) replica 2 reconnected through n3 38 s after n1 was cut and subscribed, yet for the "
-    "next 2 minutes the consumer's leader (n2) had no pull request waiting, 1,813 messages acknowledged-pending and an "
-    "ack floor that did not move: 895 acknowledged messages per device were not in InfluxDB after 120 s. Whether "
-    "the replica's pull loop hangs after a reconnect or its requests are lost is open; the evidence the test writes "
-    "to DIAG_DIR is where to start"))
 def test_06_a_host_cut_off_the_network_loses_no_acknowledged_message(deployed: dict, capfd) -> None:
     """n1 (a broker node and worker replica 1) cut off the network by an nftables table inside it that drops
     every packet in and out (its processes keep running, nothing is closed) while the devices publish to it: the
@@ -574,7 +569,8 @@ def test_06_a_host_cut_off_the_network_loses_no_acknowledged_message(deployed: d
 def test_07_node_and_worker_killed_lose_no_acknowledged_message(deployed: dict, capfd) -> None:
     """kill -9 of the node the devices use (systemd restarts it: Restart=on-failure) and of worker replica 1
     at the same moment: the devices move on, replica 2 takes over replica 1's messages, nothing acknowledged lost.
-    Last in the module: after it, n2's full /healthz may stay red for minutes (docstring above)."""
+    Then `status` is green again: its per-node check does not wait for the MQTT layer's $MQTT_rmsgs consumer, whose
+    full /healthz may stay red for minutes after a kill -9 (docstring above). Last in the module all the same."""
     deadline = time.monotonic() + 120
     while True:  # n1, reconnected by the last test, back in the cluster
         code, out, _ = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
@@ -590,3 +586,8 @@ def test_07_node_and_worker_killed_lose_no_acknowledged_message(deployed: dict, 
 
     devs, _ = _under_load(deployed, "n2", kill)  # (a device may find n2 restarted before it tries another node)
     assert all(d.used[0] == hosts["n2"] for d in devs)
+    started = time.monotonic()
+    report = _status_green(deployed, capfd, timeout=120)
+    node = next(c for c in report["checks"] if c["host"] == "n2" and c["name"] == "nats-server /healthz")
+    print(f"after kill -9 of n2's nats-server: status green {time.monotonic() - started:.0f} s after the load; "
+          f"n2: {node['detail']}", file=sys.stderr)
