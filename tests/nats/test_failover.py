@@ -3,7 +3,8 @@ real processes and a real InfluxDB 1.6.7: devices publish QoS 1 telemetry, each 
 number, at a steady rate through different nodes. Every sequence number the broker acknowledged must be a row
 in InfluxDB (and in fact every one sent: devices re-send what was not acknowledged).
 
-What this cannot show: a host cut off the network (needs hosts: phase 2), and disks (every node's store is
+What this cannot show: a host cut off the network (tests/nats/test_cluster_e2e.py test_06; here only one
+replica's connection going silent, through tests/support/blackhole.py), and disks (every node's store is
 on this machine's one disk; nats-server syncs JetStream files every 2 minutes by default, so "0 lost" after
 a kill -9 rests on the other two replicas, as it would after a power cut of one host)."""
 
