@@ -158,8 +158,10 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
     for f in red:
         assert isinstance(f, dict) and f.get("status") == "unavailable", f
         error = str(f.get("error"))
-        assert "$MQTT_" in error and "iotplat_" not in error and "> $MQTT_msgs'" not in error \
-            and "> $MQTT_msgs >" not in error, f
+        # the MQTT layer's assets; also the $MQTT_msgs stream itself for a moment while the restarted node catches
+        # up (seen once in CI, 2026-12-06: "JetStream stream 'IOTPLAT > $MQTT_msgs' is not current"); never the
+        # worker's consumer, which iotplat's check covers
+        assert "$MQTT_" in error and "iotplat_" not in error, f
     for p in pubs:
         p.join(240)
     assert all(len(p.acked) == len(p.seqs) for p in pubs)
