@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +58,20 @@ def _require_nspawn(request):
         pytest.skip(reason)
 
 
+def _down_killed_runs(network: ipaddress.IPv4Network) -> None:
+    """Remove the test instances (`pytest-*`) that an earlier, killed test run left on `network`: their bridge
+    would make this run's instance refuse the network as taken (a CI run failed so, on a leftover of the
+    SIGKILL test's instance from a run ended mid-way). Instances of this run and other networks are left alone."""
+    for state_file in sorted((STATE_DIR / "instances").glob("pytest-*/state.json")):
+        name = state_file.parent.name
+        try:
+            other = ipaddress.IPv4Network(json.loads(state_file.read_text())["network"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if name not in _created and other.overlaps(network):
+            local_provider(LocalSettings(instance=name, network=str(other), state_dir=STATE_DIR)).down()
+
+
 @pytest.fixture
 def make_settings():
     """LocalSettings for a test instance; the instance is torn down after the test (and at exit)."""
@@ -64,6 +79,7 @@ def make_settings():
 
     def make(instance: str, network: str) -> LocalSettings:
         settings = LocalSettings(instance=instance, network=network, state_dir=STATE_DIR)
+        _down_killed_runs(ipaddress.IPv4Network(network))
         local_provider(settings).down()  # leftovers of an earlier, killed run
         _created[instance] = settings
         made.append(settings)
