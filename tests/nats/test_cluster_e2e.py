@@ -171,6 +171,15 @@ def test_01_up_deploys_the_cluster_and_status_is_green(deployed: dict, capfd) ->
     assert ("n1", "unit iotplat-worker@1") in ok and ("n2", "unit iotplat-worker@2") in ok
 
 
+def _provider(deployed: dict):
+    """The local host provider of the deployed platform (exec on its hosts)."""
+    from iotplat.deploy.targets import local_settings
+    from iotplat.hosts import local_provider
+    from iotplat.spec.load import load_platform
+
+    return local_provider(local_settings(load_platform(Path(deployed["spec"]))))
+
+
 DIAG_DIR = Path("/tmp/natse2e-diag")  # evidence of a failed wait (jsz, worker /healthz, logs), read after the run
 
 
@@ -231,9 +240,6 @@ def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False,
     `lose(provider)` breaks something. Returns the devices (joined) after every acknowledged message was found
     in InfluxDB by its sequence number (asserted), and the provider. `until_done`: the devices go on publishing
     (at most MAX_COUNT each) until `lose` returns plus 10 s, so all of a long operation runs under load."""
-    from iotplat.deploy.targets import local_settings
-    from iotplat.hosts import local_provider
-    from iotplat.spec.load import load_platform
     from iotplat.verify.status import TrustStore, influx_query
 
     p, m, _ = platform_materials(deployed)
@@ -251,7 +257,7 @@ def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False,
         while min(len(d.acked) for d in devs) < COUNT // 4 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert min(len(d.acked) for d in devs) >= COUNT // 4, "devices are not being acknowledged"
-        provider = local_provider(local_settings(load_platform(Path(deployed["spec"]))))
+        provider = _provider(deployed)
         lose(provider)
     except BaseException:
         # the publishers must not outlive a failed test: left running (MAX_COUNT is 10 minutes) they keep the
@@ -317,17 +323,25 @@ def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False,
 
 
 def test_02_a_stopped_node_loses_no_acknowledged_message(deployed: dict, capfd) -> None:
+    """n1's nats-server stopped while the devices publish to it. n1 is started again whatever happens: a failure
+    here once left it stopped, and every later test of the module failed on that instead of on its own claim."""
     hosts = deployed["hosts"]
-    devs, provider = _under_load(deployed, "n1", lambda prov: prov.exec("n1", ["systemctl", "stop", "nats-server"]))
-    for d in devs:
-        assert hosts["n1"] in d.used and len(d.used) >= 2, d.used  # moved to another node
-    code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
-    assert code == 1, (out + err)[-3000:]
-    report = json.loads(out)
-    failed = {(c["host"], c["name"]) for c in report["checks"] if not c["ok"]}
-    assert ("n1", "nats node") in failed and ("n1", "unit nats-server") in failed, failed
-    assert any(c["name"] == "canary" and c["ok"] for c in report["checks"]), "the canary uses another node"
-    provider.exec("n1", ["systemctl", "start", "nats-server"])  # type: ignore[attr-defined]
+    try:
+        devs, provider = _under_load(deployed, "n1", lambda prov: prov.exec("n1", ["systemctl", "stop", "nats-server"]))
+        for d in devs:
+            assert hosts["n1"] in d.used and len(d.used) >= 2, d.used  # moved to another node
+        code, out, err = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
+        assert code == 1, (out + err)[-3000:]
+        report = json.loads(out)
+        failed = {(c["host"], c["name"]) for c in report["checks"] if not c["ok"]}
+        assert ("n1", "nats node") in failed and ("n1", "unit nats-server") in failed, failed
+        canary = next(c for c in report["checks"] if c["name"] == "canary")
+        if not canary["ok"]:
+            _diagnose(provider, "n1-stopped-canary")
+        assert canary["ok"] and canary["host"] != "n1", f"the canary uses another node: {canary} (evidence: " \
+                                                        f"{DIAG_DIR}/n1-stopped-canary-*)"
+    finally:
+        _provider(deployed).exec("n1", ["systemctl", "start", "nats-server"])
 
 
 def _spans(seqs: list[int]) -> list[tuple[int, int]]:
@@ -429,11 +443,7 @@ def test_05_a_revoked_device_is_refused_by_every_node(deployed: dict, capfd) -> 
             client.loop_stop()
             assert getattr(ok["rc"], "value", ok["rc"]) != 0, h
         if seen["disconnects"]:
-            from iotplat.deploy.targets import local_settings
-            from iotplat.hosts import local_provider
-            from iotplat.spec.load import load_platform
-
-            _diagnose(local_provider(local_settings(load_platform(Path(deployed["spec"])))), "revoke")
+            _diagnose(_provider(deployed), "revoke")
         assert seen["disconnects"] == 0, f"a node restarted instead of reloading (evidence: {DIAG_DIR}/revoke-*)"
         info = stays.publish("devices/dev-a/telemetry", b'{"ts":%d,"seq":-1,"temperature":1.0}' % int(time.time() * 1000),
                              qos=1)
@@ -524,11 +534,7 @@ def test_06_a_host_cut_off_the_network_loses_no_acknowledged_message(deployed: d
     consumer's leadership to n1 as well, by restarting the nodes that led it, made n1's full /healthz stay red on
     the MQTT layer's $MQTT_rmsgs consumer after the cut: docs/broker-engines.md, Known.) `status` names n1 (it stops at the unreachable host with
     one line naming it); back on the network, status is green."""
-    from iotplat.deploy.targets import local_settings
-    from iotplat.hosts import local_provider
-    from iotplat.spec.load import load_platform
-
-    prov = local_provider(local_settings(load_platform(Path(deployed["spec"]))))
+    prov = _provider(deployed)
     _replica_through(prov, 2, "n2", "n1")  # the surviving replica's connection is cut too (the worst case)
     leaders = _leaders(prov)
     DIAG_DIR.mkdir(exist_ok=True)
@@ -561,8 +567,7 @@ def test_06_a_host_cut_off_the_network_loses_no_acknowledged_message(deployed: d
         error = json.loads(out)["error"]
         assert f"n1 ({hosts['n1']})" in error and "n2" not in error and "n3" not in error, error
     finally:
-        local_provider(local_settings(load_platform(Path(deployed["spec"])))).exec(
-            "n1", ["nft", "delete", "table", "inet", "iotplat_cut"])
+        _provider(deployed).exec("n1", ["nft", "delete", "table", "inet", "iotplat_cut"])
     _status_green(deployed, capfd)
 
 
