@@ -136,6 +136,7 @@ class NatsTransport:
         self._generation = 0
         self._perm_error = ""
         self._pull_error = ""
+        self._pull_restarts = 0
         self._puller: asyncio.Task[None] | None = None
         self._renew_reason = ""  # why the watchdog closed the connection (see WATCH_IDLE)
         self.renewals = 0  # connections the watchdog replaced
@@ -204,6 +205,8 @@ class NatsTransport:
             "pulling": self._pulling,
             "pull_loop": ("not started" if puller is None else "running" if not puller.done() else
                           f"ended: {self._pull_error or 'cancelled'}"),
+            "pull_loop_restarts": self._pull_restarts,  # failures of the loop, each restarted (see _pull_forever)
+            "pull_error": self._pull_error,  # the last one ("" = none)
             "unacked": len(self._replies),
             "renewed_connections": self.renewals,
             "consumers": {c.durable: {"outstanding": c.outstanding, "pulls": c.pulls, "received": c.received,
@@ -498,6 +501,7 @@ class NatsTransport:
                 raise
             except Exception as e:  # a defect: reported, and pulling goes on
                 self._pull_error = _reason(e)
+                self._pull_restarts += 1
                 self.handler.on_connect_failed(f"pull loop failed: {self._pull_error} (restarting it)")
                 try:
                     await asyncio.wait_for(self._stop_event.wait(), 1.0)

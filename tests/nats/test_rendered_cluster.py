@@ -200,7 +200,9 @@ def test_the_canary_reaches_a_worker_replica_through_the_replicated_stream(rende
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker's real NATS transport, configured by the rendered worker.toml (only its server addresses
     pointed at the loopback nodes, the certificate checked for the broker's logical name), creates its durable
-    consumer; the canary publishes QoS 1 over MQTT 3.1.1/TLS to another node; the replica receives it."""
+    consumer; the canary publishes QoS 1 over MQTT 3.1.1/TLS to another node; the replica receives it. The pull
+    loop's first run fails (an injected defect): it is started again, and the transport's diagnostics (the
+    worker's /healthz) say so, with the error, while the loop runs."""
     import dataclasses
 
     import paho.mqtt.client as mqtt
@@ -223,6 +225,15 @@ def test_the_canary_reaches_a_worker_replica_through_the_replicated_stream(rende
     handler = _Handler()
     handler.filters = [template_filter(s.topic) for s in p.spec.ingestion.subscriptions]  # type: ignore[attr-defined]
     transport = NatsTransport(ncfg, handler, handler.filters)  # type: ignore[attr-defined]
+    real_loop, runs = transport._pull_loop, []
+
+    async def failing_once() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("injected pull loop defect")
+        await real_loop()
+
+    monkeypatch.setattr(transport, "_pull_loop", failing_once)
     handler.transport = transport
     transport.start()
     trust = TrustStore(m.ca_cert_pem)
@@ -248,6 +259,10 @@ def test_the_canary_reaches_a_worker_replica_through_the_replicated_stream(rende
         with handler.cond:
             assert handler.cond.wait_for(lambda: handler.messages, 30), "the replica received nothing"
         assert handler.messages == [(topic.encode(), payload if isinstance(payload, bytes) else payload.encode())]
+        shown = transport.diagnostics()
+        assert (shown["pull_loop"], shown["pull_loop_restarts"]) == ("running", 1), shown
+        assert "injected pull loop defect" in shown["pull_error"], shown
+        assert any("pull loop failed" in f for f in handler.failures), handler.failures
     finally:
         transport.stop()
         trust.close()
