@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.deploy.conftest import local_platform, module_env, platform_materials, run_cli
 from tests.helpers import EXAMPLES
@@ -342,6 +343,61 @@ def test_02_a_stopped_node_loses_no_acknowledged_message(deployed: dict, capfd) 
                                                         f"{DIAG_DIR}/n1-stopped-canary-*)"
     finally:
         _provider(deployed).exec("n1", ["systemctl", "start", "nats-server"])
+
+
+def _restarts(provider, host: str, since: float) -> list[tuple[float, float]]:
+    """(shutdown, ready) times of each restart of `host`'s nats-server since `since`, from its journal."""
+    lines = provider.exec(host, ["journalctl", "--no-pager", "-o", "short-unix", "-u", "nats-server",
+                                 "--since", f"@{int(since)}"], timeout=30).stdout.splitlines()
+    out: list[tuple[float, float]] = []
+    down: float | None = None
+    for line in lines:
+        try:
+            t = float(line.split(" ", 1)[0])
+        except ValueError:
+            continue
+        if "Initiating Shutdown" in line:
+            down = t
+        elif "Server is ready" in line and down is not None:
+            out.append((down, t))
+            down = None
+    return out
+
+
+def test_03_a_change_that_needs_a_restart_restarts_one_node_at_a_time(deployed: dict, capfd) -> None:
+    """A shorter `ingestion.outage_budget` changes every node's JetStream store limit, which nats-server cannot
+    reload, so `up` restarts every node, while the devices publish: one node at a time (the nats role's throttled
+    restart, templates/iotplat-nats-restart.j2: each node back in the cluster before the next). Every node
+    restarted once, never two at once (each shutdown after the previous node's "Server is ready", from the
+    journals), 0 acknowledged lost, `up` and `status` green."""
+    _status_green(deployed, capfd)
+    spec = Path(deployed["spec"])
+    data = yaml.safe_load(spec.read_text())
+    data["ingestion"]["outage_budget"] = "4m"  # 5m by default: max_file_store shrinks on every node
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    since = time.time() - 1
+    results: dict[str, dict] = {}
+
+    def up(prov) -> None:
+        code, out, err = run_cli(capfd, "up", deployed["spec"], "--out", deployed["build"], "--json")
+        assert code == 0, (out + err)[-4000:]
+        results["up"] = json.loads(out)
+
+    started = time.monotonic()
+    devs, provider = _under_load(deployed, "n1", up, until_done=True)
+    assert results["up"]["ok"] is True
+    restarts = {h: _restarts(provider, h, since) for h in ("n1", "n2", "n3")}
+    assert all(len(r) == 1 for r in restarts.values()), restarts  # each node once
+    order = sorted(restarts, key=lambda h: restarts[h][0][0])
+    for a, b in zip(order, order[1:]):
+        assert restarts[b][0][0] > restarts[a][0][1], f"{b} stopped before {a} was ready again: {restarts}"
+    assert all(hosts_used[0] == deployed["hosts"]["n1"] and len(hosts_used) >= 2
+               for hosts_used in (d.used for d in devs)), [d.used for d in devs]  # moved on when n1 restarted
+    _status_green(deployed, capfd)
+    gaps = ", ".join(f"{b} stopped {restarts[b][0][0] - restarts[a][0][1]:.1f} s after {a} was ready"
+                     for a, b in zip(order, order[1:]))
+    print(f"restart-needing `up` under load: {results['up']['seconds']} s, {sum(d.count for d in devs)} messages "
+          f"in {time.monotonic() - started:.0f} s; order {order}; {gaps}", file=sys.stderr)
 
 
 def _spans(seqs: list[int]) -> list[tuple[int, int]]:

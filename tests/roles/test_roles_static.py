@@ -28,7 +28,8 @@ CONTRACT_VARS = {"iotplat_build_dir", "iotplat_worker_wheelhouse", "iotplat_secr
 # Keyword-ish names a task file may contain that are not variables of ours.
 ANSIBLE_KEYS = {"name", "when", "loop", "register", "notify", "listen", "vars", "block", "rescue", "always", "tags",
                 "loop_control", "changed_when", "failed_when", "check_mode", "no_log", "diff", "become",
-                "delegate_to", "ignore_errors", "until", "retries", "delay", "args", "environment", "run_once"}
+                "delegate_to", "ignore_errors", "until", "retries", "delay", "args", "environment", "run_once",
+                "throttle"}
 
 
 def _builds(tmp: Path) -> list[Path]:
