@@ -8,8 +8,9 @@ SSH, never opened to the network). From what the nodes say:
 - ``nats routes``: each answering node has a route to every other node of the spec;
 - ``nats JetStream meta leader``: the answering nodes agree on one meta leader (none: JetStream cannot create
   or change streams, e.g. with a majority of the nodes down);
-- ``nats stream <name>``: the worker's stream has a leader and every replica is current (a replica that is
-  behind or missing is named: acknowledged messages are then on fewer nodes than the stream's replica count);
+- ``nats stream <name>``: the worker's stream has a leader and every replica is in sync (``in_sync``: a replica
+  that is behind or missing is named: acknowledged messages are then on fewer nodes than the stream's replica
+  count);
 - ``nats-server /healthz`` (one per node): the node serves. ``/healthz?js-server-only=true`` says ok (nats-server
   2.9.10: ready for connections, JetStream enabled, a meta leader known and this node current with it) and the
   node is current on what iotplat uses: the worker's stream and its durable consumers (``iotplat_*``), as their
@@ -38,6 +39,25 @@ JSZ_CONSUMERS = "/jsz?accounts=true&streams=true&consumers=true"
 HEALTHZ = "/healthz?js-server-only=true"
 MONITOR_PATHS = ("/routez", JSZ_CONSUMERS, "/varz", HEALTHZ)
 WORKER_DURABLE_PREFIX = "iotplat"  # the worker's durable consumers: iotplat_<digest> (iotplat/worker/nats_subjects.py)
+
+# A replica is in sync when its raft leader calls it current, or while devices publish when it follows closely:
+# nats-server 2.9.10 calls a follower current only while its last index reaches the leader's applied index
+# (raft.go, Peers), which under load a follower a few entries behind misses at most instants, so `status` and the
+# closing check of `up`/`rotate` failed on a healthy cluster while devices published. Following closely: heard
+# from within one raft heartbeat (1 s) and at most IN_SYNC_LAG entries behind; a follower that is catching up
+# after a restart, or that the leader has not heard from, is not in sync.
+IN_SYNC_SEEN_NS = 1_000_000_000
+IN_SYNC_LAG = 1000
+
+
+def in_sync(replica: Mapping[str, Any]) -> bool:
+    """A stream's or consumer's replica as its leader's /jsz describes it (name, current, offline, active, lag)."""
+    if replica.get("current"):
+        return True
+    active, lag = replica.get("active"), replica.get("lag", 0)
+    return (not replica.get("offline") and isinstance(active, int) and 0 <= active <= IN_SYNC_SEEN_NS
+            and isinstance(lag, int) and lag <= IN_SYNC_LAG)
+
 
 # /healthz answers 503 with {"status": "unavailable", "error": ...} when not healthy: that is an answer, not a
 # node that cannot be read
@@ -104,7 +124,7 @@ def _not_current(node: str, view: Mapping[str, Any], by: str) -> str | None:
         return "it has no leader"
     if by != leader:  # only the leader tracks its followers; it does not answer (yet): nothing says it is current
         return f"its leader {leader} does not answer"
-    if replica.get("current"):
+    if in_sync(replica):
         return None
     return f"behind its leader {leader} (lag {replica.get('lag', 0)}, " \
            f"{'offline' if replica.get('offline') else 'seen %.1fs ago' % (int(replica.get('active', 0)) / 1e9)})"
@@ -190,7 +210,7 @@ def cluster_checks(nodes: list[str], answers: Mapping[str, Mapping[str, Any] | s
     cluster = detail.get("cluster") or {}
     leader = cluster.get("leader", "")
     replicas = cluster.get("replicas") or []
-    behind = sorted(r.get("name", "?") for r in replicas if not r.get("current"))
+    behind = sorted(r.get("name", "?") for r in replicas if not in_sync(r))
     members = sorted([leader, *(r.get("name", "?") for r in replicas)]) if leader else []
     if len(nodes) == 1:
         out.append(Check(f"nats stream {stream}", True, f"{(detail.get('state') or {}).get('messages', 0)} messages"))
