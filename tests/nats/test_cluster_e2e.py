@@ -10,7 +10,8 @@ of the node the devices use (systemd restarts it) together with kill -9 of worke
 acknowledged message is in InfluxDB (replica 2 takes over through the shared durable consumer). At the end the
 fixture runs `destroy --yes`.
 
-Day 2, in the same run and order: `rotate certs` then `rotate secrets` while the devices publish (nodes reloaded
+Day 2, in the same run and order: an `up` whose change (a shorter outage budget: every node's JetStream store
+limit) nats-server cannot reload, so every node restarts, one at a time, while the devices publish; `rotate certs` then `rotate secrets` while the devices publish (nodes reloaded
 one at a time, devices never dropped, worker replicas restarted with new NATS passwords, 0 acknowledged lost,
 `rotate` and `status` green); `device revoke` + `up` (every node refuses the revoked device, a device connected
 through the `up` keeps its connection); n1 cut off the network by nftables inside it while worker
