@@ -17,7 +17,7 @@ one at a time, devices never dropped, worker replicas restarted with new NATS pa
 through the `up` keeps its connection); n1 cut off the network by nftables inside it while worker
 replica 2 is connected through n1 (its connection dies unseen): the devices move on, replica 2 reconnects and
 takes over, every acknowledged message reaches InfluxDB within the bound the worker's settings give
-(see `_under_load`).
+(see `_under_load`); last, `backup` while the devices publish and `restore` of its archive onto the hosts.
 
 Why these failed before (first whole-module run): when `rotate` failed in test 04, `_under_load` left the devices'
 publishers running (up to 10 minutes): they kept the client ids dev-a/dev-b, so test 05's dev-a and test 06's
@@ -260,6 +260,8 @@ def _under_load(deployed: dict, first: str, lose, *, until_done: bool = False,
             time.sleep(0.2)
         assert min(len(d.acked) for d in devs) >= COUNT // 4, "devices are not being acknowledged"
         provider = _provider(deployed)
+        # what `lose` may look at (test_08: what was acknowledged when it began, and since when)
+        deployed["publishing"] = {"devices": devs, "base_ms": base_ms}
         lose(provider)
     except BaseException:
         # the publishers must not outlive a failed test: left running (MAX_COUNT is 10 minutes) they keep the
@@ -632,7 +634,7 @@ def test_07_node_and_worker_killed_lose_no_acknowledged_message(deployed: dict, 
     """kill -9 of the node the devices use (systemd restarts it: Restart=on-failure) and of worker replica 1
     at the same moment: the devices move on, replica 2 takes over replica 1's messages, nothing acknowledged lost.
     Then `status` is green again: its per-node check does not wait for the MQTT layer's $MQTT_rmsgs consumer, whose
-    full /healthz may stay red for minutes after a kill -9 (docstring above). Last in the module all the same."""
+    full /healthz may stay red for minutes after a kill -9 (docstring above)."""
     deadline = time.monotonic() + 120
     while True:  # n1, reconnected by the last test, back in the cluster
         code, out, _ = run_cli(capfd, "status", deployed["spec"], "--out", deployed["build"], "--json")
@@ -653,3 +655,55 @@ def test_07_node_and_worker_killed_lose_no_acknowledged_message(deployed: dict, 
     node = next(c for c in report["checks"] if c["host"] == "n2" and c["name"] == "nats-server /healthz")
     print(f"after kill -9 of n2's nats-server: status green {time.monotonic() - started:.0f} s after the load; "
           f"n2: {node['detail']}", file=sys.stderr)
+
+
+def test_08_backup_under_load_then_restore_brings_back_what_was_acknowledged_before_it(deployed: dict, capfd) -> None:
+    """`backup` while the devices publish: on nats it first waits until the worker acknowledged everything the
+    stream held when it began (iotplat/verify/nats_cluster.py, unacked_through), then takes InfluxDB's backup, so
+    every message the devices had acknowledged when `backup` began is in the archive (the stream itself is not
+    backed up). `restore` of the archive onto the running hosts (its state, a deploy with its credentials,
+    InfluxDB's data, a second deploy, verified): every one of those messages is in InfluxDB again, a device's old
+    credential still works on every node, and `status` is green."""
+    from iotplat.verify.status import TrustStore, influx_query
+
+    _status_green(deployed, capfd, timeout=120)
+    hosts = deployed["hosts"]
+    acked_at_start: dict[str, set[int]] = {}
+    since: list[int] = []  # the devices' first timestamp in this test (sequence numbers restart in every test)
+    result: dict[str, dict] = {}
+
+    def backup(prov) -> None:
+        acked_at_start.update({d.device: set(d.acked) for d in deployed["publishing"]["devices"]})
+        since.append(deployed["publishing"]["base_ms"])
+        code, out, err = run_cli(capfd, "backup", deployed["spec"], "--out", deployed["build"], "--to",
+                                 str(Path(deployed["dir"]) / "backups"), "--json")
+        assert code == 0, (out + err)[-4000:]
+        result["backup"] = json.loads(out)
+
+    started = time.monotonic()
+    devs, _ = _under_load(deployed, "n1", backup)
+    backup_s = time.monotonic() - started
+    archive = result["backup"]["archive"]
+    t0 = time.monotonic()
+    code, out, err = run_cli(capfd, "restore", deployed["spec"], "--out", deployed["build"], "--from", archive,
+                             "--yes", "--json")
+    assert code == 0, (out + err)[-4000:]
+    assert json.loads(out)["ok"] is True
+    restore_s = time.monotonic() - t0
+    p, m, _ = platform_materials(deployed)
+    trust = TrustStore(m.ca_cert_pem)
+    try:
+        for device, acked in acked_at_start.items():
+            res = influx_query(p, hosts["n3"], trust.context(), "iotplat-grafana", m.secrets["influxdb_grafana_password"],
+                               f"SELECT seq FROM telemetry WHERE device = '{device}' AND time >= {since[0]}ms")
+            stored = {int(v[1]) for s_ in res["results"][0].get("series", []) for v in s_["values"]}
+            assert acked and acked <= stored, (device, len(acked), sorted(acked - stored)[:20])
+    finally:
+        trust.close()
+    ca = str(Path(deployed["build"]) / "hosts/n1/etc/iotplat/tls/ca.crt")
+    for h in ("n1", "n2", "n3"):
+        rc = _connack(hosts[h], ca, "dev-a", m.mqtt_users["dev-a"][0])
+        assert getattr(rc, "value", rc) == 0, (h, rc)
+    _status_green(deployed, capfd, timeout=120)
+    print(f"backup under load: {sum(len(a) for a in acked_at_start.values())} messages acknowledged when it began, "
+          f"all back after the restore; backup + load {backup_s:.0f} s, restore {restore_s:.0f} s", file=sys.stderr)
