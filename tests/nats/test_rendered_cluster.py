@@ -109,7 +109,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendered]:
         (n.dir / "nats-server.conf").write_text(conf)
     try:
         for n in nodes:
-            script = f'mount --bind "$1" /etc/hosts && exec "$2" -c "$3" -l "$4"'
+            script = 'mount --bind "$1" /etc/hosts && exec "$2" -c "$3" -l "$4"'
             n.proc = subprocess.Popen(
                 ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(hosts_file), NATS_SERVER,
                  str(n.dir / "nats-server.conf"), str(n.dir / "nats.log")],
