@@ -53,7 +53,8 @@ def test_nats_engine_is_rotated_like_mosquitto(cli, tmp_path: Path, what: tuple[
 def test_nats_rotation_reloads_node_by_node(tmp_path: Path) -> None:
     """Step 2 on nats is playbooks/nats-reload.yml: one broker node at a time (serial: 1) through the nats role's
     reload task file, which installs the node's files, checks them with `nats-server -t` and applies them with
-    tasks/apply.yml (reload, restart only if not applied, /healthz); broker-reload.yml stays Mosquitto's."""
+    tasks/apply.yml (reload, restart only if not applied, /healthz); broker-reload.yml stays Mosquitto's. In `up`,
+    apply.yml only decides and the role's throttled handler restarts (one node at a time)."""
     import yaml
 
     from iotplat.deploy import rotate
@@ -74,4 +75,11 @@ def test_nats_rotation_reloads_node_by_node(tmp_path: Path) -> None:
     assert tasks[1]["ansible.builtin.command"]["argv"][:3] == ["/usr/sbin/nats-server", "-t", "-c"]
     apply = yaml.safe_load((REPO / "roles" / "nats" / "tasks" / "apply.yml").read_text())
     states = [t["ansible.builtin.systemd_service"]["state"] for t in apply if "ansible.builtin.systemd_service" in t]
-    assert states == ["reloaded", "restarted"]
+    assert states == ["reloaded"]
+    restart = [t for t in apply if "ansible.builtin.command" in t]  # the rolling restart, when the reload was refused
+    assert len(restart) == 1 and restart[0]["ansible.builtin.command"]["argv"] == "{{ __nats_restart_argv }}"
+    assert "__nats_restart_needed" in restart[0]["when"] and "__nats_restart_later" in restart[0]["when"]
+    handlers = yaml.safe_load((REPO / "roles" / "nats" / "handlers" / "main.yml").read_text())
+    throttled = [h for h in handlers if h.get("throttle") == 1]
+    assert [h["listen"] for h in throttled] == ["restart nats-server", "reload nats-server"]
+    assert all(h["ansible.builtin.command"]["argv"] == "{{ __nats_restart_argv }}" for h in throttled)
