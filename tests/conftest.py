@@ -40,22 +40,6 @@ def xdist_group(nodeid: str) -> str:
     return path
 
 
-# The groups that take longest, longest first (the CI run of 2026-12-06, `--durations`: the NATS host module ~20
-# minutes, the containers and emulated-cloud sets ~15 each, then the local deploy modules). xdist hands groups out
-# in collection order and, by default, the largest by test count first: the 8-test NATS host module came last and
-# ran alone for its last ~10 minutes while the other worker was idle. The rest keep their order, after these.
-LONGEST_FIRST = ("tests/nats/test_cluster_e2e.py", "containers", "cloudsim", "tests/deploy/test_rotate_local.py",
-                 "tests/deploy/test_up_local.py", "tests/deploy/test_backup_restore.py",
-                 "tests/deploy/test_upgrade.py", "tests/services/test_toy_service.py", "hosts")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest groups first (LONGEST_FIRST), each group's tests in their own order (a stable sort): every
-    xdist worker collects the same order, and `--dist loadgroup` hands the groups out in it."""
-    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(xdist_group(item.nodeid), len(rank)))
-
-
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> Scheduling | None:
     """`.ci/run` runs the suite in two pytest-xdist workers (`--dist loadgroup`): most of its time is spent waiting on
     hosts, not computing. A module's tests (and its module-scoped platform) stay in one worker, and so do the modules
@@ -65,8 +49,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> Schedul
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
-
-    config.option.loadscopereorder = False  # the collection's order (pytest_collection_modifyitems), not test counts
 
     class ByGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
