@@ -33,6 +33,25 @@ from iotplat.services import roles_path
 _RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*(?P<counts>(?:[a-z]+=\d+\s*)+)$")  # edge : ok=10 changed=1 ... ignored=0
 _TASK = re.compile(r"^(TASK|RUNNING HANDLER) \[(.+?)\]")
 _RESULT = re.compile(r"^(ok|changed|fatal|failed|skipping|unreachable): \[([^\]]+)\]")
+FAILURE_REASON_CHARS = 1200
+
+
+def failure_reason(line: str) -> str:
+    """What a `fatal: [host]: FAILED! => {...}` line says went wrong: the result's `msg` (with the command's
+    stderr when it has one), not the JSON around it, so that the reason itself survives the cut to
+    FAILURE_REASON_CHARS (a role's own failure message, like the broker's log lines, comes last in its msg)."""
+    raw = line.split("=>", 1)[-1].strip()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw[:FAILURE_REASON_CHARS]
+    if not isinstance(data, dict) or not data.get("msg"):
+        return raw[:FAILURE_REASON_CHARS]
+    reason = str(data["msg"]).strip()
+    stderr = str(data.get("stderr") or "").strip()
+    if stderr and stderr not in reason:
+        reason += f" (stderr: {stderr})"
+    return reason[:FAILURE_REASON_CHARS]
 _URLSAFE = re.compile(r"[A-Za-z0-9_-]+")  # the alphabet of generated secrets (token_urlsafe, hex)
 _RUN_MIN = 16
 MASK = "********"
@@ -286,7 +305,7 @@ def _stream(argv: list[str], env: dict[str, str], mask: Masker, progress: Progre
                 if status == "changed":
                     result.changed_tasks.append((host, task))
                 if status in ("fatal", "failed", "unreachable"):
-                    result.failures.append(f"{host}: {task}: {line.split('=>', 1)[-1].strip()[:400]}")
+                    result.failures.append(f"{host}: {task}: {failure_reason(line)}")
                 if progress and status in ("changed", "fatal", "failed", "unreachable"):
                     progress(f"  {host:<12} {status:<9} {task}")
         proc.wait()

@@ -7,6 +7,7 @@ runner's parsing and process handling are what is under test, and they do not de
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -67,6 +68,23 @@ exit 2
     assert "hunter2" not in result.output and "hunter2" not in result.failures[0]
     assert (result.recap["edge"].ok, result.recap["edge"].changed) == (10, 1)
     assert result.recap["tsdb"].failed == 1
+
+
+def test_a_failure_is_named_by_its_msg_and_a_long_one_keeps_its_end() -> None:
+    """The reason is Ansible's `msg` (and the command's stderr), not the JSON around it: a role's own failure
+    message puts the broker's log lines last, and a cut at the JSON's length lost them (CI, stop 19: the
+    reason ended in "Stopped mosquitto.servi")."""
+    from iotplat.deploy.ansible import FAILURE_REASON_CHARS, failure_reason
+
+    journal = " | ".join(["Stopping mosquitto.service - Mosquitto MQTT Broker..."] * 6 + ["Error: Address in use."])
+    line = 'fatal: [core]: FAILED! => ' + json.dumps({"changed": False, "msg": f"Mosquitto did not start. Broker log: {journal}"})
+    assert len(line.split("=>", 1)[1]) > 400
+    assert failure_reason(line).endswith("Error: Address in use.")
+    cmd = 'fatal: [core]: FAILED! => ' + json.dumps({"changed": True, "rc": 1, "msg": "non-zero return code",
+                                                     "stderr": "nft: syntax error"})
+    assert failure_reason(cmd) == "non-zero return code (stderr: nft: syntax error)"
+    assert failure_reason("fatal: [core]: UNREACHABLE! => not json") == "not json"
+    assert len(failure_reason('failed: [x] => ' + json.dumps({"msg": "m" * 5000}))) == FAILURE_REASON_CHARS
 
 
 def test_parse_recap_reads_every_count_and_only_the_recap() -> None:
