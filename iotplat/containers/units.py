@@ -2,8 +2,10 @@
 
 One unit per service, named like the package runtime's unit (mosquitto.service, influxdb.service,
 grafana-server.service, iotplat-worker@N.service), so `status`, `logs`, `rotate` and the roles' handlers address a
-service the same way whatever runs it. The unit creates the container (`docker create --rm`, the same options
-`docker run` takes), starts it and waits for it (`docker wait` is the unit's main process); systemd restarts it:
+service the same way whatever runs it. The unit creates the container (`docker create`, the same options
+`docker run` takes), starts it and waits for it (`docker wait` is the unit's main process), and removes it when it
+stopped (ExecStopPost, before the stop job ends: `--rm` removes asynchronously after `docker stop` returns, and a
+restart's `docker create` then found the name still taken, moby/moby#37698); systemd restarts it:
 
 - `--pull never`: a unit never contacts a registry; images are loaded (verified archive) or pulled (by digest) by
   the deployment before the unit starts, and the unit names the image by its ID (`sha256:<config digest>`) or its
@@ -120,7 +122,7 @@ def container_unit(svc: ContainerService) -> str:
     _check(svc)
     name = _expand(_word(svc.name), svc)
     unit_of = svc.unit.replace("@.service", f"@{INSTANCE}.service")  # the instance's unit name in a template
-    run = [DOCKER, "create", "--rm", "--init", "--name", svc.name, "--pull", "never", "--network", "host",
+    run = [DOCKER, "create", "--init", "--name", svc.name, "--pull", "never", "--network", "host",
            "--log-driver", "journald", "--log-opt", f"tag={svc.name}", "--label", f"OBJECT_SYSTEMD_UNIT={unit_of}",
            "--log-opt", "labels=OBJECT_SYSTEMD_UNIT", "--cap-drop", "ALL"]
     for cap in sorted(set(svc.capabilities)):
@@ -162,12 +164,18 @@ def container_unit(svc: ContainerService) -> str:
         "",
         "[Service]",
         "Type=simple",
-        # a container left by a crash (--rm did not run) would block the name
-        f"ExecStartPre=-{DOCKER} rm --force {name}",
+        # the name must be free before `docker create`: a container left by a crash is removed, and one still being
+        # removed by dockerd (an older unit's `--rm`, which removes after the stop returns: moby/moby#37698) is
+        # waited for, up to 30 s
+        f"ExecStartPre=/bin/sh -c '{DOCKER} rm --force \"$$1\" >/dev/null 2>&1; for i in $$(seq 150); do "
+        f"{DOCKER} container inspect \"$$1\" >/dev/null 2>&1 || exit 0; sleep 0.2; done; "
+        f"echo \"container $$1 is still there after 30 s\" >&2; exit 1' sh {name}",
         f"ExecStartPre={create}",
         f"ExecStartPre={DOCKER} start {name}",
         f"ExecStart={DOCKER} wait {name}",
         f"ExecStop={DOCKER} stop --time {svc.stop_timeout} {name}",
+        # removed when stopped, before the stop job ends (not `--rm`, which removes later, asynchronously)
+        f"ExecStopPost=-{DOCKER} rm --force {name}",
     ]
     if svc.reload_signal:
         lines.append(f"ExecReload={DOCKER} kill --signal {svc.reload_signal} {name}")

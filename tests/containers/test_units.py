@@ -30,8 +30,13 @@ def test_broker_unit_has_the_hardening_the_runtime_promises():
     text = container_unit(broker_service(IMAGE, (8883,)).unit)
     create = next(v for v in exec_lines(text)["ExecStartPre"] if " create " in v)
     words = shlex.split(create)  # plain words only here, so POSIX splitting equals systemd's
-    for flag in ("--rm", "--init", "--read-only", "--pull", "never", "--network", "host", "--log-driver", "journald"):
+    for flag in ("--init", "--read-only", "--pull", "never", "--network", "host", "--log-driver", "journald"):
         assert flag in words
+    # removed by the unit when stopped, not by dockerd later (--rm): a restart's create found the name taken
+    assert "--rm" not in words
+    assert exec_lines(text)["ExecStopPost"] == ["-/usr/bin/docker rm --force mosquitto"]
+    free = exec_lines(text)["ExecStartPre"][0]
+    assert free.startswith("/bin/sh -c '/usr/bin/docker rm --force \"$$1\"") and free.endswith("' sh mosquitto")
     assert words[words.index("--cap-drop") + 1] == "ALL"
     assert [words[i + 1] for i, w in enumerate(words) if w == "--cap-add"] == ["KILL", "SETGID", "SETUID"]
     assert "no-new-privileges" in words and "--privileged" not in words
