@@ -182,10 +182,12 @@ def test_05b_the_worker_moves_into_a_container(deployed: dict, capfd) -> None:
     assert size < 150_000_000
 
 
-def test_05c_backup_and_restore_run_inside_the_images(deployed: dict, capfd) -> None:
-    """`backup` then `restore` on the all-container platform: InfluxDB's portable backup and restore run in a
-    container of its own image (the host has no influxd), the broker saves through `docker kill --signal USR1`; the
-    rows written before the backup are there after the restore (which drops the database first)."""
+def test_05c_backup_runs_inside_the_images(deployed: dict, capfd) -> None:
+    """`backup` on the all-container platform: InfluxDB's portable backup runs in a container of its own image (the
+    host has no influxd), the broker saves through `docker kill --signal USR1`; the archive holds both. Its restore,
+    in a container of InfluxDB's image too, is test_05f's (onto hosts whose data is gone, so the rows can only come
+    from the archive; restoring onto running hosts is the same hook, which drops the database first, and
+    tests/nats/test_cluster_e2e.py::test_08 runs it)."""
     import time
 
     import paho.mqtt.client as mqtt
@@ -222,11 +224,8 @@ def test_05c_backup_and_restore_run_inside_the_images(deployed: dict, capfd) -> 
         code, out, err = run_cli(capfd, "backup", deployed["spec"], "--out", deployed["build"], "--to",
                                  str(Path(deployed["work"]) / "backups"), "--json")
         assert code == 0, (out + err)[-3000:]
-        archive = json.loads(out)["archive"]
-        code, out, err = run_cli(capfd, "restore", deployed["spec"], "--out", deployed["build"], "--from", archive,
-                                 "--yes", "--json")
-        assert code == 0, (out + err)[-3000:]
-        assert count() == 20
+        members = json.loads(out)["members"]  # name -> sha256, sealed in the archive (checked by restore)
+        assert {"state.tar", "influxdb.tar", "mosquitto.db"} <= set(members), members
     finally:
         trust.close()
 
