@@ -1,8 +1,10 @@
 """The roles, deployed for real: platform/examples/local (edge: broker + worker, tsdb: InfluxDB, dash:
 Grafana) onto three throw-away local hosts, with the exact ansible-playbook invocation of `iotplat up`.
 
-One module-scoped deployment; the tests run in file order and build on each other (first run, second
-run, InfluxDB rights, a device message end to end, firewall, drift, rollback, reboot). Budget ~6 min.
+One module-scoped deployment; the tests run in file order and build on each other (first run, InfluxDB rights, a
+device message end to end, firewall, drift, rollback, reboot). Budget ~6 min. That a second run changes nothing is
+tests/deploy/test_up_local.py::test_03's (the same example and playbook, through `iotplat up`), the second run of the
+rollback test here converges, and bare metal, containers and the clouds have their own no-change runs.
 """
 
 from __future__ import annotations
@@ -130,12 +132,6 @@ def test_first_run_deploys_the_platform(dep: Deployment) -> None:
     modes = dep.exec("tsdb", ["stat", "-c", "%a %U", "/etc/iotplat/credentials/influxdb/admin-password",
                               "/run/credentials/influxdb.service/server.key"]).stdout.split("\n")
     assert modes[0] == "600 root" and modes[1] == "400 influxdb", modes
-
-
-def test_second_run_changes_nothing(dep: Deployment) -> None:
-    run = dep.playbook()
-    assert run.returncode == 0, run.tail()
-    assert run.total("changed") == 0, "changed on the second run:\n" + "\n".join(run.changed_tasks())
 
 
 def test_influxdb_users_have_least_privilege(dep: Deployment) -> None:
