@@ -34,6 +34,11 @@ _RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*(?P<counts>(?:[a-z]+=\d+\s*)+)$")  # 
 _TASK = re.compile(r"^(TASK|RUNNING HANDLER) \[(.+?)\]")
 _RESULT = re.compile(r"^(ok|changed|fatal|failed|skipping|unreachable): \[([^\]]+)\]")
 FAILURE_REASON_CHARS = 1200
+_URLSAFE = re.compile(r"[A-Za-z0-9_-]+")  # the alphabet of generated secrets (token_urlsafe, hex)
+_RUN_MIN = 16
+MASK = "********"
+
+Progress = Callable[[str], None]
 
 
 def failure_reason(line: str) -> str:
@@ -52,11 +57,6 @@ def failure_reason(line: str) -> str:
     if stderr and stderr not in reason:
         reason += f" (stderr: {stderr})"
     return reason[:FAILURE_REASON_CHARS]
-_URLSAFE = re.compile(r"[A-Za-z0-9_-]+")  # the alphabet of generated secrets (token_urlsafe, hex)
-_RUN_MIN = 16
-MASK = "********"
-
-Progress = Callable[[str], None]
 
 
 def parse_recap(output: str) -> dict[str, dict[str, int]]:
