@@ -146,22 +146,33 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
     assert all(c.ok for c in via_script) and len([c for c in via_script if c.name == NODE_CHECK]) == 3, via_script
     # the pre-change check, the node's full /healthz, watched until it is ok or the bound is over: it may stay red
     # (measured here once: still "$MQTT_rmsgs_… not current" 300 s after the restart; other runs: ok within
-    # seconds), and whenever it is red after ours is green it names the MQTT layer's assets, not iotplat's
-    full = [_full_healthz(cluster, victim.name)]
-    while full[-1] != {"status": "ok"} and time.monotonic() - t0 < RECOVERY_BOUND:
+    # seconds), and whenever it is red after ours is green it names the MQTT layer's assets, or the worker's consumer
+    # at a moment iotplat's check (read beside it) has the node in sync with that consumer
+    def read() -> tuple[dict | str, object]:
+        return _full_healthz(cluster, victim.name), _node_check(checks(), victim.name)
+
+    full = [read()]
+    while full[-1][0] != {"status": "ok"} and time.monotonic() - t0 < RECOVERY_BOUND:
         time.sleep(1)
-        full.append(_full_healthz(cluster, victim.name))
-    red = [f for f in full if f != {"status": "ok"}]
+        full.append(read())
+    red = [f for f, _ in full if f != {"status": "ok"}]
     print(f"\n{victim.name} killed (-9) and restarted: every check green after {recovered:.1f}s "
           f"({_node_check(seen, victim.name).detail}); its full /healthz was red in {len(red)} of {len(full)} reads "
           f"until {time.monotonic() - t0:.0f}s after the restart: {red[-1] if red else 'never'}")
-    for f in red:
+    for f, ours in full:
+        if f == {"status": "ok"}:
+            continue
         assert isinstance(f, dict) and f.get("status") == "unavailable", f
         error = str(f.get("error"))
         # the MQTT layer's assets; also the $MQTT_msgs stream itself for a moment while the restarted node catches
-        # up (seen once in CI, 2026-12-06: "JetStream stream 'IOTPLAT > $MQTT_msgs' is not current"); never the
-        # worker's consumer, which iotplat's check covers
-        assert "$MQTT_" in error and "iotplat_" not in error, f
+        # up (seen once in CI, 2026-12-06: "JetStream stream 'IOTPLAT > $MQTT_msgs' is not current")
+        assert "$MQTT_" in error, f
+        # the worker's consumer only while iotplat's check has the node in sync with it: nats-server 2.9.10 calls a
+        # follower current only at the instants it has applied the leader's last entry, iotplat also when it follows
+        # within IN_SYNC_LAG entries and IN_SYNC_SEEN_NS (iotplat/verify/nats_cluster.py, in_sync; seen in CI,
+        # 2026-12-07: "JetStream consumer 'IOTPLAT > $MQTT_msgs > iotplat_...' is not current", once, after a kill)
+        if "iotplat_" in error:
+            assert ours.ok and "iotplat_" in ours.detail, (f, ours)
     for p in pubs:
         p.join(240)
     assert all(len(p.acked) == len(p.seqs) for p in pubs)
