@@ -460,12 +460,20 @@ def test_hostile_words_reach_the_container_verbatim(lab: Lab, images: dict):
     lab.put(host, f"/etc/systemd/system/{svc.unit}", container_unit(svc).encode())
     lab.sh(host, f"systemctl daemon-reload && systemctl start {svc.unit}")
     expected = "".join(f"[{w}]\n" for w in words)
-    wait_for(lambda: expected in lab.sh(host, "docker logs iotplat-hostile 2>/dev/null; journalctl -u "
-                                              f"{svc.unit} -o cat --no-pager", check=False).stdout, 20,
-             "printf's output")
-    env = lab.sh(host, "journalctl -u iotplat-hostile.service -o cat --no-pager", check=False).stdout
+
+    def printed() -> str:
+        """The container's lines in the unit's journal. The unit's own output (`docker create` prints the container
+        id, `docker start` its name) may fall between them: the container starts printing before `docker start`
+        returns."""
+        out = lab.sh(host, f"journalctl -u {svc.unit} -o json --no-pager", check=False).stdout
+        entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return "".join(f"{e['MESSAGE']}\n" for e in entries if e.get("CONTAINER_NAME") == svc.name)
+
+    deadline = time.monotonic() + 20
+    while expected not in (got := printed()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     lab.sh(host, f"systemctl stop {svc.unit}", check=False)
-    assert expected in env
+    assert expected in got, got
 
 
 def test_down_leaves_no_container_cgroups(lab: Lab):
