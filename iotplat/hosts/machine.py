@@ -42,6 +42,10 @@ STOP_GRACE = 10  # seconds a guest gets to power off cleanly before it is killed
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_KEY_TYPES = ("ed25519", "ecdsa")
 _PEM_RE = re.compile(r"-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----")
+# The runners this process started, by machine dir: held so that a runner that ends while its guest boots can be
+# asked how it ended (an exit status, or the signal that killed it). Without the Popen object, subprocess reaps an
+# ended child at the next Popen and its status is lost.
+RUNNERS: dict[str, subprocess.Popen] = {}
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class Machine:
             )
         finally:
             console.close()
+        RUNNERS[str(self.dir)] = proc
         (self.dir / "runner.pid").write_text(f"{proc.pid}\n")
 
     def stop(self, grace: float) -> None:
@@ -220,8 +225,9 @@ class Machine:
         def booted() -> bool:
             if self.runner_pid() is None:
                 last = console_tail(log)
-                raise HostProviderError(f"host {self.spec.name} stopped while booting"
-                                        + (f" (its console ends: {last})" if last else "") + f": see {log}")
+                raise HostProviderError(f"host {self.spec.name} stopped while booting ({self.runner_exit()}"
+                                        + (f"; its console ends: {last}" if last else "; its console is empty")
+                                        + f"): see {log}")
             if self.guest_pid() is None:
                 return False
             try:
@@ -232,6 +238,24 @@ class Machine:
 
         left = max(1.0, deadline - time.monotonic())
         sysutil.wait_for(booted, timeout=left, interval=0.2, what=f"booting host {self.spec.name}", fix=f"see {log}")
+
+    def runner_exit(self) -> str:
+        """How this machine's runner ended, if this process started it: "its runner exited with 1", "... was killed
+        by SIGKILL" (for an error message; the console says why a guest stopped, this says who stopped the runner)."""
+        proc = RUNNERS.get(str(self.dir))
+        if proc is None:
+            return "its runner is gone"
+        try:
+            rc = proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return f"its runner (pid {proc.pid}) runs but no longer names this host's files"
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            return f"its runner (pid {proc.pid}) was killed by {name}"
+        return f"its runner (pid {proc.pid}) exited with {rc}"
 
     def host_keys(self) -> tuple[str, ...]:
         """The guest's SSH host public keys ("ssh-ed25519 AAAA..."), read from its disk (pin them, never TOFU)."""

@@ -126,6 +126,32 @@ def test_a_host_that_stops_while_booting_names_its_console_tail(tmp_path: Path):
     with pytest.raises(HostProviderError) as err:
         machine.wait_booted(deadline=0)
     message = str(err.value)
-    assert "host core stopped while booting (its console ends: [iotplat-runner 10:00:00] starting: systemd-nspawn" \
-           " | Failed to mount overlay | [iotplat-runner 10:00:01] systemd-nspawn exited with 1)" in message
+    assert "host core stopped while booting (its runner is gone; its console ends: [iotplat-runner 10:00:00] " \
+           "starting: systemd-nspawn | Failed to mount overlay | [iotplat-runner 10:00:01] systemd-nspawn exited " \
+           "with 1)" in message
     assert "\n" not in message and str(log) in message
+
+
+def test_a_runner_killed_before_its_first_line_is_named_with_its_signal(tmp_path: Path):
+    """A runner that dies before it wrote anything (CI saw one, twice, on the emulated cloud's first VM) leaves an
+    empty console: the error says how the process this one started ended instead."""
+    import signal
+    import subprocess
+
+    from iotplat.hosts import machine as machine_mod
+    from iotplat.hosts.machine import Machine, MachineSpec
+
+    proc = subprocess.Popen(["sleep", "30"])
+    machine_mod.RUNNERS[str(tmp_path)] = proc
+    (tmp_path / "runner.pid").write_text(f"{proc.pid}\n")
+    try:
+        proc.send_signal(signal.SIGKILL)
+        machine = Machine(MachineSpec(name="core", dir=tmp_path, base=tmp_path / "base", netns="nope"))
+        with pytest.raises(HostProviderError) as err:
+            machine.wait_booted(deadline=0)
+    finally:
+        proc.kill()
+        proc.wait()
+        machine_mod.RUNNERS.pop(str(tmp_path), None)
+    assert f"host core stopped while booting (its runner (pid {proc.pid}) was killed by SIGKILL; its console is " \
+           "empty): see " in str(err.value)
