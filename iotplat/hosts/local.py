@@ -13,6 +13,7 @@ that uses the same platform name cannot take its hosts over or remove them.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import image, machine, network, proxy, sysutil
+from ._runner import host_cgroups
 from .api import Host, HostProviderError, HostState
 from .machine import PROPAGATE_DIR, STOP_GRACE, Bind, Machine, MachineSpec
 from .settings import ImageSpec, LocalSettings, apt_mirrors, check_hostname
@@ -59,7 +61,6 @@ class LocalProvider:
             mirror, security = self._mirrors()
             bases = {spec: image.ensure_base(spec, self.settings.state_dir, mirror, security)
                      for spec in {self.settings.image, *(images or {}).values()}}
-            base = bases[self.settings.image]
             state = self._load() or self._new_state(mirror, security)
             self._check_owner(state, owner, "use")
             if owner and not state.get("owner"):
@@ -178,6 +179,7 @@ class LocalProvider:
         found += [f"mount {m}" for m in sysutil.mounts_under(self.dir)]
         found += [f"process {p}" for p in sysutil.pids_mentioning(self.dir)]
         found += [f"dir {p}" for p in PROPAGATE_DIR.glob(f"{s.netns_prefix}*")]
+        found += [f"cgroup {p}" for pattern in host_cgroups(f"{s.netns_prefix}*") for p in glob.glob(pattern)]
         if self.dir.exists():
             found += [f"file {p}" for p in self.dir.rglob("*.pid")]
         return found

@@ -8,6 +8,8 @@ The local target's provider (`local.py`) and the tests' emulated cloud both buil
 The nspawn line (facts measured on this kind of machine: docs/local-target.md and shared/research):
 - `--register=no --keep-unit`: no machined and no systemd on this machine;
 - started inside the host's netns (`nsenter --net=`), so the guest's /sys shows its own interfaces;
+- the runner starts nspawn in a cgroup of the host's own (`_runner.host_cgroups`): guests started from one
+  cgroup would share their units' cgroups, and concurrent restarts of one unit in two hosts fail (219/CGROUP);
 - `--network-namespace-path` plus `--private-network`: the guest keeps that netns and gains CAP_NET_ADMIN
   in it, so its own firewall (nftables) loads, as on a real host;
 - `binds`: extra files or devices (an emulated data disk is a loop device bound at its stable by-id path);
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import network, sysutil
+from ._runner import host_cgroups, remove_cgroups
 from .api import HostProviderError, HostState
 
 RUNNER = Path(__file__).with_name("_runner.py")
@@ -149,7 +152,7 @@ class Machine:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-I", str(RUNNER), "--pid-file", str(self.dir / "nspawn.pid"),
-                 "--netns", spec.netns, "--", *nspawn],
+                 "--netns", spec.netns, "--cgroup", spec.netns, "--", *nspawn],
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
@@ -186,6 +189,7 @@ class Machine:
         sysutil.remove_tree(PROPAGATE_DIR / self.spec.netns)
         for pid_file in ("runner.pid", "nspawn.pid", "nspawn.pid.tmp"):
             (self.dir / pid_file).unlink(missing_ok=True)
+        remove_cgroups(host_cgroups(self.spec.netns))  # the runner's job, unless it was killed
         if self.spec.container_engine:
             remove_container_cgroups()
 

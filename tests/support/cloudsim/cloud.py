@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import ipaddress
 import json
@@ -1007,6 +1008,7 @@ def leftovers(backend: Path, project: str, stack: str, cloud_root: Path | None =
     found += [f"mount {m}" for m in sysutil.mounts_under(folder)]
     found += [f"process {p}" for p in sysutil.pids_mentioning(folder)]
     found += [f"loop {d}" for d in loops_under(folder)]
+    found += [f"cgroup {p}" for pattern in machine.host_cgroups(f"cloudsim-{key}-*") for p in glob.glob(pattern)]
     if folder.exists():
         found += [f"file {p}" for p in folder.rglob("*") if p.is_file()]
     return found
