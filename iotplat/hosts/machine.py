@@ -164,6 +164,7 @@ class Machine:
             console.close()
         RUNNERS[str(self.dir)] = proc
         (self.dir / "runner.pid").write_text(f"{proc.pid}\n")
+        sysutil.wait_named(proc, self.dir)  # until runner_pid() can tell it is ours (else wait_booted reports it)
 
     def stop(self, grace: float) -> None:
         """Power the guest off (killed after `grace` s) and unmount its root; the netns and upper layer stay."""

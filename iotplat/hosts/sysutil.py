@@ -146,6 +146,23 @@ def mentions(pid: int, path: Path) -> bool:
     return any(arg == p or arg.endswith("=" + p) or (p + "/") in arg for arg in cmdline(pid))
 
 
+def wait_named(proc: subprocess.Popen, path: Path, timeout: float = 5) -> bool:
+    """Wait until a process just started names `path` in /proc/PID/cmdline; False if it ended or `timeout` passed.
+
+    Popen returns as soon as the child's exec has replaced its memory (vfork), which is before the kernel has set up
+    the new program's arguments: for a moment /proc/PID/cmdline reads empty (measured: 1 start in 200 here), and a
+    check that finds a process by what it names (`mentions`) calls it gone. CI failed so: "host core stopped while
+    booting" with the runner alive."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if mentions(proc.pid, path):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return False
+
+
 def pids_mentioning(path: Path) -> list[int]:
     """Live processes whose command line names `path` or a file under it (our runners, nspawns, proxy)."""
     me = os.getpid()

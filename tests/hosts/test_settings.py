@@ -155,3 +155,33 @@ def test_a_runner_killed_before_its_first_line_is_named_with_its_signal(tmp_path
         machine_mod.RUNNERS.pop(str(tmp_path), None)
     assert f"host core stopped while booting (its runner (pid {proc.pid}) was killed by SIGKILL; its console is " \
            "empty): see " in str(err.value)
+
+
+def test_a_started_runner_is_named_before_start_returns(tmp_path: Path):
+    """Popen returns before the kernel has set up the new program's arguments (vfork): /proc/PID/cmdline can read
+    empty for a moment, and runner_pid() called a live runner gone ("stopped while booting" in CI, the runner
+    alive). wait_named bridges that moment: after it, the process is found by what it names, every time."""
+    import subprocess
+    import sys
+
+    from iotplat.hosts import sysutil
+
+    argv = [sys.executable, "-I", "-c", "import time; time.sleep(5)", "--pid-file", str(tmp_path / "nspawn.pid")]
+    missed = 0
+    for _ in range(150):
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        try:
+            assert sysutil.wait_named(proc, tmp_path)
+            missed += not (sysutil.alive(proc.pid) and sysutil.mentions(proc.pid, tmp_path))
+        finally:
+            proc.kill()
+            proc.wait()
+    assert missed == 0
+    ended = subprocess.Popen(["true"])
+    assert sysutil.wait_named(ended, tmp_path) is False  # it ended without naming the path
+    other = subprocess.Popen(["sleep", "5"])
+    try:
+        assert sysutil.wait_named(other, tmp_path, timeout=0.2) is False  # never names it
+    finally:
+        other.kill()
+        other.wait()

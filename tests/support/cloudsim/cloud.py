@@ -63,7 +63,7 @@ import yaml
 
 from iotplat.hosts import image, machine, network, proxy, sysutil
 from iotplat.hosts.api import HostProviderError
-from iotplat.hosts.machine import PROPAGATE_DIR, Bind, Machine, MachineSpec, console_tail
+from iotplat.hosts.machine import PROPAGATE_DIR, Bind, Machine, MachineSpec
 from iotplat.hosts.settings import DEFAULT_STATE_DIR, ImageSpec, apt_mirrors
 
 from . import _providers as P
@@ -690,23 +690,13 @@ def reconcile(backend: Path, project: str, stack: str, env: dict[str, str], reso
         m = _machine(have)
         if m.state() != "running":
             _start_vm(rec, have, spec, names, root)
-            started.append((have, spec))
+            started.append(have)
     deadline = time.monotonic() + BOOT_TIMEOUT
-    for have, spec in started:
+    for have in started:
         try:
             _machine(have).wait_booted(deadline)
         except HostProviderError as exc:
-            if console_tail(Path(have["dir"]) / "console.log"):
-                raise CloudError(f"VM {have['name']} did not boot: {exc}") from None
-            # Its runner ended before it wrote a line (seen twice in CI, cause unknown; the message says how it
-            # ended). The guest never ran, so this is the emulator's own process, not the VM: start it once more,
-            # as a cloud places a failed launch again, and say so in the output.
-            log(f"emulated cloud: VM {have['name']} was started again: {exc}")
-            _start_vm(rec, have, spec, names, root)
-            try:
-                _machine(have).wait_booted(time.monotonic() + BOOT_TIMEOUT)
-            except HostProviderError as again:
-                raise CloudError(f"VM {have['name']} did not boot: {again}") from None
+            raise CloudError(f"VM {have['name']} did not boot: {exc}") from None
     _finish(root, rec)
 
 
