@@ -72,14 +72,16 @@ def enter_cgroups(paths: list[str]) -> None:
             pass
 
 
-def remove_cgroups(paths: list[str]) -> None:
-    """Remove a stopped host's cgroup trees, deepest first; a cgroup that still has processes stays (rmdir fails)."""
+def remove_cgroups(paths: list[str]) -> list[str]:
+    """Remove cgroup trees, deepest first; a cgroup that still has processes stays (rmdir fails). Returns those."""
+    left = []
     for top in paths:
         for dirpath, _dirs, _files in os.walk(top, topdown=False):
             try:
                 os.rmdir(dirpath)
             except OSError:
-                pass
+                left.append(dirpath)
+    return left
 
 
 def main() -> int:

@@ -336,13 +336,8 @@ def remove_container_cgroups(cgroup_root: Path = CGROUP_ROOT) -> list[str]:
     for hierarchy in sorted(cgroup_root.iterdir()):
         for name in ENGINE_CGROUP_PARENTS:
             top = hierarchy / name
-            if not top.is_dir() or top.is_symlink():
-                continue
-            for dirpath, _dirs, _files in os.walk(top, topdown=False):  # children before their parent
-                try:
-                    os.rmdir(dirpath)
-                except OSError:
-                    left.append(dirpath)
+            if top.is_dir() and not top.is_symlink():
+                left += remove_cgroups([str(top)])
     return left
 
 

@@ -26,6 +26,7 @@ import pytest
 
 from iotplat.verify import nats_cluster
 from iotplat.verify.nats_cluster import HEALTHZ, MONITOR_PATHS, NODE_CHECK, cluster_checks
+from iotplat.verify.status import Check
 from support.natscluster import FailoverPublisher, NatsCluster, nats_worker_config
 from support.waits import wait_until
 from support.workerproc import WorkerProc
@@ -60,7 +61,7 @@ def _probe(cluster: NatsCluster) -> SimpleNamespace:
                            hosts={n.name: host(n) for n in cluster.nodes})
 
 
-def _node_check(checks: list, node: str):
+def _node_check(checks: list[Check], node: str) -> Check:
     return next(c for c in checks if c.name == NODE_CHECK and c.host == node)
 
 
@@ -148,7 +149,7 @@ def test_a_killed_node_is_red_then_green_once_it_serves(clusters: list, influx, 
     # (measured here once: still "$MQTT_rmsgs_… not current" 300 s after the restart; other runs: ok within
     # seconds), and whenever it is red after ours is green it names the MQTT layer's assets, or the worker's consumer
     # at a moment iotplat's check (read beside it) has the node in sync with that consumer
-    def read() -> tuple[dict | str, object]:
+    def read() -> tuple[dict | str, Check]:
         return _full_healthz(cluster, victim.name), _node_check(checks(), victim.name)
 
     full = [read()]
